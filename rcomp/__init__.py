@@ -1,0 +1,42 @@
+"""rcomp: compress PyTorch image classifiers and measure and restore their adversarial robustness.
+
+The Python API (the CLI is a thin layer over it)::
+
+    import rcomp
+    model = rcomp.load("model.safetensors")          # nn.Module taking [0, 1] images
+    model.meta.input, model.meta.history              # input spec, provenance
+    rcomp.save(model, "copy.safetensors")            # atomic, refuses to overwrite unless force=True
+    net = rcomp.build_model("convnet8", num_classes=10, input_shape=(1, 8, 8))
+    test = rcomp.get_dataset("digits", "test", net.meta.input)
+
+torch is imported lazily: ``import rcomp`` is cheap.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+_API = {
+    "load": ("rcomp.io.checkpoint", "load"),
+    "save": ("rcomp.io.checkpoint", "save"),
+    "read_header": ("rcomp.io.header", "read_header"),
+    "build_model": ("rcomp.models.registry", "build_model"),
+    "list_models": ("rcomp.models.registry", "list_models"),
+    "get_dataset": ("rcomp.data.registry", "get_dataset"),
+    "make_loader": ("rcomp.data.registry", "make_loader"),
+    "Classifier": ("rcomp.models.wrapper", "Classifier"),
+    "InputSpec": ("rcomp.io.format", "InputSpec"),
+    "CheckpointMeta": ("rcomp.io.format", "CheckpointMeta"),
+    "RcompError": ("rcomp.errors", "RcompError"),
+}
+
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str):
+    if name in _API:
+        import importlib
+
+        mod, attr = _API[name]
+        return getattr(importlib.import_module(mod), attr)
+    raise AttributeError(f"module 'rcomp' has no attribute {name!r}")

@@ -1,0 +1,139 @@
+"""The dataset implementations behind :mod:`rcomp.data.registry`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from rcomp.data.adapt import adapt_images
+from rcomp.errors import RcompError
+
+_digits_cache: dict = {}
+
+
+class TensorImages(Dataset):
+    """Images already adapted to the input spec, held in memory (small datasets)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, num_classes: int, classes=None):
+        self.images, self.labels, self.num_classes, self.classes = images, labels, num_classes, classes
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.images[i], self.labels[i]
+
+    def subset(self, idx):
+        idx = torch.as_tensor(list(idx), dtype=torch.long)
+        return TensorImages(self.images[idx], self.labels[idx], self.num_classes, self.classes)
+
+
+def digits(train: bool, spec) -> TensorImages:
+    """scikit-learn's bundled 8x8 digits; a fixed permutation (seed 0) puts 360 images in test."""
+    if "raw" not in _digits_cache:
+        try:
+            from sklearn.datasets import load_digits
+        except ImportError:
+            raise RcompError("the digits dataset needs scikit-learn: pip install 'rcomp[digits]'") from None
+        import numpy as np
+
+        d = load_digits()
+        x = torch.tensor(d.images / 16.0, dtype=torch.float32).unsqueeze(1)
+        y = torch.tensor(d.target, dtype=torch.long)
+        perm = torch.from_numpy(np.random.RandomState(0).permutation(len(y)))
+        _digits_cache["raw"] = (x[perm], y[perm])
+    x, y = _digits_cache["raw"]
+    n_test = 360
+    x, y = (x[n_test:], y[n_test:]) if train else (x[:n_test], y[:n_test])
+    return TensorImages(adapt_images(x, spec), y.clone(), 10, tuple(str(i) for i in range(10)))
+
+
+class FakeImages(Dataset):
+    """Synthetic images: each image is computed from (seed, index), so memory stays flat for any n.
+
+    A class-dependent pattern plus noise makes the task learnable (useful for smoke tests).
+    """
+
+    def __init__(self, n: int, spec, num_classes: int = 10, seed: int = 0):
+        self.n, self.spec, self.num_classes, self.seed = n, spec, num_classes, seed
+        self.classes = tuple(f"class{i}" for i in range(num_classes))
+        g = torch.Generator().manual_seed(12345)
+        self.patterns = torch.rand((num_classes, *spec.shape), generator=g)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i):
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        y = int(torch.randint(self.num_classes, (1,), generator=g))
+        noise = torch.rand(self.spec.shape, generator=g)
+        x = (0.6 * self.patterns[y] + 0.4 * noise).clamp(0, 1)
+        return x, y
+
+
+class AdaptedDataset(Dataset):
+    """Wraps a torchvision dataset of PIL images or tensors and adapts each image to the spec."""
+
+    def __init__(self, base, spec, num_classes: int, classes=None):
+        self.base, self.spec, self.num_classes, self.classes = base, spec, num_classes, classes
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i):
+        from torchvision.transforms.functional import pil_to_tensor
+
+        try:
+            img, label = self.base[i]
+        except (OSError, ValueError, SyntaxError) as exc:  # PIL's errors for corrupt files
+            path = getattr(self.base, "samples", [(None,)] * (i + 1))[i][0] if hasattr(self.base, "samples") else i
+            raise RcompError(f"cannot read image {path}: {exc}; remove or replace the file") from None
+        if not isinstance(img, torch.Tensor):
+            img = pil_to_tensor(img.convert("RGB") if img.mode not in ("L", "RGB") else img)
+        x = img.float() / 255.0 if img.dtype == torch.uint8 else img.float()
+        return adapt_images(x, self.spec), int(label)
+
+
+def torchvision_dataset(name: str, root: Path, train: bool, spec, help_text: str):
+    import torchvision.datasets as tvd
+
+    from rcomp.data.registry import DATASETS
+
+    info = DATASETS[name]
+    try:
+        if name == "mnist":
+            base = tvd.MNIST(str(root), train=train, download=False)
+        elif name == "fashion-mnist":
+            base = tvd.FashionMNIST(str(root), train=train, download=False)
+        elif name == "cifar10":
+            base = tvd.CIFAR10(str(root), train=train, download=False)
+        elif name == "cifar100":
+            base = tvd.CIFAR100(str(root), train=train, download=False)
+        elif name == "svhn":
+            base = tvd.SVHN(str(root), split="train" if train else "test", download=False)
+        else:  # pragma: no cover - guarded by the registry
+            raise RcompError(f"unknown dataset {name}")
+    except (RuntimeError, FileNotFoundError, OSError) as exc:
+        raise RcompError(f"dataset {name} not found under {root} ({str(exc).splitlines()[0][:80]}): {help_text}; "
+                         "or set --data-dir / RCOMP_DATA") from None
+    except ImportError as exc:  # svhn needs scipy
+        raise RcompError(f"dataset {name} needs an extra package: {exc}") from None
+    return AdaptedDataset(base, spec, info.num_classes, info.classes)
+
+
+def image_folder(root: Path, split: str, spec):
+    import torchvision.datasets as tvd
+
+    folder = root / split if (root / split).is_dir() else root
+    if not folder.is_dir():
+        raise RcompError(f"image folder {folder} does not exist; pass --data-dir DIR with one sub-folder per class")
+    try:
+        base = tvd.ImageFolder(str(folder))
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise RcompError(f"image folder {folder}: {str(exc).splitlines()[0]}; "
+                         "it needs one sub-folder per class holding images") from None
+    return AdaptedDataset(base, spec, len(base.classes), tuple(base.classes))

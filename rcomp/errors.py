@@ -1,0 +1,22 @@
+"""Exceptions that the CLI turns into one-line messages and exit codes.
+
+Exit codes: 0 success; 1 a result fell short of a threshold the user set
+(``bench --fail-under``); 2 bad input or usage.
+"""
+
+from __future__ import annotations
+
+
+class RcompError(Exception):
+    """Bad input or usage: reported as one line, exit code 2.
+
+    The message names the problem and, where possible, the fix.
+    """
+
+    exit_code = 2
+
+
+class ThresholdError(RcompError):
+    """A measured result fell below a threshold the user set: exit code 1."""
+
+    exit_code = 1

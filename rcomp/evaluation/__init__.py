@@ -1,0 +1,1 @@
+"""Evaluation: clean and robust accuracy, cost (parameters, MACs, latency, size), benchmarks."""

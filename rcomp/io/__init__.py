@@ -1,0 +1,1 @@
+"""Checkpoint and file I/O: the safetensors checkpoint format v1 and atomic writes."""

@@ -1,0 +1,213 @@
+"""Checkpoint format v1: the metadata schema (see docs/checkpoint-format.md).
+
+Pure Python, no torch: ``rcomp info`` reads checkpoints through this module alone.
+Every field lives under a ``rcomp.`` key of the safetensors header metadata, as JSON.
+Readers ignore keys they do not know, so later versions can add fields without breaking
+older files; a file whose ``rcomp.format`` is newer than :data:`FORMAT_VERSION` is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from rcomp.errors import RcompError
+
+FORMAT_VERSION = 1
+PREFIX = "rcomp."
+
+
+@dataclass
+class InputSpec:
+    """What the model eats: C x H x W images in [0, 1]; normalisation happens inside the model."""
+
+    channels: int = 3
+    height: int = 32
+    width: int = 32
+    mean: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+    std: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
+    range: list[float] = field(default_factory=lambda: [0.0, 1.0])
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.height, self.width)
+
+    def validate(self, where: str = "input spec") -> InputSpec:
+        for name in ("channels", "height", "width"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= 65536:
+                raise RcompError(f"{where}: {name} must be a positive integer, got {v!r}")
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise RcompError(
+                f"{where}: mean and std need one value per channel ({self.channels}), "
+                f"got {len(self.mean)} and {len(self.std)}"
+            )
+        for v in list(self.mean) + list(self.std):
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                raise RcompError(f"{where}: mean and std must be finite numbers, got {v!r}")
+        if any(s <= 0 for s in self.std):
+            raise RcompError(f"{where}: std values must be positive")
+        if list(self.range) != [0.0, 1.0]:
+            raise RcompError(f"{where}: only the value range [0, 1] is supported, got {self.range}")
+        return self
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "input spec") -> InputSpec:
+        if not isinstance(d, dict):
+            raise RcompError(f"{where} must be a JSON object")
+        try:
+            spec = cls(
+                channels=d["channels"], height=d["height"], width=d["width"],
+                mean=list(d.get("mean", [0.0] * d["channels"])), std=list(d.get("std", [1.0] * d["channels"])),
+                range=[float(x) for x in d.get("range", [0.0, 1.0])],
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RcompError(f"{where} is malformed ({exc})") from None
+        return spec.validate(where)
+
+
+@dataclass
+class ArchSpec:
+    """Registry name and constructor keyword arguments."""
+
+    name: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_user_factory(self) -> bool:
+        return ":" in self.name
+
+
+@dataclass
+class CheckpointMeta:
+    arch: ArchSpec
+    input: InputSpec
+    num_classes: int
+    class_names: list[str] | None = None
+    dataset: str | None = None
+    #: ``{"structure": {module: {attr: value}}, "pruning": {...}, "quantization": {...}}``
+    compression: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    stats: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, str] = field(default_factory=dict)  # unknown rcomp.* keys, kept on re-save
+
+    # ----- serialisation -------------------------------------------------
+    def to_metadata(self) -> dict[str, str]:
+        from rcomp import __version__
+
+        meta = {f"{PREFIX}{k}": v for k, v in self.extra.items()}
+        meta.update({
+            f"{PREFIX}format": str(FORMAT_VERSION),
+            f"{PREFIX}version": __version__,
+            f"{PREFIX}arch": json.dumps(asdict(self.arch), sort_keys=True),
+            f"{PREFIX}input": json.dumps(asdict(self.input), sort_keys=True),
+            f"{PREFIX}classes": json.dumps({"num_classes": self.num_classes, "names": self.class_names}),
+            f"{PREFIX}dataset": json.dumps(self.dataset),
+            f"{PREFIX}compression": json.dumps(self.compression, sort_keys=True),
+            f"{PREFIX}history": json.dumps(self.history),
+            f"{PREFIX}stats": json.dumps(self.stats, sort_keys=True),
+        })
+        return meta
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, str], where: str = "checkpoint") -> CheckpointMeta:
+        if f"{PREFIX}format" not in meta:
+            raise RcompError(
+                f"{where} is a safetensors file but not an rcomp checkpoint (no rcomp metadata); "
+                "turn it into one with: rcomp convert FILE --arch NAME"
+            )
+        ver = meta[f"{PREFIX}format"]
+        if not ver.isdigit():
+            raise RcompError(f"{where} has a malformed format version {ver[:40]!r}")
+        if int(ver) > FORMAT_VERSION:
+            raise RcompError(
+                f"{where} uses checkpoint format {ver}, newer than this rcomp reads ({FORMAT_VERSION}); upgrade rcomp"
+            )
+        if int(ver) < 1:
+            raise RcompError(f"{where} has unknown checkpoint format version {ver}")
+
+        def field_json(key: str, required: bool = True, default: Any = None) -> Any:
+            raw = meta.get(PREFIX + key)
+            if raw is None:
+                if required:
+                    raise RcompError(f"{where} is missing metadata field {PREFIX + key}; re-create it with rcomp convert")
+                return default
+            try:
+                return json.loads(raw)
+            except (json.JSONDecodeError, RecursionError):
+                raise RcompError(f"{where} has malformed metadata field {PREFIX + key} (not JSON)") from None
+
+        arch = field_json("arch")
+        if (not isinstance(arch, dict) or not isinstance(arch.get("name"), str) or not arch["name"]
+                or not isinstance(arch.get("kwargs", {}), dict)):
+            raise RcompError(f"{where} has malformed metadata field {PREFIX}arch (needs a name and kwargs)")
+        spec = InputSpec.from_dict(field_json("input"), where=f"{where}: {PREFIX}input")
+        classes = field_json("classes")
+        if not isinstance(classes, dict):
+            raise RcompError(f"{where} has malformed metadata field {PREFIX}classes")
+        nc, names = classes.get("num_classes"), classes.get("names")
+        if not isinstance(nc, int) or isinstance(nc, bool) or nc < 1:
+            raise RcompError(f"{where}: number of classes must be a positive integer, got {nc!r}")
+        if names is not None and (not isinstance(names, list) or len(names) != nc
+                                  or not all(isinstance(n, str) for n in names)):
+            raise RcompError(f"{where}: class names must be a list of {nc} strings")
+        dataset = field_json("dataset", required=False)
+        if dataset is not None and not isinstance(dataset, str):
+            raise RcompError(f"{where} has malformed metadata field {PREFIX}dataset")
+        compression = field_json("compression", required=False, default={}) or {}
+        history = field_json("history", required=False, default=[]) or []
+        stats = field_json("stats", required=False, default={}) or {}
+        if not isinstance(compression, dict):
+            raise RcompError(f"{where} has malformed metadata field {PREFIX}compression")
+        if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
+            raise RcompError(f"{where} has malformed metadata field {PREFIX}history")
+        if not isinstance(stats, dict):
+            raise RcompError(f"{where} has malformed metadata field {PREFIX}stats")
+        known = {"format", "version", "arch", "input", "classes", "dataset", "compression", "history", "stats"}
+        extra = {k[len(PREFIX):]: v for k, v in meta.items() if k.startswith(PREFIX) and k[len(PREFIX):] not in known}
+        return cls(
+            arch=ArchSpec(arch["name"], dict(arch.get("kwargs", {}))), input=spec, num_classes=nc,
+            class_names=names, dataset=dataset, compression=compression, history=history, stats=stats, extra=extra,
+        )
+
+
+def history_entry(command: str, params: dict[str, Any], input_sha256: str | None = None,
+                  metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One history record: what made the file, from what, with which figures."""
+    from rcomp import __version__
+
+    return {
+        "command": command,
+        "params": _jsonable(params),
+        "rcomp_version": __version__,
+        "time": utc_now(),
+        "input_sha256": input_sha256,
+        "metrics": _jsonable(metrics or {}),
+    }
+
+
+def utc_now() -> str:
+    """UTC time as ISO 8601; honours SOURCE_DATE_EPOCH so reruns can give byte-identical files."""
+    import datetime
+    import os
+
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    if epoch and epoch.isdigit():
+        t = datetime.datetime.fromtimestamp(int(epoch), datetime.UTC)
+    else:
+        t = datetime.datetime.now(datetime.UTC)
+    return t.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else str(obj)
+    if obj is None or isinstance(obj, (str, int, bool)):
+        return obj
+    return str(obj)

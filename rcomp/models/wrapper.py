@@ -1,0 +1,63 @@
+"""The model rcomp passes around: normalisation + network, fed [0, 1] images."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from rcomp.io.format import CheckpointMeta
+
+
+class Normalize(nn.Module):
+    """``(x - mean) / std`` per channel; mean and std are buffers so they travel with the weights."""
+
+    def __init__(self, mean, std):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class Classifier(nn.Module):
+    """An image classifier that takes images in [0, 1] (N, C, H, W) and returns logits.
+
+    ``meta`` (a :class:`~rcomp.io.format.CheckpointMeta`) describes the architecture, input
+    spec, classes, compression state and history; it is what a checkpoint's header holds.
+    """
+
+    def __init__(self, net: nn.Module, meta: CheckpointMeta):
+        super().__init__()
+        self.normalize = Normalize(meta.input.mean, meta.input.std)
+        self.net = net
+        self.meta = meta
+        self._surrogate: list[nn.Module] = []  # not a submodule: never saved
+        self.source_path = None
+        self.source_sha256 = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.normalize(x))
+
+    # ----- gradients for attacks ------------------------------------------
+    def set_gradient_model(self, surrogate: nn.Module | None) -> None:
+        """Attach a differentiable twin (e.g. the fake-quant twin of an int8 model)."""
+        self._surrogate = [surrogate] if surrogate is not None else []
+
+    def gradient_model(self) -> nn.Module:
+        """The module attacks differentiate: this model, or its surrogate if it has no autograd."""
+        return self._surrogate[0] if self._surrogate else self
+
+    @property
+    def gradient_source(self) -> str:
+        """Which gradient attacks use: 'exact' or a description of the surrogate."""
+        if not self._surrogate:
+            return "exact"
+        return getattr(self._surrogate[0], "description", "surrogate")
+
+    @property
+    def is_quantized(self) -> bool:
+        return bool(self.meta.compression.get("quantization"))
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.net.parameters())

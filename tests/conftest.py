@@ -1,0 +1,117 @@
+"""Shared test helpers: run the CLI in-process, make tiny checkpoints."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("SOURCE_DATE_EPOCH", "1700000000")  # history timestamps: reproducible bytes
+
+
+@dataclass
+class Result:
+    code: int
+    stdout: str
+    stderr: str
+
+
+class _TTY(io.StringIO):
+    def isatty(self) -> bool:  # no pipe: commands must not wait for stdin
+        return True
+
+
+def run_cli(*args, stdin: str | None = None) -> Result:
+    """Run ``rcomp ARGS`` in this process (fast: torch is already imported) and capture everything."""
+    from rcomp.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    old_in = sys.stdin
+    sys.stdin = io.StringIO(stdin) if stdin is not None else _TTY()
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main([str(a) for a in args])
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        sys.stdin = old_in
+    return Result(code, out.getvalue(), err.getvalue())
+
+
+@pytest.fixture
+def cli():
+    return run_cli
+
+
+def assert_one_line_error(res: Result, *needles: str, code: int = 2) -> None:
+    """A refusal: the expected exit code, one line on stderr starting 'rcomp: error:', no traceback."""
+    assert res.code == code, (res.code, res.stdout, res.stderr)
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, res.stderr
+    assert "Traceback" not in res.stderr
+    assert lines[0].startswith("rcomp: error:") or lines[0].startswith("Usage:") or "Error" in lines[0], lines
+    for n in needles:
+        assert n.lower() in lines[0].lower(), (n, lines[0])
+    assert res.stdout == ""
+
+
+def make_checkpoint(path: Path, arch: str = "convnet8", shape=(1, 8, 8), num_classes: int = 10, seed: int = 0,
+                    **kw) -> Path:
+    """Save a freshly initialised (seeded) model as an rcomp checkpoint."""
+    import torch
+
+    from rcomp.io.checkpoint import save
+    from rcomp.models.registry import build_model
+
+    torch.manual_seed(seed)
+    model = build_model(arch, num_classes=num_classes, input_shape=shape, **kw)
+    model.eval()
+    save(model, path)
+    return path
+
+
+@pytest.fixture
+def tiny_ckpt(tmp_path) -> Path:
+    """A random convnet8 for 1x8x8 digits."""
+    return make_checkpoint(tmp_path / "tiny.safetensors")
+
+
+_trained: dict = {}
+
+
+@pytest.fixture(scope="session")
+def trained_digits(tmp_path_factory) -> Path:
+    """A convnet8 trained on digits (1x8x8) for a few epochs: clean accuracy well above chance.
+
+    Trained once per session with a plain loop, so tests of attacks and compression
+    have a meaningful model without depending on `rcomp finetune`.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from rcomp.data.registry import DATASETS, get_dataset, make_loader
+    from rcomp.io.checkpoint import save
+    from rcomp.models.registry import build_model
+
+    path = tmp_path_factory.mktemp("trained") / "digits_convnet8.safetensors"
+    info = DATASETS["digits"]
+    torch.manual_seed(0)
+    model = build_model("convnet8", 10, (1, 8, 8), list(info.mean), list(info.std), dataset="digits")
+    ds = get_dataset("digits", "train", model.meta.input)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(8):
+        for x, y in make_loader(ds, 64, shuffle=True, seed=0):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    model.eval()
+    save(model, path)
+    return path
