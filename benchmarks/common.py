@@ -1,0 +1,53 @@
+"""Shared helpers for the benchmark scripts.
+
+Every script answers one question and exposes ``run(quick: bool = False) -> list[dict]``; each row
+is ``{"figure", "value", "target", "met", "command"}`` (target and met may be None). Run one
+script directly (``python benchmarks/bench_x.py``) or all of them with ``python benchmarks/run.py``.
+Figures are ratios measured in the same run: medians of several repetitions after warm-up.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+
+def setup_threads(n: int = 2) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+
+
+def median_time(fn: Callable[[], object], reps: int = 10, warmup: int = 2) -> float:
+    """Median wall time of ``fn()`` in seconds over ``reps`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def row(figure: str, value, target: str | None = None, met: bool | None = None, command: str = "") -> dict:
+    return {"figure": figure, "value": value, "target": target, "met": met, "command": command}
+
+
+def print_table(rows: list[dict], command: str | None = None) -> None:
+    from tabulate import tabulate
+
+    def fmt(v):
+        return f"{v:.3g}" if isinstance(v, float) else v
+
+    table = [(r["figure"], fmt(r["value"]), r.get("target") or "-",
+              {True: "yes", False: "NO", None: "-"}[r.get("met")]) for r in rows]
+    print(tabulate(table, headers=["figure", "value", "target", "met"], tablefmt="github"))
+    print(f"\ncommand: {command or 'python ' + ' '.join(sys.argv)}")
+
+
+def main(run: Callable[..., list[dict]]) -> None:
+    quick = "--quick" in sys.argv
+    print_table(run(quick=quick))
