@@ -174,7 +174,7 @@ def _sha256_path(path: Path) -> str:
 
 def to_bytes(model) -> bytes:
     """Serialise ``model`` (a Classifier) to safetensors bytes, refreshing its compression state."""
-    from safetensors.torch import save
+    from rcomp.io.serialize import serialize
 
     meta = model.meta
     if meta.compression.get("quantization"):
@@ -196,7 +196,7 @@ def to_bytes(model) -> bytes:
             seen.add(t.data_ptr())
             tensors[k] = t
         meta.stats["params"] = sum(p.numel() for p in model.net.parameters())
-    return save(tensors, metadata=meta.to_metadata())
+    return serialize(tensors, meta.to_metadata())
 
 
 def save(model, path: str | Path, *, force: bool = False, inputs: tuple = ()) -> str:

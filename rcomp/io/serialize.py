@@ -1,0 +1,39 @@
+"""Deterministic safetensors serialisation.
+
+``safetensors.torch.save`` keeps metadata in a hash map, so the header's key order (and the
+file's bytes) change from call to call. rcomp writes the same layout itself with sorted keys,
+so the same model gives byte-identical files; ``safetensors`` reads them as usual.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import torch
+
+_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """Safetensors bytes for ``tensors`` (sorted by name) with ``metadata``; byte-for-byte reproducible."""
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = {k: metadata[k] for k in sorted(metadata)}
+    chunks = []
+    offset = 0
+    for name in sorted(tensors):
+        t = tensors[name]
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"tensor {name} has dtype {t.dtype}, which rcomp checkpoints do not store")
+        data = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
+        chunks.append(data)
+        offset += len(data)
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw + b"".join(chunks)
