@@ -1,0 +1,173 @@
+"""CLI conventions, `rcomp info` and `rcomp convert` end to end."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torchvision
+
+import rcomp
+from rcomp.io.checkpoint import load
+
+from conftest import assert_one_line_error
+
+
+def test_version_and_help(cli):
+    res = cli("--version")
+    assert res.code == 0 and res.stdout.strip() == f"rcomp {rcomp.__version__}"
+    res = cli("--help")
+    assert res.code == 0 and "info" in res.stdout and "convert" in res.stdout
+    for cmd in ("info", "convert"):
+        res = cli(cmd, "--help")
+        assert res.code == 0 and "Example" in res.stdout, cmd
+
+
+def test_help_and_info_do_not_import_torch(tiny_ckpt):
+    code = (
+        "import sys\n"
+        "from rcomp.cli import main\n"
+        f"for args in (['--help'], ['info', '--help'], ['info', {str(tiny_ckpt)!r}, '--json']):\n"
+        "    try:\n"
+        "        main(args)\n"
+        "    except SystemExit as e:\n"
+        "        assert e.code == 0, e.code\n"
+        "heavy = [m for m in ('torch', 'torchvision', 'torch_pruning') if m in sys.modules]\n"
+        "print('HEAVY', heavy, file=sys.stderr)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert "HEAVY []" in res.stderr
+
+
+@pytest.mark.parametrize("arch,wrap", [("resnet18", "plain"), ("mobilenet_v2", "ddp")])
+def test_convert_torchvision_state_dict(tmp_path, cli, arch, wrap):
+    torch.manual_seed(0)
+    ref = torchvision.models.get_model(arch, weights=None, num_classes=10).eval()
+    sd = ref.state_dict()
+    src = tmp_path / f"{arch}.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items()}} if wrap == "ddp" else sd, src)
+    out = tmp_path / f"{arch}.safetensors"
+    res = cli("convert", src, "--arch", arch, "--input-shape", "3,64,64", "-o", out)
+    assert res.code == 0, res.stderr
+    assert res.stdout.strip() == str(out)  # only the path on stdout
+
+    res = cli("info", out, "--json")
+    assert res.code == 0, res.stderr
+    info = json.loads(res.stdout)
+    assert info["params"] == sum(p.numel() for p in ref.parameters())
+    assert info["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
+    assert info["num_classes"] == 10  # inferred from the weights
+    assert info["history"][0]["command"] == "convert"
+    assert info["history"][0]["input_sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
+
+    model = load(out)
+    x = torch.rand(3, 3, 64, 64)
+    with torch.no_grad():
+        expected = ref((x - model.normalize.mean) / model.normalize.std)
+        assert torch.equal(model(x), expected)
+
+    human = cli("info", out)
+    assert human.code == 0 and arch in human.stdout and "sha256" in human.stdout
+
+
+def test_convert_reports_mismatch_by_name(tmp_path, cli):
+    src = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), src)
+    assert_one_line_error(cli("convert", src, "--arch", "resnet34", "-o", tmp_path / "x.safetensors"),
+                          "missing keys", "layer")
+    assert_one_line_error(cli("convert", src, "--arch", "resnet18", "--num-classes", "5",
+                              "-o", tmp_path / "y.safetensors"), "fc.weight")
+
+
+def test_convert_refuses_pickled_objects(tmp_path, cli):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    src = tmp_path / "evil.pth"
+    torch.save({"w": Evil()}, src)
+    res = cli("convert", src, "--arch", "mlp", "-o", tmp_path / "e.safetensors")
+    assert_one_line_error(res, "never unpickles")
+    assert not (tmp_path / "e.safetensors").exists()
+
+
+def test_convert_plain_safetensors_and_default_output(tmp_path, cli):
+    from safetensors.torch import save_file
+
+    from rcomp.models.builtin import ConvNet8
+
+    torch.manual_seed(0)
+    net = ConvNet8(1, 8, 8, 10)
+    src = tmp_path / "weights.safetensors"
+    save_file(net.state_dict(), str(src))
+    res = cli("convert", src, "--arch", "convnet8", "--input-shape", "1,8,8")
+    assert res.code == 0, res.stderr
+    out = tmp_path / "weights.rcomp.safetensors"
+    assert res.stdout.strip() == str(out) and out.exists()
+    # existing output: refused without --force, accepted with it
+    assert_one_line_error(cli("convert", src, "--arch", "convnet8", "--input-shape", "1,8,8"), "--force")
+    assert cli("convert", src, "--arch", "convnet8", "--input-shape", "1,8,8", "--force").code == 0
+    # the output may never be the input
+    assert_one_line_error(cli("convert", src, "--arch", "convnet8", "-o", src, "--force"), "input")
+
+
+def test_input_path_from_stdin(tiny_ckpt, cli):
+    res = cli("info", "--json", stdin=f"some log line\n{tiny_ckpt}\n")
+    assert res.code == 0, res.stderr
+    assert json.loads(res.stdout)["path"] == str(tiny_ckpt)
+
+
+def test_config_file_supplies_defaults(tmp_path, cli):
+    from safetensors.torch import save_file
+
+    from rcomp.models.builtin import MLP
+
+    src = tmp_path / "w.safetensors"
+    save_file(MLP(64, 4).state_dict(), str(src))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("convert:\n  arch: mlp\n  input-shape: 1,8,8\n  dataset: digits\n")
+    res = cli("convert", src, "--config", cfg, "-o", tmp_path / "o.safetensors")
+    assert res.code == 0, res.stderr
+    assert load(tmp_path / "o.safetensors").meta.dataset == "digits"
+    cfg.write_text("no_such_option: 1\n")
+    assert_one_line_error(cli("convert", src, "--config", cfg, "--arch", "mlp"), "unknown option")
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["info", "missing.safetensors"], "does not exist"),
+    (["convert", "missing.pth", "--arch", "mlp"], "does not exist"),
+    (["info"], "give a checkpoint"),
+])
+def test_bad_input_one_line(cli, args, needle):
+    assert_one_line_error(cli(*args), needle)
+
+
+def test_unknown_arch_suggests(tmp_path, cli):
+    src = tmp_path / "w.pth"
+    torch.save({"a": torch.zeros(1)}, src)
+    assert_one_line_error(cli("convert", src, "--arch", "resnet19", "--num-classes", "3"), "did you mean")
+
+
+def test_info_lists_models_and_datasets(cli):
+    res = cli("info", "--models", "--json")
+    names = json.loads(res.stdout)
+    assert "convnet8" in names["builtin"] and "resnet18" in names["torchvision"]
+    res = cli("info", "--datasets")
+    assert "digits" in res.stdout and "cifar10" in res.stdout
+
+
+def test_debug_shows_traceback(cli):
+    res = cli("--debug", "info", "nope.safetensors")
+    assert res.code == 2 and "Traceback" in res.stderr
+
+
+def test_python_m_rcomp(tiny_ckpt):
+    res = subprocess.run([sys.executable, "-m", "rcomp", "info", str(tiny_ckpt), "--json"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["arch"] == "convnet8"
