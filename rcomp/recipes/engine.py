@@ -55,6 +55,7 @@ class Stage:
     inputs: list[str]
     output: str
     line: int
+    index: int = 0
     deps: list[str] = field(default_factory=list)
     input_paths: list[str] = field(default_factory=list)
 
@@ -170,7 +171,7 @@ class Recipe:
                 ins = [str(_subst(x, env, w)) for x in ins]
                 out = str(_subst(raw.get("output", f"{name}.safetensors"), env, w))
                 stages.append(Stage(name=name, command=str(raw["command"]), options=options, inputs=ins,
-                                    output=out, line=self.lines.get(("stages", i), 0)))
+                                    output=out, line=self.lines.get(("stages", i), 0), index=i))
         return stages
 
 
@@ -221,7 +222,9 @@ def plan(recipe: Recipe, out_dir: Path) -> list[Stage]:
         idx = _option_index(commands[st.command])
         for key in list(recipe.defaults) + list(st.options):
             if key in st.options and str(key).replace("_", "-") not in idx:
-                raise RcompError(f"{w}: command {st.command} has no option --{str(key).replace('_', '-')}")
+                line = recipe.lines.get(("stages", st.index, "options", key))
+                wk = f"{recipe.source} line {line}" if line else w
+                raise RcompError(f"{wk}: command {st.command} has no option --{str(key).replace('_', '-')}")
         for key in ("output", "force"):
             if key in st.options:
                 raise RcompError(f"{w}: set the output with the stage's output: key, not options.{key}")

@@ -1,0 +1,120 @@
+"""`rcomp run`: recipes are checked before anything runs, run in order, and resume."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from rcomp.models.builtin import MLP
+
+from conftest import assert_one_line_error
+
+
+@pytest.fixture
+def weights(tmp_path) -> Path:
+    torch.manual_seed(0)
+    p = tmp_path / "w.safetensors"
+    save_file(MLP(64, 10).state_dict(), str(p))
+    return p
+
+
+def _recipe(tmp_path, body: str) -> Path:
+    p = tmp_path / "r.yaml"
+    p.write_text(textwrap.dedent(body))
+    return p
+
+
+def test_recipe_runs_and_resumes(tmp_path, weights, cli):
+    r = _recipe(tmp_path, f"""
+        name: t
+        vars: {{shape: "1,8,8"}}
+        stages:
+          - name: conv-{{ds}}
+            command: convert
+            inputs: [{weights}]
+            grid: {{ds: [digits, fake]}}
+            options: {{arch: mlp, input-shape: "{{shape}}", dataset: "{{ds}}"}}
+    """)
+    out = tmp_path / "out"
+    res = cli("run", r, "--out-dir", out, "--json")
+    assert res.code == 0, res.stderr
+    stages = json.loads(res.stdout)["stages"]
+    assert [s["status"] for s in stages] == ["ran", "ran"]
+    assert (out / "conv-digits.safetensors").exists() and (out / "conv-fake.safetensors").exists()
+    res = cli("run", r, "--out-dir", out, "--json")
+    assert [s["status"] for s in json.loads(res.stdout)["stages"]] == ["skipped", "skipped"]
+    # a changed option re-runs only that stage's combinations
+    res = cli("run", r, "--out-dir", out, "--json", "--set", "conv-fake.dataset=svhn")
+    assert [s["status"] for s in json.loads(res.stdout)["stages"]] == ["skipped", "ran"]
+
+
+@pytest.mark.parametrize("body,needle", [
+    ("""
+     stages:
+       - name: a
+         command: squash
+     """, "line 3: unknown command 'squash'"),
+    ("""
+     stages:
+       - name: a
+         command: convert
+         input: {w}
+         options: {{arch: mlp, no-such-option: 1}}
+     """, "command convert has no option --no-such-option"),
+    ("""
+     stages:
+       - name: a
+         command: convert
+         input: missing-stage
+         options: {{arch: mlp}}
+     """, "line 3: input 'missing-stage'"),
+    ("""
+     stages:
+       - name: a
+         command: convert
+         input: b
+         options: {{arch: mlp}}
+       - name: b
+         command: convert
+         input: a
+         options: {{arch: mlp}}
+     """, "cycle"),
+    ("""
+     stages:
+       - name: a
+         command: convert
+         input: {w}
+         options: {{arch: "{{nope}}"}}
+     """, "unknown variable {nope}"),
+    ("stages: [\n", "not valid YAML"),
+])
+def test_bad_recipe_fails_before_running(tmp_path, weights, cli, body, needle):
+    r = _recipe(tmp_path, body.format(w=weights))
+    out = tmp_path / "out"
+    res = cli("run", r, "--out-dir", out)
+    assert_one_line_error(res, needle)
+    assert not out.exists()
+
+
+def test_dry_run_prints_commands(tmp_path, weights, cli):
+    r = _recipe(tmp_path, f"""
+        stages:
+          - name: a
+            command: convert
+            input: {weights}
+            options: {{arch: mlp, input-shape: "1,8,8"}}
+    """)
+    res = cli("run", r, "--out-dir", tmp_path / "o", "--dry-run")
+    assert res.code == 0, res.stderr
+    assert res.stdout.startswith("rcomp convert ") and "--arch mlp" in res.stdout
+    assert not (tmp_path / "o").exists()
+
+
+def test_demo_shows_its_recipe(cli):
+    res = cli("demo", "--show-recipe")
+    assert res.code == 0 and "stages:" in res.stdout and "baseline-adv" in res.stdout
