@@ -1,0 +1,221 @@
+"""The one small interface rcomp uses over torch.ao's FX graph-mode quantization.
+
+Everything that touches ``torch.ao.quantization`` lives here, so the backend can be swapped
+(e.g. for PT2E/torchao) without touching the rest of :mod:`rcomp.quant`. torch.ao warns that it
+is deprecated on every call in torch 2.14; :func:`silenced` hides those warnings inside rcomp's
+own calls only (never globally).
+
+The functions:
+
+* :func:`prepare` -- fold BatchNorm into the preceding convolutions, trace with FX and insert
+  fake-quant modules (``prepare_qat_fx``): weights symmetric per output channel, activations
+  affine per tensor, both observed with MinMax observers. The result (the *fake-quant twin*)
+  computes in fp32 but carries the rounding of the low-bit model; its gradients are
+  straight-through (Bengio et al. 2013; Jacob et al. 2018).
+* :func:`calibrate` / :func:`freeze` -- observe activation ranges on calibration batches with
+  fake-quant off (plain post-training calibration), then fix the ranges and switch fake-quant on.
+* :func:`convert` -- turn a frozen 8-bit twin into a real int8 module (``convert_fx``) that runs on
+  the quantized CPU kernels of the chosen engine.
+
+Defaults: ``backend="x86"``. Real int8 on x86/fbgemm uses activations in [0, 127]
+(``reduce_range``, as torch's default x86 qconfig, to avoid int16 overflow on CPUs without VNNI);
+qnnpack uses [0, 255]. Weights use the symmetric range [-(2^(b-1)-1), 2^(b-1)-1] (qnnpack's
+requirement; e.g. ternary {-1, 0, 1} at 2 bits). Simulated models use the full [0, 2^b-1] for
+activations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import warnings
+
+import torch
+from torch import nn
+
+from rcomp.errors import RcompError
+
+BACKENDS = ("x86", "fbgemm", "qnnpack")
+SIM_BITS = range(2, 17)
+REAL_BITS = (8,)
+
+
+@contextlib.contextmanager
+def silenced():
+    """Hide torch.ao's deprecation and advisory warnings for the duration of rcomp's call."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.ao.*")
+        warnings.filterwarnings("ignore", category=UserWarning, message=r".*(quantiz|observer|Fake).*")
+        yield
+
+
+def check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise RcompError(f"--backend {backend!r} is not supported; choose one of {', '.join(BACKENDS)}")
+    if backend not in torch.backends.quantized.supported_engines:
+        raise RcompError(f"--backend {backend}: this torch build has no {backend} engine; "
+                         f"use one of {', '.join(e for e in BACKENDS if e in torch.backends.quantized.supported_engines)}")
+    return backend
+
+
+def ranges(bits: int, backend: str, real: bool) -> dict[str, int]:
+    """Integer ranges: activations (affine, unsigned) and weights (symmetric, signed)."""
+    act_max = 2**bits - 1
+    if real and backend in ("x86", "fbgemm"):
+        act_max = 127
+    wq = 2 ** (bits - 1) - 1
+    return {"act_min": 0, "act_max": act_max, "w_min": -wq, "w_max": wq}
+
+
+def _qconfig(bits: int, backend: str, real: bool):
+    from torch.ao.quantization import FakeQuantize, MinMaxObserver, PerChannelMinMaxObserver, QConfig
+
+    r = ranges(bits, backend, real)
+    adt, wdt = (torch.quint8, torch.qint8) if bits <= 8 else (torch.qint32, torch.qint32)
+    act = FakeQuantize.with_args(observer=MinMaxObserver, quant_min=r["act_min"], quant_max=r["act_max"],
+                                 dtype=adt, qscheme=torch.per_tensor_affine)
+    wgt = FakeQuantize.with_args(observer=PerChannelMinMaxObserver, quant_min=r["w_min"], quant_max=r["w_max"],
+                                 dtype=wdt, qscheme=torch.per_channel_symmetric, ch_axis=0)
+    return QConfig(activation=act, weight=wgt)
+
+
+def _backend_config(bits: int, backend: str):
+    """torch.ao's backend config; above 8 bits its dtypes are widened to qint32 (simulation only)."""
+    from torch.ao.quantization.backend_config import (
+        BackendConfig,
+        DTypeWithConstraints,
+        get_fbgemm_backend_config,
+        get_qnnpack_backend_config,
+    )
+    from torch.ao.quantization.backend_config.x86 import get_x86_backend_config
+
+    base = {"x86": get_x86_backend_config, "fbgemm": get_fbgemm_backend_config,
+            "qnnpack": get_qnnpack_backend_config}[backend]()
+    if bits <= 8:
+        return base
+    d = base.to_dict()
+    for cfg in d.get("configs", []):
+        for dc in cfg.get("dtype_configs", []):
+            for k, v in list(dc.items()):
+                dt = v.dtype if isinstance(v, DTypeWithConstraints) else v
+                if k.endswith("_dtype") and dt in (torch.quint8, torch.qint8):
+                    dc[k] = torch.qint32
+    return BackendConfig.from_dict(d)
+
+
+def fold_batchnorm(net: nn.Module) -> nn.Module:
+    """Trace ``net`` with FX and fold each BatchNorm into the convolution before it (eval statistics)."""
+    from torch.fx.experimental.optimization import fuse
+
+    try:
+        return fuse(copy.deepcopy(net).eval(), inplace=True)
+    except Exception as exc:  # symbolic tracing failed: data-dependent control flow etc.
+        raise RcompError(f"cannot trace this network with torch.fx for quantization ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0][:160]}); quantize a traceable architecture") from None
+
+
+def prepare(net: nn.Module, example: torch.Tensor, bits: int, backend: str, real: bool) -> nn.Module:
+    """The fake-quant twin of ``net`` (BatchNorm folded), observers on and fake-quant off, eval mode."""
+    from torch.ao.quantization import QConfigMapping, disable_fake_quant, enable_observer
+    from torch.ao.quantization.quantize_fx import prepare_qat_fx
+
+    folded = fold_batchnorm(net)
+    folded.train()
+    with silenced():
+        try:
+            fq = prepare_qat_fx(folded, QConfigMapping().set_global(_qconfig(bits, backend, real)), (example,),
+                                backend_config=_backend_config(bits, backend))
+        except Exception as exc:
+            raise RcompError(f"torch.ao could not prepare this network for quantization ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0][:160]})") from None
+    fq.apply(disable_fake_quant)
+    fq.apply(enable_observer)
+    return fq.eval()
+
+
+@torch.no_grad()
+def calibrate(fq: nn.Module, batches) -> int:
+    """Run the (normalised) ``batches`` through ``fq`` so its observers see the ranges; returns images seen."""
+    n = 0
+    with silenced():
+        for x in batches:
+            fq(x)
+            n += x.shape[0]
+    return n
+
+
+def freeze(fq: nn.Module) -> nn.Module:
+    """Fix every observed range and switch fake-quant on."""
+    from torch.ao.quantization import disable_observer, enable_fake_quant
+
+    fq.apply(disable_observer)
+    fq.apply(enable_fake_quant)
+    return fq
+
+
+def set_weight_observers(fq: nn.Module, enabled: bool) -> None:
+    """Let weight ranges follow the weights (training) or keep them fixed; activation ranges stay fixed."""
+    for mod in fq.modules():
+        wfq = getattr(mod, "weight_fake_quant", None)
+        if wfq is not None:
+            wfq.observer_enabled[0] = 1 if enabled else 0
+
+
+def weight_quantizers(fq: nn.Module) -> dict[str, nn.Module]:
+    """``{module name: weight fake-quant}`` for every quantized convolution and linear layer."""
+    return {name: mod.weight_fake_quant for name, mod in fq.named_modules() if hasattr(mod, "weight_fake_quant")}
+
+
+def int_weights(fq: nn.Module) -> dict[str, torch.Tensor]:
+    """Integer weights exactly as ``fq``'s fake-quant rounds them (``{module name: int tensor}``)."""
+    out = {}
+    modules = dict(fq.named_modules())
+    with torch.no_grad():
+        for name, wfq in weight_quantizers(fq).items():
+            w = modules[name].weight.detach()
+            deq = wfq(w)
+            shape = [-1] + [1] * (w.dim() - 1)
+            q = torch.round(deq / wfq.scale.view(shape)) + wfq.zero_point.view(shape)
+            out[name] = q.to(torch.int64)
+    return out
+
+
+def set_int_weights(fq: nn.Module, ints: dict[str, torch.Tensor]) -> None:
+    """Replace ``fq``'s float weights by ``(q - zero_point) * scale``: the same rounding, exactly."""
+    modules = dict(fq.named_modules())
+    with torch.no_grad():
+        for name, q in ints.items():
+            wfq = modules[name].weight_fake_quant
+            shape = [-1] + [1] * (q.dim() - 1)
+            w = (q.to(torch.float32) - wfq.zero_point.view(shape).float()) * wfq.scale.view(shape)
+            modules[name].weight.data = w.contiguous()
+
+
+def set_engine(backend: str) -> None:
+    """The quantized engine is a process-wide setting; int8 modules run on the one they were packed for."""
+    if torch.backends.quantized.engine != backend:
+        torch.backends.quantized.engine = backend
+
+
+def convert(fq: nn.Module, backend: str) -> nn.Module:
+    """A real int8 module from a frozen 8-bit fake-quant twin (``fq`` itself is left untouched)."""
+    from torch.ao.quantization.quantize_fx import convert_fx
+
+    set_engine(backend)
+    with silenced():
+        q = convert_fx(copy.deepcopy(fq), backend_config=_backend_config(8, backend))
+    return q.eval()
+
+
+def int8_weights(qnet: nn.Module) -> dict[str, torch.Tensor]:
+    """``{module name: int8 weight}`` of a converted module's quantized convolutions and linears."""
+    out = {}
+    for name, mod in qnet.named_modules():
+        w = getattr(mod, "weight", None)
+        if callable(w) and not isinstance(w, torch.Tensor):
+            t = w()
+            if isinstance(t, torch.Tensor) and t.is_quantized:
+                out[name] = t.int_repr().to(torch.int64)
+    return out

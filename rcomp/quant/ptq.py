@@ -1,0 +1,78 @@
+"""Post-training quantization of a Classifier: real int8 or simulated 2..16 bits.
+
+Only ``model.net`` is quantized; the normalisation in front stays fp32. Calibration follows
+static post-training quantization (Jacob et al. 2018, "Quantization and Training of Neural
+Networks for Efficient Integer-Arithmetic-Only Inference"): MinMax ranges of every activation on
+a few calibration batches, weights symmetric per output channel, activations affine per tensor,
+BatchNorm folded into the convolutions. Simulated (fake-quant) models compute in fp32 but carry
+the rounding of the low-bit model, as in Thorsteinsson et al. (2024, arXiv 2403.09441).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from rcomp.errors import RcompError
+from rcomp.quant import backend as qb
+from rcomp.quant.assemble import assemble, finalize, quant_meta
+
+
+def check_bits(bits: Any, simulate: bool) -> int:
+    """``bits`` as an int, or a one-line error listing what is supported."""
+    supported = "real int8: --bits 8; simulated: --simulate --bits 2..16"
+    try:
+        b = int(str(bits).strip())
+    except ValueError:
+        raise RcompError(f"--bits {bits!r} is not a number; supported: {supported}") from None
+    if simulate and b not in qb.SIM_BITS:
+        raise RcompError(f"--bits {b} is not supported; supported: {supported}")
+    if not simulate and b not in qb.REAL_BITS:
+        hint = " (add --simulate for a fake-quant model)" if b in qb.SIM_BITS else ""
+        raise RcompError(f"--bits {b} is not supported without --simulate{hint}; supported: {supported}")
+    return b
+
+
+def float_shapes(model, structure: dict) -> dict[str, list[int]]:
+    """Shapes of the parameters and buffers of the resized (pruned) modules, to rebuild them on load."""
+    out = {}
+    modules = dict(model.net.named_modules())
+    for name in structure:
+        mod = modules[name]
+        for pname, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
+            out[f"{name}.{pname}" if name else pname] = list(t.shape)
+    return out
+
+
+def quantize(model, calib: Iterable[torch.Tensor], *, bits: int = 8, simulate: bool = False,
+             backend: str = "x86"):
+    """Quantize ``model`` (a float Classifier); returns a new Classifier, ``model`` is unchanged.
+
+    ``calib``: batches of [0, 1] images (labels not needed). ``bits=8`` without ``simulate``
+    gives a real int8 model on ``backend``'s kernels (CPU), with its fake-quant twin attached as
+    gradient surrogate; ``simulate=True`` gives a fake-quant model at ``bits`` (2..16).
+    """
+    from rcomp.io.checkpoint import structure_diff
+
+    if model.is_quantized:
+        raise RcompError("the model is already quantized; quantize the float checkpoint instead")
+    bits = check_bits(bits, simulate)
+    qb.check_backend(backend)
+    model = model.cpu().eval()
+    structure = structure_diff(model)
+    if structure:
+        model.meta.compression["structure"] = structure
+    else:
+        model.meta.compression.pop("structure", None)
+    mode = "simulated" if simulate else "int8"
+    batches = [model.normalize(x.cpu().float()) for x in calib]
+    if not batches:
+        raise RcompError("no calibration images; give --calib-n of at least 1")
+    fq = qb.prepare(model.net, batches[0][:1], bits, backend, real=not simulate)
+    n = qb.calibrate(fq, batches)
+    q = quant_meta(mode, bits, backend, n)
+    if structure:
+        q["float_shapes"] = float_shapes(model, structure)
+    return assemble(model, finalize(fq, q), q)

@@ -1,0 +1,97 @@
+"""Quantized checkpoints without pickle: plain tensors in, identical outputs out.
+
+Layout (every name under ``net.`` is the fake-quant twin's state_dict, see
+:mod:`rcomp.quant.backend`):
+
+* ``net.<layer>.weight_q``: the integer weights (int8 up to 8 bits, int16 above);
+* ``net.<layer>.weight_fake_quant.scale`` / ``.zero_point``: per-channel weight scales (float32)
+  and zero points (int32, 0 for the symmetric scheme);
+* ``net.activation_post_process_<i>.scale`` / ``.zero_point``, observer min/max: activation ranges;
+* biases (float32) and ``normalize.mean`` / ``normalize.std``.
+
+Metadata ``compression["quantization"]`` holds mode, bits, backend and schemes, plus the float
+shapes of pruned layers. Loading builds the float architecture, resizes pruned layers, prepares
+the same fake-quant twin, loads the tensors, sets weights to ``(q - zero_point) * scale`` and
+(for int8) converts again: the same code path as quantizing, hence identical outputs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rcomp.errors import RcompError
+from rcomp.quant import backend as qb
+from rcomp.quant.assemble import assemble, check_meta, twin_of
+
+SUFFIX = ".weight_q"
+
+
+def export(model) -> dict[str, torch.Tensor]:
+    """Plain tensors for a quantized Classifier; also sets ``meta.stats["params"]``."""
+    q = model.meta.compression["quantization"]
+    fq = twin_of(model)
+    ints = qb.int8_weights(model.net) if q["mode"] == "int8" else qb.int_weights(fq)
+    int_dtype = torch.int8 if q["bits"] <= 8 else torch.int16
+    out = {f"normalize.{k}": v.detach().cpu().clone().contiguous() for k, v in model.normalize.state_dict().items()}
+    for key, t in fq.state_dict().items():
+        name, _, leaf = key.rpartition(".")
+        if leaf == "weight" and name in ints:
+            out[f"net.{name}{SUFFIX}"] = ints[name].to(int_dtype).cpu().contiguous()
+        else:
+            out[f"net.{key}"] = t.detach().cpu().clone().contiguous()
+    model.meta.stats["params"] = sum(p.numel() for p in fq.parameters())
+    return out
+
+
+def _resize(net, shapes: dict[str, list[int]], where: str) -> None:
+    modules = dict(net.named_modules())
+    for key, shape in shapes.items():
+        mname, _, pname = key.rpartition(".")
+        mod = modules.get(mname)
+        if mod is None or not (pname in mod._parameters or pname in mod._buffers):
+            raise RcompError(f"{where}: quantization metadata names {key!r}, which the architecture does not have")
+        fill = torch.ones if pname in ("running_var", "weight") else torch.zeros
+        old = getattr(mod, pname)
+        new = fill(shape, dtype=old.dtype)
+        if pname in mod._parameters:
+            mod._parameters[pname] = torch.nn.Parameter(new, requires_grad=old.requires_grad)
+        else:
+            mod._buffers[pname] = new
+
+
+def restore(model, tensors: dict[str, torch.Tensor], where: str = "checkpoint"):
+    """Rebuild the quantized Classifier from the float skeleton ``model`` and the stored tensors."""
+    q = check_meta(model.meta.compression.get("quantization"), where)
+    qb.check_backend(q["backend"])
+    _resize(model.net, q.get("float_shapes", {}), where)
+    try:
+        model.normalize.load_state_dict({k[len("normalize."):]: v for k, v in tensors.items()
+                                         if k.startswith("normalize.")})
+    except RuntimeError as exc:
+        raise RcompError(f"{where}: normalize tensors do not fit: {str(exc).splitlines()[0][:160]}") from None
+    spec = model.meta.input
+    fq = qb.prepare(model.net, torch.zeros(1, *spec.shape), q["bits"], q["backend"], real=q["mode"] == "int8")
+    state, ints = {}, {}
+    for key, t in tensors.items():
+        if not key.startswith("net."):
+            continue
+        key = key[len("net."):]
+        if key.endswith(SUFFIX):
+            name = key[: -len(SUFFIX)]
+            ints[name] = t.to(torch.int64)
+            state[f"{name}.weight"] = torch.zeros(t.shape, dtype=torch.float32)
+        else:
+            state[key] = t
+    extra = set(k for k in tensors if not k.startswith(("net.", "normalize.")))
+    try:
+        if extra:
+            raise RuntimeError(f"unexpected tensors {sorted(extra)[:3]}")
+        fq.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        msg = " ".join(str(exc).split())[:200]
+        raise RcompError(f"{where}: the quantized tensors do not fit architecture {model.meta.arch.name}: {msg}") from None
+    if set(ints) != set(qb.weight_quantizers(fq)):
+        raise RcompError(f"{where}: integer weights are missing for some layers; the file is damaged")
+    qb.set_int_weights(fq, ints)
+    qb.freeze(fq)
+    return assemble(model, fq, q)
