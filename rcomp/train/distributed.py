@@ -1,0 +1,123 @@
+"""Distributed data-parallel training under ``torchrun`` (gloo on CPU, nccl on CUDA).
+
+``torchrun --nproc-per-node N -m rcomp finetune ...`` sets RANK / WORLD_SIZE / LOCAL_RANK;
+:func:`setup` then joins the process group and the model is wrapped in
+DistributedDataParallel. ``--batch-size`` stays the *global* batch: every optimizer step sees
+the same examples as a single-process run with the same seed, split into ``N`` near-equal
+shards (:class:`GlobalBatchSampler`), and each shard's summed loss is scaled by
+``N / global batch`` so that DDP's gradient averaging yields exactly the single-process mean
+gradient. Without BatchNorm (whose statistics are per shard) the result equals single-process
+training up to floating-point summation order. Only rank 0 writes files and prints.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched() -> bool:
+    """True when started by torchrun (or another launcher setting WORLD_SIZE > 1)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
+    except ValueError:
+        return False
+
+
+def setup(device: str) -> tuple[DistInfo, str]:
+    """Join the process group if launched by torchrun; returns (info, this process's device)."""
+    if not launched():
+        return DistInfo(), device
+    import torch.distributed as dist
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.startswith("cuda"):
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return DistInfo(rank, world, local), device
+
+
+def teardown(info: DistInfo) -> None:
+    if info.enabled:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def wrap(model, info: DistInfo, device: str):
+    if not info.enabled:
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ids = [torch.device(device).index] if device.startswith("cuda") else None
+    return DDP(model, device_ids=ids)
+
+
+def all_sum(values: list[float], info: DistInfo, device: str = "cpu") -> list[float]:
+    """Sum ``values`` over all processes (identity when not distributed)."""
+    if not info.enabled:
+        return values
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+class GlobalBatchSampler:
+    """Yields this process's shard of each global batch of an epoch's (seeded) permutation.
+
+    Each item of an epoch is ``(indices, global_size, offset)``. The permutation depends only on
+    ``seed`` and ``epoch``; a final global batch smaller than the number of processes is dropped
+    when distributed (every process needs at least one example).
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, shuffle: bool = True, rank: int = 0, world: int = 1):
+        self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
+        self.rank, self.world = rank, world
+
+    def batches(self, epoch: int):
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            order = torch.randperm(self.n, generator=g)
+        else:
+            order = torch.arange(self.n)
+        for start in range(0, self.n, self.batch_size):
+            glob = order[start:start + self.batch_size]
+            if len(glob) < self.world:
+                break
+            shards = torch.tensor_split(glob, self.world)
+            offset = sum(len(s) for s in shards[: self.rank])
+            yield shards[self.rank].tolist(), len(glob), offset
+
+    def num_batches(self) -> int:
+        full, rest = divmod(self.n, self.batch_size)
+        return full + (1 if rest >= self.world else 0)
