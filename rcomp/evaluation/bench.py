@@ -1,0 +1,185 @@
+"""Side-by-side benchmark of checkpoints: cost (parameters, MACs, size, latency) and clean,
+robust and worst-case accuracy on the same points, as one JSON-able dict (what ``rcomp bench``
+formats and ``--fail-under`` checks).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from rcomp.errors import RcompError, ThresholdError
+
+DEFAULT_LATENCY_BATCHES = (1, 64)
+
+
+def attack_key(name: str, eps_text: str, several_eps: bool) -> str:
+    """``pgd`` when one eps is evaluated, ``pgd@8/255`` when several."""
+    return f"{name}@{eps_text}" if several_eps else name
+
+
+def build_attacks(names: Sequence[str], eps_texts: Sequence[str], *, lenient: bool = False,
+                  **kw: Any) -> dict[str, Any]:
+    """``{key: attack}`` for every attack name and eps (eps given as text, e.g. ``8/255``).
+
+    ``kw`` goes to :func:`rcomp.attacks.make_attack`. With ``lenient`` (several attacks listed
+    together), options an attack does not take are left out for it instead of refused: fgsm
+    ignores ``steps`` and ``restarts``, apgd ignores ``alpha``, cw keeps its margin loss.
+    """
+    from rcomp.attacks import make_attack
+    from rcomp.cli.common import parse_eps
+
+    several = len(eps_texts) > 1
+    out: dict[str, Any] = {}
+    for name in names:
+        opts = dict(kw)
+        if lenient:
+            if name == "fgsm":
+                opts.pop("steps", None)
+                opts["restarts"] = 1
+            elif name == "apgd":
+                opts.pop("alpha", None)
+            elif name == "cw" and opts.get("loss") not in (None, "cw"):
+                opts.pop("loss", None)
+        for text in eps_texts:
+            key = attack_key(name, text.strip(), several)
+            if key in out:
+                raise RcompError(f"attack {key} is listed twice; list each attack and eps once")
+            out[key] = make_attack(name, parse_eps(text), **opts)
+    return out
+
+
+def _load(item, device: str, arch: str | None, trust: bool):
+    from rcomp.io.checkpoint import load
+
+    if isinstance(item, (str, Path)):
+        return load(Path(item), device=device, factory=arch, trust_factory=trust), Path(item)
+    return item, getattr(item, "source_path", None)
+
+
+def _macs(model) -> int | None:
+    from rcomp.evaluation.cost import count_macs
+
+    shape = tuple(model.meta.input.shape)
+    for candidate in (model, model.gradient_model() if hasattr(model, "gradient_model") else None):
+        if candidate is None:
+            continue
+        try:
+            return count_macs(candidate, shape)
+        except Exception:  # noqa: BLE001 - int8 modules cannot be traced by the counter
+            continue
+    return None
+
+
+def bench(paths_or_models: Sequence, data: str, attacks: dict[str, Any], *, split: str = "test",
+          n: int | None = None, batch_size: int = 128, device: str = "cpu", data_dir: str | Path | None = None,
+          latency_batches: Sequence[int] = DEFAULT_LATENCY_BATCHES, arch: str | None = None,
+          trust_factory: bool = False, progress: bool = True, log: Callable[[str], None] | None = None,
+          ) -> dict[str, Any]:
+    """Benchmark each checkpoint (path or loaded Classifier) on the first ``n`` points of ``data``.
+
+    ``attacks`` maps display keys to attacks (see :func:`build_attacks`); each model is attacked
+    from the same seeded state, so models are compared on the same random starts. Returns
+    ``{"data", "split", "n", "device", "threads", "attacks": {key: params}, "models": [...]}``;
+    each model has ``path``, ``name``, ``sha256``, ``arch``, ``params``, ``macs``, ``size_bytes``,
+    ``latency_ms`` (batch size -> median ms), ``clean_acc``, ``robust_acc`` (key -> accuracy),
+    ``worst_case_acc``, ``success_rate``, ``gradient_source`` and ``eval_seconds``.
+    """
+    import torch
+
+    from rcomp.data.registry import check_fits, get_dataset, make_loader
+    from rcomp.evaluation.cost import count_params, latency_ms
+    from rcomp.evaluation.robustness import evaluate
+
+    if not paths_or_models:
+        raise RcompError("give at least one checkpoint to benchmark")
+    rows = []
+    n_eval = None
+    for i, item in enumerate(paths_or_models):
+        model, path = _load(item, device, arch, trust_factory)
+        name = path.name if path is not None else f"model{i}"
+        if log:
+            log(f"[{i + 1}/{len(paths_or_models)}] {name}: {model.meta.arch.name}, gradient {model.gradient_source}")
+        ds = get_dataset(data, split, model.meta.input, data_dir)
+        check_fits(ds, model.meta.num_classes, data)
+        loader = make_loader(ds, batch_size, n=n)
+        for a in attacks.values():  # every model sees the same random streams
+            if hasattr(a, "reset"):
+                a.reset()
+        res = evaluate(model, loader, attacks, device=device, progress=progress, desc=name[:24])
+        n_eval = res.n
+        shape = tuple(model.meta.input.shape)
+        lat = {str(b): round(latency_ms(model, shape, b, device=device), 4) for b in latency_batches if b > 0}
+        sha = model.source_sha256
+        if sha is None and path is not None:
+            from rcomp.io.header import sha256_file
+
+            sha = sha256_file(path)
+        rows.append({
+            "path": str(path) if path is not None else None,
+            "name": name,
+            "sha256": sha,
+            "arch": model.meta.arch.name,
+            "quantized": bool(getattr(model, "is_quantized", False)),
+            "params": count_params(model),
+            "macs": _macs(model),
+            "size_bytes": os.path.getsize(path) if path is not None else None,
+            "latency_ms": lat,
+            "clean_acc": res.clean_acc,
+            "robust_acc": dict(res.robust_acc),
+            "worst_case_acc": res.worst_case_acc,
+            "success_rate": dict(res.success_rate),
+            "gradient_source": model.gradient_source,
+            "eval_seconds": round(res.seconds, 3),
+        })
+    return {
+        "data": data,
+        "split": split,
+        "n": n_eval,
+        "device": device,
+        "threads": torch.get_num_threads(),
+        "attacks": {k: a.params() for k, a in attacks.items()},
+        "models": rows,
+    }
+
+
+def parse_fail_under(text: str | None, attack_keys: Sequence[str]) -> dict[str, float]:
+    """``clean=0.9,pgd=0.4,worst=0.35`` -> ``{metric: threshold}``; metrics: clean, worst, attack keys."""
+    from rcomp.cli.common import parse_number
+
+    if not text:
+        return {}
+    known = ["clean", "worst", *attack_keys]
+    out: dict[str, float] = {}
+    for part in str(text).split(","):
+        if not part.strip():
+            continue
+        if "=" not in part:
+            raise RcompError(f"--fail-under {part.strip()!r} must be METRIC=VALUE, e.g. clean=0.9,pgd=0.4")
+        key, val = (s.strip() for s in part.split("=", 1))
+        if key not in known:
+            raise RcompError(f"--fail-under names unknown metric {key!r}; choose from {', '.join(known)}")
+        v = parse_number(val, f"--fail-under {key}")
+        if not 0 <= v <= 1:
+            raise RcompError(f"--fail-under {key}={val} must be an accuracy in [0, 1]")
+        out[key] = v
+    return out
+
+
+def check_thresholds(result: dict[str, Any], thresholds: dict[str, float]) -> list[str]:
+    """Messages for every model and metric below its threshold (empty when all pass)."""
+    misses = []
+    for m in result["models"]:
+        for key, lim in thresholds.items():
+            val = m["clean_acc"] if key == "clean" else m["worst_case_acc"] if key == "worst" else m["robust_acc"][key]
+            if val < lim:
+                misses.append(f"{m['name']}: {key} {val:.4f} < {lim:g}")
+    return misses
+
+
+def enforce_thresholds(result: dict[str, Any], thresholds: dict[str, float]) -> None:
+    misses = check_thresholds(result, thresholds)
+    if misses:
+        raise ThresholdError("below --fail-under: " + "; ".join(misses))
