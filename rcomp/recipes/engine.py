@@ -152,7 +152,7 @@ class Recipe:
                 raise RcompError(f"{self.where('stages', i, sorted(bad)[0])}: unknown stage key {sorted(bad)[0]!r}")
             if "name" not in raw or "command" not in raw:
                 raise RcompError(f"{w}: a stage needs a name and a command")
-            grid = raw.get("grid") or {}
+            grid = _subst(raw.get("grid") or {}, self.vars, w)
             if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
                 raise RcompError(f"{self.where('stages', i, 'grid')}: grid maps variable names to non-empty lists")
             keys = list(grid)
@@ -236,6 +236,8 @@ def plan(recipe: Recipe, out_dir: Path) -> list[Stage]:
                 ([ref] if ref in names else [])
             if matches:
                 for m in matches:
+                    if m in st.deps:
+                        continue
                     if m == st.name:
                         raise RcompError(f"{w}: stage {st.name!r} takes its own output as input")
                     st.deps.append(m)
