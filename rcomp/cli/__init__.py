@@ -65,7 +65,8 @@ for _name in COMMANDS:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: runs the app, turning errors into one line and an exit code."""
-    from typer._click import exceptions as cexc
+    from typer._click.exceptions import ClickException
+    from typer.exceptions import Abort, Exit
 
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("RCOMP_DEBUG", "") not in ("", "0")
@@ -80,12 +81,12 @@ def main(argv: list[str] | None = None) -> None:
             traceback.print_exc()
         print(f"rcomp: error: {_one_line(str(exc))}", file=sys.stderr)
         code = exc.exit_code
-    except cexc.Exit as exc:
+    except Exit as exc:
         code = exc.exit_code
-    except cexc.Abort:
+    except Abort:
         print("rcomp: interrupted; no output was written", file=sys.stderr)
         code = 130
-    except cexc.ClickException as exc:
+    except ClickException as exc:
         if debug:
             import traceback
 
@@ -95,7 +96,9 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("rcomp: interrupted; no output was written", file=sys.stderr)
         code = 130
-    except BrokenPipeError:
+    except BrokenPipeError:  # e.g. `rcomp info X | head`: the reader left, which is fine
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
         code = 0
     except Exception as exc:  # an unexpected failure: still one line, unless --debug
         if debug:
