@@ -7,13 +7,14 @@ import textwrap
 
 import pytest
 import torch
-from conftest import assert_one_line_error, make_checkpoint, run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rcomp.io.checkpoint import load, save
 from rcomp.models.registry import build_model
 from rcomp.prune import prune
+
+from conftest import assert_one_line_error, make_checkpoint, run_cli
 
 # (arch, input shape, pruning options): every architecture the issue lists, at a small input size,
 # spread over the importance criteria and options so each is exercised once.

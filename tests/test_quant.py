@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_one_line_error, make_checkpoint
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -15,6 +14,8 @@ from rcomp.io.checkpoint import load, save
 from rcomp.models.registry import build_model
 from rcomp.quant import qat
 from rcomp.quant.ptq import quantize
+
+from conftest import assert_one_line_error, make_checkpoint
 
 
 def _quantize_roundtrip(model, x, tmp_path, bits, simulate, tag, calib_n=8):

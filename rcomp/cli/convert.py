@@ -8,8 +8,17 @@ from typing import Annotated
 import typer
 
 from rcomp.cli.common import (
-    ConfigOpt, ForceOpt, JsonOpt, OutputOpt, emit_json, emit_path, log, parse_floats,
-    parse_json_kwargs, parse_shape, resolve_output,
+    ConfigOpt,
+    ForceOpt,
+    JsonOpt,
+    OutputOpt,
+    emit_json,
+    emit_path,
+    log,
+    parse_floats,
+    parse_json_kwargs,
+    parse_shape,
+    resolve_output,
 )
 from rcomp.errors import RcompError
 

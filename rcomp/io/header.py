@@ -107,7 +107,7 @@ def read_header(path: str | Path) -> Header:
         tensors[name] = t
         spans.append((begin, end, name))
     spans.sort()
-    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:], strict=False):
+    for (_b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:], strict=False):
         if b1 < e0:
             raise RcompError(f"{path} is corrupt: tensors {n0!r} and {n1!r} overlap")
     return Header(path=path, size=size, header_len=n, tensors=tensors, metadata=meta)

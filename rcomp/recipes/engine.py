@@ -55,6 +55,7 @@ class Stage:
     inputs: list[str]
     output: str
     line: int
+    wild: dict[str, Any] = field(default_factory=dict)
     index: int = 0
     deps: list[str] = field(default_factory=list)
     input_paths: list[str] = field(default_factory=list)
@@ -135,6 +136,7 @@ class Recipe:
                 self._stage_overrides.setdefault(stage_name, {})[opt] = _coerce(val)
             else:
                 self.vars[key] = _coerce(val)
+        self.defaults = _subst(self.defaults, self.vars, f"{source} defaults")
         self.stages = self._expand(doc["stages"])
 
     def where(self, *key) -> str:
@@ -162,15 +164,18 @@ class Recipe:
                 options = _subst({**dict(raw.get("options") or {})}, env, w)
                 if not isinstance(options, dict):
                     raise RcompError(f"{self.where('stages', i, 'options')}: options must be a mapping")
+                wild = {}
                 for pattern, ov in self._stage_overrides.items():
-                    if fnmatch.fnmatchcase(name, pattern):
+                    if pattern == name:
                         options.update(ov)
+                    elif fnmatch.fnmatchcase(name, pattern):
+                        wild.update(ov)  # applied only where the command takes the option
                 ins = raw.get("inputs", [raw["input"]] if raw.get("input") is not None else [])
                 if not isinstance(ins, list):
                     ins = [ins]
                 ins = [str(_subst(x, env, w)) for x in ins]
                 out = str(_subst(raw.get("output", f"{name}.safetensors"), env, w))
-                stages.append(Stage(name=name, command=str(raw["command"]), options=options, inputs=ins,
+                stages.append(Stage(name=name, command=str(raw["command"]), options=options, wild=wild, inputs=ins,
                                     output=out, line=self.lines.get(("stages", i), 0), index=i))
         return stages
 
@@ -220,6 +225,7 @@ def plan(recipe: Recipe, out_dir: Path) -> list[Stage]:
         if st.command not in commands:
             raise RcompError(f"{w}: unknown command {st.command!r}; choose one of {', '.join(sorted(commands))}")
         idx = _option_index(commands[st.command])
+        st.options.update({k: v for k, v in st.wild.items() if str(k).replace("_", "-") in idx})
         for key in list(recipe.defaults) + list(st.options):
             if key in st.options and str(key).replace("_", "-") not in idx:
                 line = recipe.lines.get(("stages", st.index, "options", key))
