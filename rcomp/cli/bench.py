@@ -54,18 +54,27 @@ def _human(n: int | None, unit: str = "") -> str:
     return f"{n}{unit}"
 
 
+def _quant(q: dict | None) -> str:
+    """'-' for float models, else e.g. 'int8 x86' or 'sim4'."""
+    if not q:
+        return "-"
+    if q.get("mode") == "simulated":
+        return f"sim{q.get('bits')}"
+    return f"int{q.get('bits')} {q.get('backend', '')}".strip()
+
+
 def table_rows(result: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     """Headers and rows for the human formats (accuracies in %)."""
     keys = list(result["attacks"])
     batches = list(result["models"][0]["latency_ms"]) if result["models"] else []
-    headers = ["model", "arch", "params", "MACs", "size", *[f"ms@{b}" for b in batches], "clean %",
+    headers = ["model", "arch", "quant", "params", "MACs", "size", *[f"ms@{b}" for b in batches], "clean %",
                *[f"{k} %" for k in keys]]
     if keys:
         headers.append("worst %")
     headers.append("gradient")
     rows = []
     for m in result["models"]:
-        row = [m["name"], m["arch"], _human(m["params"]), _human(m["macs"]), _human(m["size_bytes"], "B"),
+        row = [m["name"], m["arch"], _quant(m.get("quantization")), _human(m["params"]), _human(m["macs"]), _human(m["size_bytes"], "B"),
                *[f"{m['latency_ms'][b]:.2f}" for b in batches], _pct(m["clean_acc"]),
                *[_pct(m["robust_acc"][k]) for k in keys]]
         if keys:

@@ -62,15 +62,18 @@ def _load(item, device: str, arch: str | None, trust: bool):
 def _macs(model) -> int | None:
     from rcomp.evaluation.cost import count_macs
 
-    shape = tuple(model.meta.input.shape)
-    for candidate in (model, model.gradient_model() if hasattr(model, "gradient_model") else None):
-        if candidate is None:
-            continue
-        try:
-            return count_macs(candidate, shape)
-        except Exception:  # noqa: BLE001 - int8 modules cannot be traced by the counter
-            continue
-    return None
+    try:
+        return count_macs(model, tuple(model.meta.input.shape))
+    except Exception:  # noqa: BLE001 - a model the counter cannot run still gets its other figures
+        return None
+
+
+def _quant_summary(model) -> dict[str, Any] | None:
+    """Bits, scheme and backend of a quantized model (scalar fields of its quantization state)."""
+    q = model.meta.compression.get("quantization")
+    if not q:
+        return None
+    return {k: v for k, v in q.items() if isinstance(v, (str, int, float, bool))}
 
 
 def bench(paths_or_models: Sequence, data: str, attacks: dict[str, Any], *, split: str = "test",
@@ -123,6 +126,7 @@ def bench(paths_or_models: Sequence, data: str, attacks: dict[str, Any], *, spli
             "sha256": sha,
             "arch": model.meta.arch.name,
             "quantized": bool(getattr(model, "is_quantized", False)),
+            "quantization": _quant_summary(model),
             "params": count_params(model),
             "macs": _macs(model),
             "size_bytes": os.path.getsize(path) if path is not None else None,

@@ -24,26 +24,6 @@ def count_params(model) -> int:
     return n
 
 
-def count_macs(model, input_shape: tuple[int, int, int]) -> int:
-    """Multiply-accumulates for one image, counted with torch-pruning on the float network.
-
-    For a quantized model pass its float twin (MACs do not change with the number format).
-    """
-    import torch_pruning as tp
-
-    net = model.net if hasattr(model, "net") else model
-    dev = next((p.device for p in net.parameters()), torch.device("cpu"))
-    x = torch.zeros(1, *input_shape, device=dev)
-    was_training = net.training
-    net.eval()
-    try:
-        with torch.no_grad():
-            macs, _ = tp.utils.count_ops_and_params(net, x)
-    finally:
-        net.train(was_training)
-    return int(macs)
-
-
 @torch.inference_mode()
 def latency_ms(model, input_shape: tuple[int, int, int], batch: int, device: str = "cpu", warmup: int = 3,
                reps: int = 10) -> float:
@@ -63,3 +43,43 @@ def latency_ms(model, input_shape: tuple[int, int, int], batch: int, device: str
         times.append((time.perf_counter() - t0) * 1000)
     times.sort()
     return times[len(times) // 2]
+
+
+def count_macs(model, input_shape: tuple[int, int, int]) -> int:
+    """Multiply-accumulates of the convolution and linear layers for one image (forward hooks).
+
+    The same definition for float, pruned, fake-quant and real int8 models (torch.ao's quantized
+    Conv2d/Linear expose the same shape attributes), so figures compare across a bench table.
+    Running the forward pass also checks that the network still runs.
+    """
+    net = model.net if hasattr(model, "net") else model
+    total = 0
+    hooks = []
+
+    def conv_hook(mod, inp, out):
+        nonlocal total
+        k = 1
+        for d in mod.kernel_size:
+            k *= d
+        total += (out.numel() // out.shape[0]) * (mod.in_channels // mod.groups) * k
+
+    def linear_hook(mod, inp, out):
+        nonlocal total
+        total += (out.numel() // out.shape[0]) * mod.in_features
+
+    for m in net.modules():
+        if hasattr(m, "kernel_size") and hasattr(m, "in_channels") and hasattr(m, "groups"):
+            hooks.append(m.register_forward_hook(conv_hook))
+        elif hasattr(m, "in_features") and hasattr(m, "out_features"):
+            hooks.append(m.register_forward_hook(linear_hook))
+    dev = next((t.device for t in list(net.parameters()) + list(net.buffers())), torch.device("cpu"))
+    was_training = net.training
+    try:
+        net.eval()
+        with torch.no_grad():
+            net(torch.zeros(1, *input_shape, device=dev))
+    finally:
+        net.train(was_training)
+        for h in hooks:
+            h.remove()
+    return int(total)
