@@ -1,0 +1,38 @@
+"""`rcomp demo`, the README's first command, end to end at tiny settings."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rcomp.io.checkpoint import load
+
+
+@pytest.mark.slow
+def test_demo_quick_end_to_end(tmp_path, cli):
+    out = tmp_path / "demo"
+    res = cli("demo", "--quick", "--out-dir", out, "--set", "*.steps=2")
+    assert res.code == 0, res.stderr[-3000:]
+    # the report: table, conclusion with numbers, json, plot (matplotlib is in the dev extra)
+    assert "## Conclusion" in res.stdout and "baseline-adv" in res.stdout
+    report = json.loads((out / "report.json").read_text())
+    stages = {m["stage"] for m in report["models"]}
+    assert stages == {"baseline", "baseline-adv", "pruned", "int8", "int4", "pruned-ft-none", "pruned-ft-pgd",
+                      "int8-ft-none", "int8-ft-pgd", "int4-ft-none", "int4-ft-pgd"}
+    assert len(report["findings"]) == 3
+    for f in report["findings"]:
+        assert 0 <= f["robust"] <= 1 and isinstance(f["reached"], bool)
+    assert (out / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Conclusion" in (out / "report.md").read_text()
+    by = {m["stage"]: m for m in report["models"]}
+    assert by["pruned"]["macs"] < by["baseline"]["macs"]
+    assert by["int8"]["size_bytes"] < 0.5 * by["baseline"]["size_bytes"]
+    assert load(out / "int8-ft-pgd.safetensors").meta.compression["quantization"]["mode"] == "int8"
+    # worst case never above any single attack's robust accuracy
+    for m in report["models"]:
+        assert m["worst_case_acc"] <= min(m["robust_acc"].values()) + 1e-12
+    # a second run skips every finished stage
+    again = cli("demo", "--quick", "--out-dir", out, "--set", "*.steps=2", "--json")
+    assert again.code == 0, again.stderr[-2000:]
+    assert "skipped" in again.stderr and " ran" not in again.stderr.replace("up to date", "")
