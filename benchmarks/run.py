@@ -44,6 +44,7 @@ def main() -> None:
     from common import setup_threads
 
     setup_threads(2)
+    machine_line = machine()
     wanted = {f"bench_{n.strip()}" for n in args.only.split(",") if n.strip()}
     rows = []
     for name in discover():
@@ -69,9 +70,9 @@ def main() -> None:
     text = tabulate(table, headers=headers, tablefmt="github")
     cmd = "python " + " ".join(sys.argv)
     print(text)
-    print(f"\nmachine: {machine()}\ncommand: {cmd}")
+    print(f"\nmachine: {machine_line}\ncommand: {cmd}")
     if args.markdown:
-        Path(args.markdown).write_text(f"{text}\n\nmachine: {machine()}\n\ncommand: `{cmd}`\n")
+        Path(args.markdown).write_text(f"{text}\n\nmachine: {machine_line}\n\ncommand: `{cmd}`\n")
 
 
 if __name__ == "__main__":

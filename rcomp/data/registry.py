@@ -51,7 +51,7 @@ DATASETS: dict[str, DataInfo] = {
     "imagefolder": DataInfo("imagefolder", 0, (3, 224, 224), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
                             "class sub-folders under --data-dir (optionally DIR/train and DIR/test)"),
     "fake": DataInfo("fake", 10, (3, 32, 32), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25),
-                     "synthetic images with a class-dependent pattern (smoke tests)"),
+                     "synthetic images with a class-dependent pattern (2,000 train, 10,000 test; smoke tests)"),
 }
 
 SPLITS = ("train", "test")
@@ -96,7 +96,7 @@ def get_dataset(name: str, split: str, spec, data_dir: str | Path | None = None,
     if name == "fake":
         from rcomp.data.sources import FakeImages
 
-        n = fake_size if fake_size is not None else (2000 if train else 1000)
+        n = fake_size if fake_size is not None else (2000 if train else 10000)
         return FakeImages(n, spec, info.num_classes, seed=seed + (0 if train else 1))
     root = data_root(data_dir)
     if name == "imagefolder":
