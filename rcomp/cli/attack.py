@@ -17,6 +17,7 @@ from rcomp.cli.common import (
     DeviceOpt,
     ForceOpt,
     JsonOpt,
+    OptionalDataOpt,
     SeedOpt,
     emit_json,
     input_checkpoint,
@@ -166,9 +167,7 @@ def load_examples(path: Path):
 
 def attack(
     ckpt: CkptArg = None,
-    data: Annotated[str | None, typer.Option("--data", help="Dataset: digits, mnist, fashion-mnist, cifar10, "
-                                                            "cifar100, svhn, imagefolder or fake.",
-                                             show_default=False)] = None,
+    data: OptionalDataOpt = None,
     split: SplitOpt = "test",
     n: NOpt = None,
     attack_name: AttackOpt = None,

@@ -32,6 +32,7 @@ from rcomp.cli.common import (
     DataDirOpt,
     DeviceOpt,
     ForceOpt,
+    OptionalDataOpt,
     SeedOpt,
     input_checkpoint,
     log,
@@ -122,9 +123,7 @@ def bench(
     ckpts: Annotated[list[Path] | None, typer.Argument(
         help="Checkpoints to compare (one row each); read from stdin when omitted and stdin is a pipe.",
         show_default=False)] = None,
-    data: Annotated[str | None, typer.Option("--data", help="Dataset: digits, mnist, fashion-mnist, cifar10, "
-                                                            "cifar100, svhn, imagefolder or fake.",
-                                             show_default=False)] = None,
+    data: OptionalDataOpt = None,
     split: SplitOpt = "test",
     n: NOpt = None,
     attack_name: AttackOpt = None,

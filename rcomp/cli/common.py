@@ -66,6 +66,9 @@ OutputOpt = Annotated[
 ]
 DataOpt = Annotated[str, typer.Option("--data", help="Dataset: digits, mnist, fashion-mnist, cifar10, cifar100, svhn, "
                                                      "imagefolder or fake.")]
+OptionalDataOpt = Annotated[
+    str | None, typer.Option("--data", help="Dataset: digits, mnist, fashion-mnist, cifar10, cifar100, svhn, "
+                                            "imagefolder or fake.", show_default=False)]
 DataDirOpt = Annotated[
     Path | None, typer.Option("--data-dir", help="Dataset folder (default: $RCOMP_DATA, else ./data).",
                               show_default=False)]
