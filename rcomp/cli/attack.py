@@ -132,13 +132,13 @@ def print_report(d: dict[str, Any]) -> None:
 # ----- saved examples -------------------------------------------------------
 
 def save_examples(out: Path, images, adv, labels, info: dict[str, Any], inputs: tuple, force: bool) -> None:
-    from safetensors.torch import save
-
     from rcomp.io.atomic import atomic_write_bytes, check_output_path
+    from rcomp.io.serialize import serialize
 
     check_output_path(out, inputs, force=force)
-    data = save({"images": images.contiguous(), "adv_images": adv.contiguous(), "labels": labels.contiguous()},
-                metadata={"rcomp.kind": ADV_KIND, "rcomp.adversarial": json.dumps(info)})
+    # rcomp's own writer: sorted keys, so the same examples give the same bytes
+    data = serialize({"images": images, "adv_images": adv, "labels": labels},
+                     {"rcomp.kind": ADV_KIND, "rcomp.adversarial": json.dumps(info, sort_keys=True)})
     atomic_write_bytes(out, data)
 
 
