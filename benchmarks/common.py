@@ -48,6 +48,16 @@ def print_table(rows: list[dict], command: str | None = None) -> None:
     print(f"\ncommand: {command or 'python ' + ' '.join(sys.argv)}")
 
 
+JSON_PREFIX = "RCOMP-BENCH-ROWS "
+
+
 def main(run: Callable[..., list[dict]]) -> None:
+    """``--quick``: smaller sizes; ``--json``: print the rows as one JSON line (used by run.py)."""
     quick = "--quick" in sys.argv
-    print_table(run(quick=quick))
+    rows = run(quick=quick)
+    if "--json" in sys.argv:
+        import json
+
+        print(JSON_PREFIX + json.dumps(rows, default=str), flush=True)
+    else:
+        print_table(rows)

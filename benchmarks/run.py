@@ -9,14 +9,17 @@
 from __future__ import annotations
 
 import argparse
-import importlib
+import json
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+
+from common import JSON_PREFIX  # noqa: E402
 
 
 def discover() -> list[str]:
@@ -31,6 +34,18 @@ def machine() -> str:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
             f"({torch.get_num_threads()} threads), {gpu}")
+
+
+def run_one(name: str, quick: bool) -> list[dict]:
+    """Run one script in a fresh process (so no allocator, thread-pool or cache state leaks from the
+    previous question into its timings) and return its rows."""
+    cmd = [sys.executable, str(HERE / f"{name}.py"), "--json"] + (["--quick"] if quick else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(JSON_PREFIX)]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"exit {proc.returncode}: {tail}")
+    return json.loads(lines[-1][len(JSON_PREFIX):])
 
 
 def main() -> None:
@@ -52,9 +67,8 @@ def main() -> None:
             continue
         t0 = time.perf_counter()
         print(f"[{name}] running...", file=sys.stderr, flush=True)
-        mod = importlib.import_module(name)
         try:
-            for r in mod.run(quick=args.quick):
+            for r in run_one(name, args.quick):
                 rows.append((name[len("bench_"):], r))
         except Exception as exc:  # noqa: BLE001 - one failing question must not hide the others
             rows.append((name[len("bench_"):], {"figure": f"FAILED: {type(exc).__name__}: {exc}", "value": None,
