@@ -56,7 +56,13 @@ def run(quick: bool = False) -> list[dict]:
     t_f = median_time(fwd, reps=reps)
     t_fi = median_time(fwd_inference, reps=reps)
     t_fb = median_time(fwd_bwd, reps=reps)
-    t_fgsm = median_time(lambda: fgsm(model, x, y), reps=reps)
+    fgsm_ratios = []
+    for _ in range(reps):  # interleaved like PGD below: floor, FGSM, floor
+        f1 = median_time(fwd_bwd, reps=1, warmup=0)
+        tg = median_time(lambda: fgsm(model, x, y), reps=1, warmup=0)
+        f2 = median_time(fwd_bwd, reps=1, warmup=0)
+        fgsm_ratios.append(tg / ((f1 + f2) / 2))
+    fgsm_ratio = statistics.median(fgsm_ratios)
     pgd(model, x, y)  # warm-up
     ratios, pgd_times, floors = [], [], []
     for _ in range(reps):  # interleaved: floor, PGD, floor
@@ -76,7 +82,8 @@ def run(quick: bool = False) -> list[dict]:
         row(f"floor: 10 x (forward + backward), batch {batch} (s)", floor, command=cmd),
         row(f"rcomp PGD-10, batch {batch} (s)", t_pgd, command=cmd),
         row("PGD-10 / floor (median of back-to-back ratios)", ratio, "<= 1.1", ratio <= 1.1, cmd),
-        row("FGSM / (forward + backward)", t_fgsm / t_fb, "<= 1.1", t_fgsm / t_fb <= 1.1, cmd),
+        row("FGSM / (forward + backward) (median of back-to-back ratios)", fgsm_ratio, "<= 1.1",
+            fgsm_ratio <= 1.1, cmd),
     ]
 
 

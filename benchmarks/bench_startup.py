@@ -14,7 +14,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import main, median_time, row  # noqa: E402
 
-
 # Measure the usual state, compiled bytecode cached: with PYTHONDONTWRITEBYTECODE set (as on some
 # CI images) every start would recompile rcomp's sources, which is not what users see.
 _ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}

@@ -94,6 +94,9 @@ def test_killed_during_write_leaves_old_file_or_nothing(tmp_path, ckpt, sig):
     previous = b"previous complete file"
     out.write_bytes(previous)
     code = (
+        # a child started from a non-interactive background job inherits SIGINT ignored: restore
+        # Python's default (KeyboardInterrupt), which is what a user's Ctrl-C meets
+        "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "import sys, time, rcomp.io.atomic as a\n"
         "orig = a.atomic_write_bytes\n"
         "def slow(path, data):\n"
