@@ -29,8 +29,9 @@ dt = time.perf_counter() - t0
 m = res["models"][0]
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 # floor: per batch of 128, one clean forward + 11 x (forward + backward to the input) (FGSM + PGD-10)
+sys.path.insert(0, sys.argv[3])
+from common import median_time
 from rcomp.io.checkpoint import load
-import statistics
 model = load(ckpt).eval()
 x = torch.rand(128, 3, 32, 32)
 y = torch.randint(0, 10, (128,))
@@ -40,13 +41,7 @@ def fwd_bwd():
 def fwd():
     with torch.inference_mode():
         model(x)
-def med(f, reps=7):
-    f(); f()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter(); f(); ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
-floor = (med(fwd) + 11 * med(fwd_bwd)) * res["n"] / 128
+floor = (median_time(fwd, reps=7) + 11 * median_time(fwd_bwd, reps=7)) * res["n"] / 128
 print(json.dumps({"n": res["n"], "seconds": dt, "peak_mb": peak, "floor": floor,
                   "clean": m["clean_acc"], "worst": m["worst_case_acc"]}))
 """
@@ -77,7 +72,7 @@ def run(quick: bool = False) -> list[dict]:
     sizes = [500, 2000] if quick else [1000, 10000]
     out = []
     for n in sizes:
-        r = subprocess.run([sys.executable, "-c", CHILD, str(ckpt), str(n)], capture_output=True, text=True,
+        r = subprocess.run([sys.executable, "-c", CHILD, str(ckpt), str(n), str(Path(__file__).resolve().parent)], capture_output=True, text=True,
                            check=True)
         out.append(json.loads(r.stdout.strip().splitlines()[-1]))
     cmd = f"python benchmarks/bench_eval.py{' --quick' if quick else ''} (convnet8 3x32x32 trained 2 epochs, fake data, fgsm+pgd-10 at 8/255)"
