@@ -23,7 +23,7 @@ def _data():
     import torch
 
     from rcomp.data.sources import FakeImages, TensorImages
-    from rcomp.io.format import InputSpec
+    from rcomp.spec import InputSpec
 
     fake = FakeImages(768, InputSpec(1, 28, 28, [0.5], [0.25]), 10, seed=0)
     items = [fake[i] for i in range(len(fake))]

@@ -25,7 +25,7 @@ _API = {
     "get_dataset": ("rcomp.data.registry", "get_dataset"),
     "make_loader": ("rcomp.data.registry", "make_loader"),
     "Classifier": ("rcomp.models.wrapper", "Classifier"),
-    "InputSpec": ("rcomp.io.format", "InputSpec"),
+    "InputSpec": ("rcomp.spec", "InputSpec"),
     "CheckpointMeta": ("rcomp.io.format", "CheckpointMeta"),
     "RcompError": ("rcomp.errors", "RcompError"),
 }

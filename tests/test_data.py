@@ -8,7 +8,7 @@ import torch
 from rcomp.data.adapt import adapt_images
 from rcomp.data.registry import check_fits, get_dataset, make_loader
 from rcomp.errors import RcompError
-from rcomp.io.format import InputSpec
+from rcomp.spec import InputSpec
 
 
 @pytest.mark.parametrize("shape", [(1, 8, 8), (3, 32, 32), (1, 28, 28)])

@@ -243,7 +243,7 @@ def _piped_path() -> Path | None:
 
 def _build(arch, num_classes, input_shape, arch_kwargs, data, info, data_dir, trust):
     from rcomp.data.registry import dataset_classes, get_dataset
-    from rcomp.io.format import InputSpec
+    from rcomp.spec import InputSpec
     from rcomp.models.registry import build_model
 
     shape = parse_shape(input_shape) if input_shape else info.shape

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from rcomp.errors import RcompError
-from rcomp.io.format import InputSpec
+from rcomp.spec import InputSpec
 
 _LUMA = (0.299, 0.587, 0.114)
 

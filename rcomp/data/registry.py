@@ -84,7 +84,7 @@ def data_root(data_dir: str | Path | None) -> Path:
 
 def get_dataset(name: str, split: str, spec, data_dir: str | Path | None = None, *, seed: int = 0,
                 fake_size: int | None = None):
-    """Dataset ``name``/``split`` adapted to ``spec`` (an :class:`~rcomp.io.format.InputSpec`)."""
+    """Dataset ``name``/``split`` adapted to ``spec`` (an :class:`~rcomp.spec.InputSpec`)."""
     info = data_info(name)
     if split not in SPLITS:
         raise RcompError(f"unknown split {split!r}; choose train or test")

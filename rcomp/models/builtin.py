@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from rcomp.io.format import InputSpec
+from rcomp.spec import InputSpec
 
 
 def _conv_out(size: int, stride: int) -> int:

@@ -20,7 +20,8 @@ import re
 from dataclasses import replace
 
 from rcomp.errors import RcompError
-from rcomp.io.format import ArchSpec, CheckpointMeta, InputSpec
+from rcomp.io.format import CheckpointMeta
+from rcomp.spec import ArchSpec, InputSpec
 
 _FACTORY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
 
