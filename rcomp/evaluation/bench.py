@@ -29,7 +29,7 @@ def build_attacks(names: Sequence[str], eps_texts: Sequence[str], *, lenient: bo
     ignores ``steps`` and ``restarts``, apgd ignores ``alpha``, cw keeps its margin loss.
     """
     from rcomp.attacks import make_attack
-    from rcomp.cli.common import parse_eps
+    from rcomp.parsing import parse_eps
 
     several = len(eps_texts) > 1
     out: dict[str, Any] = {}
@@ -151,7 +151,7 @@ def bench(paths_or_models: Sequence, data: str, attacks: dict[str, Any], *, spli
 
 def parse_fail_under(text: str | None, attack_keys: Sequence[str]) -> dict[str, float]:
     """``clean=0.9,pgd=0.4,worst=0.35`` -> ``{metric: threshold}``; metrics: clean, worst, attack keys."""
-    from rcomp.cli.common import parse_number
+    from rcomp.parsing import parse_number
 
     if not text:
         return {}

@@ -1,0 +1,72 @@
+"""Parsing of option values written as text: numbers like ``8/255``, eps lists, C,H,W shapes,
+JSON objects. Pure Python; every error is one line naming the option and the fix."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+from rcomp.errors import RcompError
+
+_NUM = r"[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?"
+
+
+def parse_number(text: str, what: str) -> float:
+    """``0.03``, ``8/255`` or ``1e-3`` to a float; anything else is a one-line error."""
+    s = str(text).strip()
+    m = re.fullmatch(rf"({_NUM})\s*/\s*({_NUM})", s)
+    try:
+        if m:
+            den = float(m.group(2))
+            if den == 0:
+                raise RcompError(f"{what} {s!r} divides by zero; write e.g. 8/255")
+            v = float(m.group(1)) / den
+        else:
+            v = float(s)
+    except ValueError:
+        raise RcompError(f"{what} {s!r} is not a number; write e.g. 0.03 or 8/255") from None
+    if not math.isfinite(v):
+        raise RcompError(f"{what} {s!r} is not a finite number")
+    return v
+
+
+def parse_eps(text: str, what: str = "--eps") -> float:
+    v = parse_number(text, what)
+    if not 0 <= v <= 1:
+        raise RcompError(f"{what} {text!r} is outside [0, 1]; eps is in pixel units of [0, 1] images (e.g. 8/255)")
+    return v
+
+
+def parse_eps_list(text: str, what: str = "--eps") -> list[float]:
+    parts = [p for p in str(text).split(",") if p.strip()]
+    if not parts:
+        raise RcompError(f"{what} is empty; write e.g. 8/255 or 2/255,8/255")
+    return [parse_eps(p, what) for p in parts]
+
+
+def parse_shape(text: str, what: str = "--input-shape") -> tuple[int, int, int]:
+    parts = str(text).replace("x", ",").split(",")
+    try:
+        dims = tuple(int(p) for p in parts)
+    except ValueError:
+        raise RcompError(f"{what} {text!r} must be C,H,W integers, e.g. 3,32,32") from None
+    if len(dims) != 3 or any(d < 1 or d > 65536 for d in dims):
+        raise RcompError(f"{what} {text!r} must be three positive integers C,H,W, e.g. 3,32,32")
+    return dims  # type: ignore[return-value]
+
+
+def parse_floats(text: str, what: str) -> list[float]:
+    return [parse_number(p, what) for p in str(text).split(",") if p.strip()]
+
+
+def parse_json_kwargs(text: str | None, what: str = "--arch-kwargs") -> dict:
+    if not text:
+        return {}
+    try:
+        v = json.loads(text)
+    except json.JSONDecodeError:
+        raise RcompError(f"{what} must be a JSON object, e.g. '{{\"width\": 32}}'") from None
+    if not isinstance(v, dict):
+        raise RcompError(f"{what} must be a JSON object, e.g. '{{\"width\": 32}}'")
+    return v
