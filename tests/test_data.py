@@ -69,9 +69,130 @@ def test_imagefolder_reads_and_names_corrupt_file(tmp_path):
         for i in range(2):
             Image.new("RGB", (10, 12), color=(i * 100, 50, 200)).save(tmp_path / cls / f"{i}.png")
     ds = get_dataset("imagefolder", "test", InputSpec(3, 8, 8), data_dir=tmp_path)
-    assert len(ds) == 4 and ds.num_classes == 2
-    x, y = ds[3]
+    assert len(ds) == 2 and ds.num_classes == 2  # no train/ and test/: one image per class held out
+    x, y = ds[1]
     assert x.shape == (3, 8, 8) and y == 1 and 0 <= x.min() and x.max() <= 1
-    (tmp_path / "dog" / "1.png").write_bytes(b"not a png")
-    with pytest.raises(RcompError, match="1.png"):
-        ds[3]
+    ds.samples[1][0].write_bytes(b"not a png")
+    with pytest.raises(RcompError, match=ds.samples[1][0].name):
+        ds[1]
+
+
+# ----------------------------------------------------------------------------- image folders (issues 15, 16)
+
+
+def _folder(root, size=(12, 10), mode="RGB", per_class=5, classes=("cat", "dog")):
+    from PIL import Image
+
+    for c in classes:
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.new(mode, size, color=(i * 40, 50, 200) if mode == "RGB" else i * 40).save(root / c / f"{i}.png")
+    return root
+
+
+def test_native_shape_is_the_images_own(tmp_path):
+    from rcomp.data.registry import native_shape
+
+    _folder(tmp_path / "rgb", size=(32, 24))
+    shape, note = native_shape("imagefolder", tmp_path / "rgb")
+    assert shape == (3, 24, 32) and "3x24x32" in note and "own size" in note
+    _folder(tmp_path / "grey", size=(8, 8), mode="L")
+    assert native_shape("imagefolder", tmp_path / "grey")[0] == (1, 8, 8)
+    assert native_shape("digits")[0] == (1, 8, 8)
+
+
+def test_native_shape_takes_most_common_size_and_says_so(tmp_path):
+    from PIL import Image
+
+    from rcomp.data.registry import native_shape
+
+    _folder(tmp_path, size=(16, 16))
+    Image.new("RGB", (20, 30)).save(tmp_path / "cat" / "odd.png")
+    shape, note = native_shape("imagefolder", tmp_path)
+    assert shape == (3, 16, 16) and "most common" in note and "10 of 11" in note
+
+
+def test_folder_without_split_gets_seeded_held_out_test(tmp_path):
+    _folder(tmp_path, per_class=10)
+    notes = []
+    spec = InputSpec(3, 8, 8)
+    train = get_dataset("imagefolder", "train", spec, data_dir=tmp_path, log=notes.append)
+    test = get_dataset("imagefolder", "test", spec, data_dir=tmp_path, log=notes.append, seed=7)
+    assert len(train) == 16 and len(test) == 4
+    assert not {str(p) for p, _ in train.samples} & {str(p) for p, _ in test.samples}
+    assert {y for _, y in test.samples} == {0, 1}  # every class is held out
+    assert "held-out 20%" in notes[0] and "test: 4 of 20" in notes[1]
+    again = get_dataset("imagefolder", "test", spec, data_dir=tmp_path)  # another run seed: same split
+    assert again.samples == test.samples
+
+
+def test_folder_with_train_and_test_uses_them(tmp_path):
+    _folder(tmp_path / "train", per_class=3)
+    _folder(tmp_path / "test", per_class=2)
+    notes = []
+    assert len(get_dataset("imagefolder", "test", InputSpec(3, 8, 8), data_dir=tmp_path, log=notes.append)) == 4
+    assert notes == []
+
+
+def test_missing_dataset_says_where_files_go_and_where_archives_are(tmp_path):
+    with pytest.raises(RcompError) as err:
+        get_dataset("cifar10", "test", InputSpec(3, 32, 32), data_dir=tmp_path)
+    msg = str(err.value)
+    assert "download=True" not in msg and "\n" not in msg
+    assert "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz" in msg and str(tmp_path) in msg
+
+
+def test_decompression_bomb_refused_from_header(tmp_path):
+    """A small PNG claiming 12000x12000 pixels is refused before decoding, naming the file."""
+    import tracemalloc
+
+    from PIL import Image
+
+    _folder(tmp_path, per_class=1)
+    Image.new("L", (12000, 12000)).save(tmp_path / "cat" / "bomb.png")  # about 140 KB on disk
+    assert (tmp_path / "cat" / "bomb.png").stat().st_size < 1_000_000
+    from rcomp.data.sources import ImageFiles
+
+    ds = ImageFiles([(tmp_path / "cat" / "bomb.png", 0)], InputSpec(3, 8, 8), ("cat", "dog"))
+    tracemalloc.start()
+    with pytest.raises(RcompError, match=r"bomb\.png is 12000x12000 pixels"):
+        ds[0]
+    assert tracemalloc.get_traced_memory()[1] < 50_000_000
+    tracemalloc.stop()
+
+
+def test_symlink_loop_in_image_folder_refused(tmp_path):
+    _folder(tmp_path)
+    (tmp_path / "cat" / "loop").symlink_to(tmp_path / "cat")
+    with pytest.raises(RcompError, match="symlink loop"):
+        get_dataset("imagefolder", "train", InputSpec(3, 8, 8), data_dir=tmp_path)
+    (tmp_path / "cat" / "loop").unlink()
+    (tmp_path / "cat" / "self.png").symlink_to(tmp_path / "cat" / "self.png")
+    with pytest.raises(RcompError, match="self.png"):
+        get_dataset("imagefolder", "train", InputSpec(3, 8, 8), data_dir=tmp_path)
+
+
+def test_non_regular_file_refused(tmp_path):
+    import os
+
+    _folder(tmp_path)
+    os.mkfifo(tmp_path / "dog" / "pipe.png")
+    with pytest.raises(RcompError, match="pipe.png is not a regular file"):
+        get_dataset("imagefolder", "train", InputSpec(3, 8, 8), data_dir=tmp_path)
+
+
+def test_pil_warnings_do_not_leak(tmp_path, monkeypatch, recwarn):
+    import warnings
+
+    from PIL import Image
+
+    _folder(tmp_path, size=(8, 7), per_class=2)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40)  # 56-pixel images now make PIL warn (bomb warning)
+    with pytest.warns(Image.DecompressionBombWarning):  # the test can fail: PIL does warn here
+        Image.open(tmp_path / "cat" / "0.png").close()
+    warnings.resetwarnings()
+    recwarn.clear()
+    ds = get_dataset("imagefolder", "train", InputSpec(3, 8, 8), data_dir=tmp_path)
+    for i in range(len(ds)):
+        ds[i]
+    assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]

@@ -49,21 +49,26 @@ DATASETS: dict[str, DataInfo] = {
     "svhn": DataInfo("svhn", 10, (3, 32, 32), (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970),
                      "SVHN via torchvision, local files", tuple(str(i) for i in range(10))),
     "imagefolder": DataInfo("imagefolder", 0, (3, 224, 224), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
-                            "class sub-folders under --data-dir (optionally DIR/train and DIR/test)"),
+                            "class sub-folders under --data-dir (DIR/train and DIR/test, else a held-out 20%); the images' own shape"),
     "fake": DataInfo("fake", 10, (3, 32, 32), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25),
                      "synthetic images with a class-dependent pattern (2,000 train, 10,000 test; smoke tests)"),
 }
 
 SPLITS = ("train", "test")
 
+#: where each torchvision dataset's files go, and where the official archives come from
 _MISSING_HELP = {
-    "mnist": "put MNIST's raw files (train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
-             "t10k-labels-idx1-ubyte) in {root}/MNIST/raw/",
-    "fashion-mnist": "put Fashion-MNIST's raw files (train-images-idx3-ubyte, ..., t10k-labels-idx1-ubyte) in "
-                     "{root}/FashionMNIST/raw/",
-    "cifar10": "extract cifar-10-python.tar.gz in {root} so that {root}/cifar-10-batches-py/ exists",
-    "cifar100": "extract cifar-100-python.tar.gz in {root} so that {root}/cifar-100-python/ exists",
-    "svhn": "put train_32x32.mat and test_32x32.mat in {root}/",
+    "mnist": "put MNIST's four raw files (train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
+             "t10k-labels-idx1-ubyte, gunzipped) in {root}/MNIST/raw/; the archives are at "
+             "https://ossci-datasets.s3.amazonaws.com/mnist/ (mirror of http://yann.lecun.com/exdb/mnist/)",
+    "fashion-mnist": "put Fashion-MNIST's four raw files (train-images-idx3-ubyte, train-labels-idx1-ubyte, "
+                     "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte, gunzipped) in {root}/FashionMNIST/raw/; "
+                     "the archives are at http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+    "cifar10": "extract cifar-10-python.tar.gz (https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz) in {root} "
+               "so that {root}/cifar-10-batches-py/ exists",
+    "cifar100": "extract cifar-100-python.tar.gz (https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz) in "
+                "{root} so that {root}/cifar-100-python/ exists",
+    "svhn": "put train_32x32.mat and test_32x32.mat (from http://ufldl.stanford.edu/housenumbers/) in {root}/",
 }
 
 
@@ -83,8 +88,11 @@ def data_root(data_dir: str | Path | None) -> Path:
 
 
 def get_dataset(name: str, split: str, spec, data_dir: str | Path | None = None, *, seed: int = 0,
-                fake_size: int | None = None):
-    """Dataset ``name``/``split`` adapted to ``spec`` (an :class:`~rcomp.spec.InputSpec`)."""
+                fake_size: int | None = None, log=None):
+    """Dataset ``name``/``split`` adapted to ``spec`` (an :class:`~rcomp.spec.InputSpec`).
+
+    ``log(message)`` receives what the user must be told (e.g. that an image folder without
+    ``train/`` and ``test/`` was split into a held-out test set); commands print it on stderr."""
     info = data_info(name)
     if split not in SPLITS:
         raise RcompError(f"unknown split {split!r}; choose train or test")
@@ -102,10 +110,24 @@ def get_dataset(name: str, split: str, spec, data_dir: str | Path | None = None,
     if name == "imagefolder":
         from rcomp.data.sources import image_folder
 
-        return image_folder(root, split, spec)
+        return image_folder(root, split, spec, log)
     from rcomp.data.sources import torchvision_dataset
 
     return torchvision_dataset(name, root, train, spec, _MISSING_HELP[name].format(root=root))
+
+
+def native_shape(name: str, data_dir: str | Path | None = None) -> tuple[tuple[int, int, int], str]:
+    """The input shape ``(C, H, W)`` a model for dataset ``name`` should have, and a note saying why.
+
+    Registered datasets have a fixed shape; for ``imagefolder`` the images' headers are inspected
+    (:func:`rcomp.data.images.native_shape`). Commands use it as the default ``--input-shape``."""
+    info = data_info(name)
+    if name != "imagefolder":
+        c, h, w = info.shape
+        return info.shape, f"input shape {c}x{h}x{w}: {name}'s native shape"
+    from rcomp.data.images import native_shape as folder_shape
+
+    return folder_shape(data_root(data_dir))
 
 
 def dataset_classes(ds) -> int:

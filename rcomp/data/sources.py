@@ -117,23 +117,47 @@ def torchvision_dataset(name: str, root: Path, train: bool, spec, help_text: str
             base = tvd.SVHN(str(root), split="train" if train else "test", download=False)
         else:  # pragma: no cover - guarded by the registry
             raise RcompError(f"unknown dataset {name}")
-    except (RuntimeError, FileNotFoundError, OSError) as exc:
-        raise RcompError(f"dataset {name} not found under {root} ({str(exc).splitlines()[0][:80]}): {help_text}; "
-                         "or set --data-dir / RCOMP_DATA") from None
+    except (RuntimeError, FileNotFoundError, OSError):  # torchvision's text suggests download=True: not ours
+        raise RcompError(f"dataset {name} not found or incomplete under {root}: {help_text}; or point --data-dir "
+                         "(or RCOMP_DATA) at the folder that holds them") from None
     except ImportError as exc:  # svhn needs scipy
         raise RcompError(f"dataset {name} needs an extra package: {exc}") from None
     return AdaptedDataset(base, spec, info.num_classes, info.classes)
 
 
-def image_folder(root: Path, split: str, spec):
-    import torchvision.datasets as tvd
+class ImageFiles(Dataset):
+    """Image files with labels, each read safely (:func:`rcomp.data.images.read_image`) and adapted to the spec."""
 
-    folder = root / split if (root / split).is_dir() else root
-    if not folder.is_dir():
-        raise RcompError(f"image folder {folder} does not exist; pass --data-dir DIR with one sub-folder per class")
-    try:
-        base = tvd.ImageFolder(str(folder))
-    except (FileNotFoundError, RuntimeError) as exc:
-        raise RcompError(f"image folder {folder}: {str(exc).splitlines()[0]}; "
-                         "it needs one sub-folder per class holding images") from None
-    return AdaptedDataset(base, spec, len(base.classes), tuple(base.classes))
+    def __init__(self, samples: list, spec, classes: tuple[str, ...]):
+        self.samples, self.spec, self.classes, self.num_classes = samples, spec, classes, len(classes)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        from rcomp.data.images import read_image
+
+        path, label = self.samples[i]
+        img = read_image(path)
+        return adapt_images(img.float() / 255.0, self.spec), int(label)
+
+
+def image_folder(root: Path, split: str, spec, log=None):
+    """Class sub-folders under ``root/split`` when ``root`` has ``train/`` and ``test/``; otherwise under
+    ``root`` itself, with a fixed seeded held-out test split (said through ``log``)."""
+    from rcomp.data import images
+
+    has_split = (root / "train").is_dir() and (root / "test").is_dir()
+    folder = root / split if has_split else root / "train" if (root / "train").is_dir() else root
+    samples, classes = images.scan(folder)
+    if not has_split:
+        total = len(samples)
+        samples = images.split_samples(samples, split)
+        if log is not None:
+            log(f"image folder {folder} has no train/ and test/ pair: using a held-out "
+                f"{images.TEST_FRACTION:.0%} of each class (seed {images.SPLIT_SEED}) as the test split; "
+                f"{split}: {len(samples)} of {total} images")
+    if not samples:
+        raise RcompError(f"image folder {root} has too few images for a {split} split; add images or make "
+                         "DIR/train and DIR/test")
+    return ImageFiles(samples, spec, classes)

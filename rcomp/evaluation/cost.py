@@ -1,4 +1,4 @@
-"""Cost of a model: parameters, MACs, file size, latency."""
+"""Cost of a model: parameters, MACs, file size, latency (median and spread over repeats)."""
 
 from __future__ import annotations
 
@@ -24,25 +24,66 @@ def count_params(model) -> int:
     return n
 
 
+#: a latency whose slowest repeat is more than this many times its fastest is flagged as untrustworthy
+UNSTEADY_RATIO = 1.5
+
+
+def _quantile(sorted_values: list[float], q: float) -> float:
+    """Linear-interpolated quantile of an already sorted list."""
+    pos = q * (len(sorted_values) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def latency_stats(times_ms: list[float], *, batch: int, threads: int, warmup: int) -> dict:
+    """Summary of repeated timings: median, quartiles, IQR, min, max, max/min, and whether to trust it.
+
+    ``steady`` is False when the slowest repeat took more than :data:`UNSTEADY_RATIO` times the
+    fastest (a busy machine); ``note`` says so in words, with the batch and threads measured."""
+    t = sorted(float(v) for v in times_ms)
+    if not t:
+        raise ValueError("latency_stats needs at least one timing")
+    ratio = t[-1] / t[0] if t[0] > 0 else float("inf")
+    steady = ratio <= UNSTEADY_RATIO
+    med = _quantile(t, 0.5)
+    q1, q3 = _quantile(t, 0.25), _quantile(t, 0.75)
+    note = (f"batch {batch}, {threads} thread{'s' if threads != 1 else ''}: median {med:.3g} ms "
+            f"(IQR {q1:.3g}-{q3:.3g}, min {t[0]:.3g}, max {t[-1]:.3g}) over {len(t)} repeats after {warmup} warm-up")
+    if not steady:
+        note += f"; UNSTEADY: max/min {ratio:.2f} > {UNSTEADY_RATIO} (a busy machine?), do not trust this figure"
+    return {"median_ms": med, "q1_ms": q1, "q3_ms": q3, "iqr_ms": q3 - q1, "min_ms": t[0], "max_ms": t[-1],
+            "max_over_min": ratio, "steady": steady, "reps": len(t), "warmup": warmup, "batch": batch,
+            "threads": threads, "note": note}
+
+
 @torch.inference_mode()
-def latency_ms(model, input_shape: tuple[int, int, int], batch: int, device: str = "cpu", warmup: int = 3,
-               reps: int = 10) -> float:
-    """Median forward latency in milliseconds for a batch of ``batch`` images."""
+def measure_latency(model, input_shape: tuple[int, int, int], batch: int, device: str = "cpu", warmup: int = 3,
+                    reps: int = 10, timer=time.perf_counter) -> dict:
+    """Forward latency of a batch of ``batch`` images: :func:`latency_stats` over ``reps`` timed repeats
+    after ``warmup`` untimed ones, with the batch and ``torch.get_num_threads()`` recorded."""
+    if reps < 1 or warmup < 0:
+        raise ValueError(f"reps must be >= 1 and warmup >= 0, got {reps}, {warmup}")
     x = torch.rand(batch, *input_shape, device=device)
     model.eval()
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
     for _ in range(warmup):
         model(x)
     times = []
     for _ in range(reps):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        sync()
+        t0 = timer()
         model(x)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1000)
-    times.sort()
-    return times[len(times) // 2]
+        sync()
+        times.append((timer() - t0) * 1000)
+    return latency_stats(times, batch=batch, threads=torch.get_num_threads(), warmup=warmup)
+
+
+def latency_ms(model, input_shape: tuple[int, int, int], batch: int, device: str = "cpu", warmup: int = 3,
+               reps: int = 10) -> float:
+    """Median forward latency in milliseconds for a batch of ``batch`` images (see :func:`measure_latency`
+    for the spread, threads and trust flag)."""
+    return measure_latency(model, input_shape, batch, device, warmup, reps)["median_ms"]
 
 
 def count_macs(model, input_shape: tuple[int, int, int]) -> int:

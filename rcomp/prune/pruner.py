@@ -10,7 +10,10 @@ smaller network. Importance criteria:
 * ``l2`` - filter L2 norm;
 * ``random`` - uniform random scores (a baseline; seeded);
 * ``bn-scale`` - |gamma| of the following BatchNorm (Liu et al., "Network Slimming", ICCV 2017);
-* ``taylor`` - first-order Taylor estimate |w * dL/dw| from data batches (Molchanov et al., CVPR 2019).
+* ``taylor`` - first-order Taylor estimate |w * dL/dw| from data batches (Molchanov et al., CVPR 2019);
+  with ``adv_eps`` the loss is taken on PGD adversarial examples (see :mod:`rcomp.prune.robust`);
+* ``hydra`` - channel scores learned against the adversarial loss with a straight-through top-k
+  mask (Sehwag et al., "HYDRA", NeurIPS 2020; see :mod:`rcomp.prune.robust`); needs ``adv_eps``.
 
 ``ratio`` is the fraction of channels removed from every prunable layer (``scope="local"``) or
 from all layers ranked together (``scope="global"``). The classifier's outputs are never pruned.
@@ -32,7 +35,9 @@ from torch import nn
 
 from rcomp.errors import RcompError
 
-METHODS = ("l1", "l2", "random", "bn-scale", "taylor")
+METHODS = ("l1", "l2", "random", "bn-scale", "taylor", "hydra")
+#: methods that take gradients from data batches
+DATA_METHODS = ("taylor", "hydra")
 SCOPES = ("local", "global")
 #: The most a ratio search may remove; beyond this networks collapse to a channel or two per layer.
 MAX_SEARCH_RATIO = 0.99
@@ -59,6 +64,7 @@ class PruneReport:
     classifier: str = ""
     target: dict[str, float] | None = None
     seconds: float = 0.0
+    adversarial: dict[str, Any] | None = None
 
     @property
     def macs_factor(self) -> float:
@@ -167,6 +173,10 @@ def _importance(method: str):
         return tp.importance.RandomImportance()
     if method == "bn-scale":
         return tp.importance.BNScaleImportance()
+    if method == "hydra":
+        from rcomp.prune.robust import learned_importance
+
+        return learned_importance()
     return tp.importance.GroupTaylorImportance()
 
 
@@ -179,9 +189,25 @@ def _taylor_gradients(net: nn.Module, normalize: nn.Module, batches: list) -> No
         F.cross_entropy(net(normalize(x)), y).backward()
 
 
+def _rescore(method: str, net: nn.Module, importance, *, normalize: nn.Module, batches: list | None,
+             adv: dict | None, keep: float, ignored: list[str], seed: int) -> None:
+    """Prepare the data-driven criteria before a pruning step: gradients for ``taylor`` (on adversarial
+    examples when ``adv`` is given), learned scores for ``hydra``."""
+    from rcomp.prune import robust
+
+    if method == "taylor":
+        if adv:
+            batches = robust.adversarial_batches(net, normalize, batches, adv["eps"], adv["attack_steps"], seed)
+        _taylor_gradients(net, normalize, batches)
+    elif method == "hydra":
+        importance.scores = robust.learn_channel_scores(
+            net, normalize, batches, keep=keep, skip=ignored, eps=adv["eps"], attack_steps=adv["attack_steps"],
+            steps=adv["score_steps"], seed=seed)
+
+
 def _prune_net(net: nn.Module, ratio: float, *, shape, method: str, scope: str, round_to: int | None,
                ignored: list[str], steps: int, batches: list | None, normalize: nn.Module, seed: int,
-               arch: str) -> tuple[nn.Module, int]:
+               arch: str, adv: dict | None = None) -> tuple[nn.Module, int]:
     """Prune ``net`` in place by ``ratio`` in ``steps`` steps; returns it and its MACs.
 
     Errors name the layer torch-pruning fails at."""
@@ -200,11 +226,12 @@ def _prune_net(net: nn.Module, ratio: float, *, shape, method: str, scope: str, 
                 round_to=round_to,
             )
         except Exception as exc:  # noqa: BLE001
-            raise RcompError(f"torch-pruning cannot trace {arch} (failed at layer {tr.last!r}: {_first_line(exc)}); "
-                             "this architecture cannot be pruned structurally") from None
-    for _ in range(steps):
-        if method == "taylor":
-            _taylor_gradients(net, normalize, batches)
+            raise RcompError(_blocker(net, arch) or (
+                f"torch-pruning cannot trace {arch} (failed at layer {tr.last!r}: {_first_line(exc)}); "
+                "this architecture cannot be pruned structurally")) from None
+    for k in range(steps):
+        _rescore(method, net, pruner.importance, normalize=normalize, batches=batches, adv=adv,
+                 keep=(1 - ratio * (k + 1) / steps) / (1 - ratio * k / steps), ignored=ignored, seed=seed)
         try:
             pruner.step()
         except Exception as exc:  # noqa: BLE001
@@ -223,6 +250,25 @@ def _prune_net(net: nn.Module, ratio: float, *, shape, method: str, scope: str, 
     return net, macs
 
 
+#: operations torch-pruning 1.6.1 cannot follow channels through: module -> (operation, why no --ignore helps)
+_BLOCKERS = {
+    "torchvision.models.shufflenetv2": (
+        "channel_shuffle (torchvision's view to 5-D, transpose, view back after every block's concatenation)",
+        "its dependency graph cannot map channels through that permutation (Torch-Pruning issues #14, #45) and "
+        "fails while the graph is built, before --ignore applies, so no --ignore works around it"),
+}
+
+
+def _blocker(net: nn.Module, arch: str) -> str | None:
+    """A one-line explanation when ``net`` contains an operation torch-pruning is known to fail on."""
+    for mod in net.modules():
+        hit = _BLOCKERS.get(type(mod).__module__)
+        if hit:
+            return (f"torch-pruning 1.6.1 cannot prune {arch}: it contains {hit[0]}, and {hit[1]}; quantize it "
+                    "instead (rcomp quantize) or prune another architecture such as mobilenet_v2")
+    return None
+
+
 def _validate(ratio, method, scope, round_to, iterative, target_macs, target_params, batches, net, arch):
     given = [v for v in (ratio, target_macs, target_params) if v is not None]
     if len(given) != 1:
@@ -238,15 +284,35 @@ def _validate(ratio, method, scope, round_to, iterative, target_macs, target_par
         raise RcompError(f"--round-to must be a positive integer, got {round_to!r}")
     if not isinstance(iterative, int) or iterative < 1:
         raise RcompError(f"--iterative must be a positive integer number of steps, got {iterative!r}")
-    if method == "taylor" and not batches:
-        raise RcompError("--method taylor needs gradients from data: add --data NAME (e.g. --data digits)")
+    if method in DATA_METHODS and not batches:
+        raise RcompError(f"--method {method} needs gradients from data: add --data NAME (e.g. --data digits)")
     if method == "bn-scale" and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules()):
         raise RcompError(f"--method bn-scale needs BatchNorm layers and {arch} has none; use --method l1")
 
 
+def _adversarial(method: str, eps, attack_steps, score_steps) -> dict | None:
+    """The adversarial scoring settings, checked: ``None`` when the criterion is not adversarial."""
+    if method == "hydra" and eps is None:
+        raise RcompError("--method hydra learns scores against adversarial examples: add --adv-eps E (e.g. 0.1)")
+    if eps is None:
+        return None
+    if method not in DATA_METHODS:
+        raise RcompError(f"--adv-eps applies to --method taylor or hydra, not {method}; drop it or change --method")
+    if not (isinstance(eps, (int, float)) and 0 < eps <= 1):
+        raise RcompError(f"--adv-eps {eps!r} must lie in (0, 1] (pixel units), e.g. 0.1 or 8/255")
+    for what, v, hi in (("--adv-steps", attack_steps, 1000), ("--score-steps", score_steps, 10000)):
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= hi:
+            raise RcompError(f"{what} must be an integer from 1 to {hi}, got {v!r}")
+    adv = {"attack": "pgd", "eps": float(eps), "attack_steps": attack_steps}
+    if method == "hydra":
+        adv["score_steps"] = score_steps
+    return adv
+
+
 def prune(model, ratio: float | None = None, *, method: str = "l1", scope: str = "local",
           round_to: int | None = None, ignore=(), iterative: int = 1, target_macs: float | None = None,
-          target_params: float | None = None, batches=None, seed: int = 0, log=None):
+          target_params: float | None = None, batches=None, seed: int = 0, log=None,
+          adv_eps: float | None = None, adv_steps: int = 5, score_steps: int = 100):
     """Prune ``model`` (a :class:`~rcomp.models.wrapper.Classifier`); returns ``(model, report)``.
 
     ``model.net`` is replaced by a pruned copy (the input network is left untouched if anything
@@ -254,7 +320,9 @@ def prune(model, ratio: float | None = None, *, method: str = "l1", scope: str =
     ``target_macs`` or ``target_params`` (fraction of MACs / parameters to keep; the ratio is found
     by bisection). ``ignore``: module paths inside ``model.net`` never pruned. ``iterative``: reach
     the ratio in that many equal steps (importance re-scored after each). ``round_to``: channel
-    counts a multiple of N. ``batches``: list of ``(images, labels)`` for ``method="taylor"``.
+    counts a multiple of N. ``batches``: list of ``(images, labels)`` for ``method="taylor"`` and
+    ``"hydra"``. ``adv_eps`` (pixels): score channels on PGD-``adv_steps`` adversarial examples
+    (``taylor``; required by ``hydra``, which optimises its scores for ``score_steps`` steps).
     ``model.meta.compression["pruning"]`` gets a summary (merged with an earlier pruning).
     """
     from rcomp.evaluation.cost import count_macs, count_params
@@ -265,6 +333,7 @@ def prune(model, ratio: float | None = None, *, method: str = "l1", scope: str =
     net = model.net
     batches = list(batches) if batches is not None else None
     _validate(ratio, method, scope, round_to, iterative, target_macs, target_params, batches, net, arch)
+    adv = _adversarial(method, adv_eps, adv_steps, score_steps)
     say = log or (lambda msg: None)
     shape = tuple(model.meta.input.shape)
     dev = next(net.parameters()).device
@@ -276,7 +345,7 @@ def prune(model, ratio: float | None = None, *, method: str = "l1", scope: str =
     params_before, macs_before = count_params(net), count_macs(net, shape)
     channels_before = prunable_channels(net, classifier)
     common = dict(shape=shape, method=method, scope=scope, round_to=round_to, ignored=ignored_all,
-                  steps=iterative, batches=batches, normalize=model.normalize, seed=seed, arch=arch)
+                  steps=iterative, batches=batches, normalize=model.normalize, seed=seed, arch=arch, adv=adv)
     t0 = time.perf_counter()
     target = None
     if ratio is not None:
@@ -299,7 +368,7 @@ def prune(model, ratio: float | None = None, *, method: str = "l1", scope: str =
         params_before=params_before, params_after=count_params(pruned), macs_before=macs_before,
         macs_after=macs_after, channels_before=channels_before,
         channels_after=prunable_channels(pruned, classifier), iterative=iterative, round_to=round_to,
-        ignored=ignored, classifier=classifier, target=target, seconds=round(seconds, 3),
+        ignored=ignored, classifier=classifier, target=target, seconds=round(seconds, 3), adversarial=adv,
     )
     _record(model, report)
     return model, report
@@ -372,4 +441,6 @@ def _record(model, report: PruneReport) -> None:
         summary["ignored"] = report.ignored
     if report.target:
         summary["target"] = report.target
+    if report.adversarial:
+        summary["adversarial"] = report.adversarial
     comp["pruning"] = summary
