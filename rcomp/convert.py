@@ -15,32 +15,26 @@ _PREFIXES = ("module.", "model.", "net.", "_orig_mod.")
 def read_state_dict(src: Path) -> dict:
     import torch
 
+    from rcomp.io.bounded import open_regular
     from rcomp.io.header import read_header
+    from rcomp.text import printable
 
     src = Path(src)
-    if not src.is_file():
-        raise RcompError(f"{src} does not exist or is not a file")
-    with open(src, "rb") as fh:
-        head = fh.read(8)
+    with open_regular(src, "input") as (fh, _size):
+        head = fh.read(9)
     # safetensors: 8-byte little-endian length followed by '{'
-    looks_safetensors = False
-    if len(head) == 8:
-        n = int.from_bytes(head, "little")
-        if 0 < n < (1 << 31):
-            with open(src, "rb") as fh:
-                fh.seek(8)
-                looks_safetensors = fh.read(1) == b"{"
+    looks_safetensors = len(head) == 9 and 0 < int.from_bytes(head[:8], "little") < (1 << 31) and head[8:] == b"{"
     if looks_safetensors:
         read_header(src)  # validates
-        from rcomp.io.checkpoint import load_tensors
+        from rcomp.io.serialize import load_tensors
 
         sd = load_tensors(src)
     else:
         try:
             obj = torch.load(str(src), map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - torch raises many kinds for hostile files
-            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-            raise RcompError(f"{src} is neither safetensors nor a weights-only PyTorch state_dict ({first}); "
+            first = printable(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+            raise RcompError(f"{printable(str(src))} is neither safetensors nor a weights-only PyTorch state_dict ({first}); "
                              "rcomp never unpickles arbitrary objects") from None
         sd = obj
         for key in ("state_dict", "model_state_dict", "model", "net"):
@@ -48,7 +42,7 @@ def read_state_dict(src: Path) -> dict:
                 sd = sd[key]
                 break
         if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-            raise RcompError(f"{src} does not hold a state_dict (a mapping of names to tensors)")
+            raise RcompError(f"{printable(str(src))} does not hold a state_dict (a mapping of names to tensors)")
     return dict(sd)
 
 
@@ -98,6 +92,9 @@ def convert_state_dict(src: Path, arch: str, num_classes: int | None = None,
         if tuple(sd[k].shape) != tuple(v.shape):
             raise RcompError(f"{src} does not fit {arch}: {k} has shape {tuple(sd[k].shape)}, expected {tuple(v.shape)}"
                              + ("; check --num-classes" if k.endswith(("fc.weight", "fc.bias", "classifier.weight")) else ""))
-    model.net.load_state_dict({k: sd[k].to(expected[k].dtype) for k in expected}, strict=True)
+    from rcomp.models.loading import with_versions
+
+    state = with_versions({k: sd[k].to(expected[k].dtype) for k in expected}, expected)
+    model.net.load_state_dict(state, strict=True)
     model.eval()
     return model

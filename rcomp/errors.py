@@ -1,7 +1,7 @@
 """Exceptions that the CLI turns into one-line messages and exit codes.
 
 Exit codes: 0 success; 1 a result fell short of a threshold the user set
-(``bench --fail-under``); 2 bad input or usage.
+(``bench --fail-under``) or a training run diverged or collapsed; 2 bad input or usage.
 """
 
 from __future__ import annotations
@@ -18,5 +18,14 @@ class RcompError(Exception):
 
 class ThresholdError(RcompError):
     """A measured result fell below a threshold the user set: exit code 1."""
+
+    exit_code = 1
+
+
+class TrainingFailed(RcompError):
+    """A training run went bad (non-finite loss or weights, collapse to chance): exit code 1.
+
+    Raised before anything is written, so no model comes out of a failed run.
+    """
 
     exit_code = 1

@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 
 import rcomp
 from rcomp.errors import RcompError
-from rcomp.io.checkpoint import load, save
 from rcomp.io.header import read_header
+from rcomp.models.loading import load, save
 from rcomp.models.registry import build_model
 
 from conftest import assert_one_line_error, make_checkpoint
@@ -311,3 +311,216 @@ def test_api_is_lazy_and_complete():
 def test_make_checkpoint_helper(tmp_path):
     p = make_checkpoint(tmp_path / "x.safetensors", "resnet18-cifar", (3, 16, 16))
     assert load(p).meta.arch.name == "resnet18-cifar"
+
+
+def test_refusal_tells_a_python_user_force_true(tiny_ckpt):
+    with pytest.raises(RcompError, match=r"force=True \(--force on the command line\)"):
+        save(load(tiny_ckpt), tiny_ckpt)
+
+
+# ---------------------------------------------------------------------------------------------
+# every torchvision classification model round-trips through convert (issue 16)
+# ---------------------------------------------------------------------------------------------
+
+def _torchvision_cases():
+    """(name, side, marks): one representative of every family runs; larger members of a family
+    (the same code at larger widths) run with RCOMP_ALL_TORCHVISION=1, the huge ones never."""
+    import torchvision.models as tvm
+
+    fast = {"convnext_tiny", "densenet121", "efficientnet_b0", "googlenet", "mnasnet0_5", "mnasnet0_75",
+            "mnasnet1_0", "mnasnet1_3", "mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small",
+            "regnet_x_400mf", "regnet_y_400mf", "resnet18", "resnet50", "resnext50_32x4d", "shufflenet_v2_x0_5",
+            "shufflenet_v2_x1_0", "shufflenet_v2_x1_5", "shufflenet_v2_x2_0", "squeezenet1_0", "squeezenet1_1",
+            "swin_t", "swin_v2_t"}
+    slow = {"alexnet": 64, "inception_v3": 224, "maxvit_t": 224, "vit_b_32": 224,
+            "efficientnet_v2_s": 32, "wide_resnet50_2": 32}
+    huge = ("vit_h_14", "vit_l_16", "vit_l_32", "regnet_y_128gf")
+    everything = os.environ.get("RCOMP_ALL_TORCHVISION", "") not in ("", "0")
+    for name in tvm.list_models(module=tvm):
+        side = slow.get(name, 224 if name.startswith(("vit", "inception", "maxvit")) else 32)
+        if name in huge:
+            marks = [pytest.mark.skip(reason=f"{name}: 300M+ parameters, minutes to build on a CPU")]
+        elif name in fast:
+            marks = []
+        elif name in slow:
+            marks = [pytest.mark.slow]
+        else:
+            marks = [pytest.mark.skipif(not everything, reason="a larger member of a family tested above (same "
+                                                               "code); set RCOMP_ALL_TORCHVISION=1 to run it")]
+        yield pytest.param(name, side, marks=marks, id=name)
+
+
+@pytest.mark.parametrize("name,side", list(_torchvision_cases()))
+def test_every_torchvision_model_converts_and_round_trips(tmp_path, name, side):
+    from rcomp.convert import convert_state_dict
+
+    torch.manual_seed(0)
+    model = build_model(name, num_classes=5, input_shape=(3, side, side)).eval()
+    torch.save(model.net.state_dict(), tmp_path / "w.pth")
+    converted = convert_state_dict(tmp_path / "w.pth", name, 5, (3, side, side))
+    save(converted, tmp_path / "m.safetensors")
+    loaded = load(tmp_path / "m.safetensors")
+    assert _outputs_equal(model, loaded, (3, side, side), n=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# publishing: exclusive, umask, SIGTERM, what the reader accepts (issue 15)
+# ---------------------------------------------------------------------------------------------
+
+_RACER = textwrap.dedent("""
+    import sys, time
+    from rcomp.errors import RcompError
+    from rcomp.models.loading import save
+    from rcomp.models.registry import build_model
+    import torch
+    torch.manual_seed(int(sys.argv[2]))
+    model = build_model("mlp", 3, (1, 4, 4))
+    while time.time() < float(sys.argv[3]):
+        pass
+    try:
+        save(model, sys.argv[1])
+    except RcompError as exc:
+        print(f"rcomp: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    print("won")
+""")
+
+
+def test_two_racing_writers_exactly_one_wins(tmp_path):
+    out = tmp_path / "out.safetensors"
+    start = time.time() + 3  # both children are ready by then; they start saving at the same moment
+    procs = [subprocess.Popen([sys.executable, "-c", _RACER, str(out), str(seed), str(start)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for seed in (1, 2)]
+    results = [(p.wait(60), *p.communicate()) for p in procs]
+    codes = sorted(r[0] for r in results)
+    assert codes == [0, 2], results
+    loser = next(r for r in results if r[0] == 2)
+    assert len(loser[2].strip().splitlines()) == 1 and "already exists" in loser[2]
+    assert load(out).meta.arch.name == "mlp"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors"]
+
+
+def test_exclusive_publish_keeps_a_file_that_appeared_meanwhile(tmp_path):
+    from rcomp.io.atomic import atomic_write_bytes
+
+    out = tmp_path / "o.bin"
+
+    def writer(fh):
+        out.write_bytes(b"other process")  # appears after the checks, before publishing
+        fh.write(b"ours")
+
+    with pytest.raises(RcompError, match="already exists"):
+        atomic_write_bytes(out, writer, exclusive=True)
+    assert out.read_bytes() == b"other process"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.bin"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_files_honour_the_umask(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        make_checkpoint(tmp_path / "m.safetensors", "mlp", (1, 4, 4))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_check_output_path_before_work(tmp_path):
+    from rcomp.io.atomic import check_output_path
+
+    assert check_output_path(tmp_path / "new.safetensors") == tmp_path / "new.safetensors"
+    with pytest.raises(RcompError, match="does not exist"):
+        check_output_path(tmp_path / "no" / "x.safetensors")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if os.geteuid() != 0:  # root writes anywhere
+            with pytest.raises(RcompError, match="cannot create files"):
+                check_output_path(ro / "x.safetensors")
+    finally:
+        ro.chmod(0o700)
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(RcompError, match="FIFO"):
+        check_output_path(tmp_path / "fifo", force=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo", "ro"]
+
+
+_SIGTERM_CHILD = textwrap.dedent("""
+    import sys
+    from rcomp.signals import install_handlers, interrupted
+    install_handlers()
+    import rcomp.io.atomic as atomic
+    def writer(fh):
+        chunk = b"x" * (1 << 20)
+        for i in range(100000):  # a "big checkpoint": far more than gets written before the signal
+            fh.write(chunk)
+            if i == 2:
+                print("WRITING", flush=True)
+    try:
+        atomic.atomic_write_bytes(sys.argv[1], writer)
+    except KeyboardInterrupt as exc:
+        sys.exit(interrupted(exc))
+""")
+
+
+def test_sigterm_removes_the_temporary_file_and_exits_143(tmp_path):
+    out = tmp_path / "big.safetensors"
+    proc = subprocess.Popen([sys.executable, "-c", _SIGTERM_CHILD, str(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "WRITING"
+    assert list(tmp_path.glob("*.rcomp-tmp"))  # the temporary file exists while writing
+    proc.send_signal(signal.SIGTERM)
+    rc = proc.wait(30)
+    err = proc.stderr.read()
+    assert rc == 143, err
+    assert err.strip() == "rcomp: terminated; no output was written"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_history_near_the_header_limit_is_trimmed_and_readable(tmp_path):
+    from rcomp.io.format import HISTORY_MAX_BYTES, TRIMMED, history_entry
+
+    model = build_model("mlp", 3, (1, 4, 4))
+    entry = history_entry("finetune", {"note": "x" * 100_000})
+    model.meta.history = [history_entry("convert", {"arch": "mlp"})] + [dict(entry, n=i) for i in range(200)]
+    path = tmp_path / "h.safetensors"
+    save(model, path)  # 20 MB of history: more than the reader's 16 MiB header limit
+    assert read_header(path).header_len < 16 * 1024 * 1024
+    hist = load(path).meta.history
+    assert hist[0]["command"] == "convert" and hist[1]["command"] == TRIMMED
+    kept = len(hist) - 2
+    assert hist[1]["params"]["dropped"] == 200 - kept and hist[-1]["n"] == 199
+    assert len(json.dumps(hist)) <= HISTORY_MAX_BYTES
+    # trimming again counts the entries dropped before
+    loaded = load(path)
+    loaded.meta.history += [dict(entry, n=200 + i) for i in range(50)]
+    save(loaded, tmp_path / "h2.safetensors")
+    hist2 = load(tmp_path / "h2.safetensors").meta.history
+    assert hist2[1]["params"]["dropped"] == 250 - (len(hist2) - 2)
+
+
+def test_writer_refuses_a_header_the_reader_would_refuse(tmp_path):
+    model = build_model("mlp", 3, (1, 4, 4))
+    model.meta.extra["blob"] = "x" * (17 * 1024 * 1024)
+    with pytest.raises(RcompError, match="header would be"):
+        save(model, tmp_path / "x.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+@settings(max_examples=25, deadline=None)
+@given(sizes=st.lists(st.integers(0, 3000), max_size=40), budget=st.integers(2000, 20000))
+def test_bounded_history_property(sizes, budget):
+    """Whatever the history, what is written fits the budget, keeps the newest entry when it can,
+    and the counts of kept and dropped entries add up."""
+    from rcomp.io.format import TRIMMED, bounded_history
+
+    history = [{"command": "c", "i": i, "p": "x" * n} for i, n in enumerate(sizes)]
+    out = bounded_history(history, budget)
+    if out is history:
+        return
+    assert len(json.dumps(out)) <= budget
+    dropped = next(h for h in out if h["command"] == TRIMMED)["params"]["dropped"]
+    assert dropped + len(out) - 1 == len(history)
+    if len(json.dumps(history[-1])) < budget // 2:
+        assert out[-1] == history[-1]

@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rcomp.errors import RcompError
-from rcomp.io.checkpoint import load
 from rcomp.io.header import read_header
+from rcomp.models.loading import load
 
 from conftest import make_checkpoint, run_cli
 

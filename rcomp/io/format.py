@@ -15,9 +15,14 @@ from typing import Any
 
 from rcomp.errors import RcompError
 from rcomp.spec import ArchSpec, InputSpec
+from rcomp.text import printable
 
 FORMAT_VERSION = 1
 PREFIX = "rcomp."
+#: The history written to a file is at most this many bytes of JSON (half the header limit of
+#: :data:`rcomp.io.header.MAX_HEADER_BYTES`); see :func:`bounded_history`.
+HISTORY_MAX_BYTES = 8 * 1024 * 1024
+TRIMMED = "history-trimmed"
 
 
 @dataclass
@@ -46,7 +51,7 @@ class CheckpointMeta:
             f"{PREFIX}classes": json.dumps({"num_classes": self.num_classes, "names": self.class_names}),
             f"{PREFIX}dataset": json.dumps(self.dataset),
             f"{PREFIX}compression": json.dumps(self.compression, sort_keys=True),
-            f"{PREFIX}history": json.dumps(self.history),
+            f"{PREFIX}history": json.dumps(bounded_history(self.history)),
             f"{PREFIX}stats": json.dumps(self.stats, sort_keys=True),
         })
         return meta
@@ -59,7 +64,7 @@ class CheckpointMeta:
                 "turn it into one with: rcomp convert FILE --arch NAME"
             )
         ver = meta[f"{PREFIX}format"]
-        if not ver.isdigit():
+        if not ver.isdigit() or len(ver) > 6:
             raise RcompError(f"{where} has a malformed format version {ver[:40]!r}")
         if int(ver) > FORMAT_VERSION:
             raise RcompError(
@@ -89,16 +94,16 @@ class CheckpointMeta:
             raise RcompError(f"{where} has malformed metadata field {PREFIX}classes")
         nc, names = classes.get("num_classes"), classes.get("names")
         if not isinstance(nc, int) or isinstance(nc, bool) or nc < 1:
-            raise RcompError(f"{where}: number of classes must be a positive integer, got {nc!r}")
+            raise RcompError(f"{where}: number of classes must be a positive integer, got {printable(repr(nc), 40)}")
         if names is not None and (not isinstance(names, list) or len(names) != nc
                                   or not all(isinstance(n, str) for n in names)):
             raise RcompError(f"{where}: class names must be a list of {nc} strings")
         dataset = field_json("dataset", required=False)
         if dataset is not None and not isinstance(dataset, str):
             raise RcompError(f"{where} has malformed metadata field {PREFIX}dataset")
-        compression = field_json("compression", required=False, default={}) or {}
-        history = field_json("history", required=False, default=[]) or []
-        stats = field_json("stats", required=False, default={}) or {}
+        compression = _or_default(field_json("compression", required=False), {})
+        history = _or_default(field_json("history", required=False), [])
+        stats = _or_default(field_json("stats", required=False), {})
         if not isinstance(compression, dict):
             raise RcompError(f"{where} has malformed metadata field {PREFIX}compression")
         if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
@@ -111,6 +116,45 @@ class CheckpointMeta:
             arch=ArchSpec(arch["name"], dict(arch.get("kwargs", {}))), input=spec, num_classes=nc,
             class_names=names, dataset=dataset, compression=compression, history=history, stats=stats, extra=extra,
         )
+
+
+def _or_default(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
+def bounded_history(history: list[dict[str, Any]], max_bytes: int = HISTORY_MAX_BYTES) -> list[dict[str, Any]]:
+    """The history as written to a file: whole when its JSON fits ``max_bytes``, else trimmed.
+
+    Trimming keeps the first entry (where the model came from), then one entry
+    ``{"command": "history-trimmed", "params": {"dropped": N}}`` counting every entry dropped so far
+    (earlier summaries included), then the newest entries that fit. A file's history therefore
+    never grows the header past what rcomp reads back.
+    """
+    sizes = [len(json.dumps(h)) + 2 for h in history]
+    if sum(sizes) <= max_bytes:
+        return history
+    head = history[:1] if sizes and sizes[0] <= max_bytes // 4 and history[0].get("command") != TRIMMED else []
+    budget = max_bytes - sum(sizes[: len(head)]) - 512
+    tail: list[dict[str, Any]] = []
+    for h, n in zip(reversed(history[len(head):]), reversed(sizes[len(head):]), strict=True):
+        if n > budget or h.get("command") == TRIMMED:
+            break
+        tail.insert(0, h)
+        budget -= n
+    middle = history[len(head): len(history) - len(tail)]
+    dropped = sum(_dropped_count(h) for h in middle)
+    summary = {"command": TRIMMED, "params": {"dropped": dropped},
+               "note": f"{dropped} older history entries were dropped to keep the header under its size limit"}
+    return [*head, summary, *tail]
+
+
+def _dropped_count(entry: dict[str, Any]) -> int:
+    """How many entries ``entry`` stands for: 1, or the count inside an earlier trimming summary."""
+    if entry.get("command") == TRIMMED:
+        n = (entry.get("params") or {}).get("dropped")
+        if isinstance(n, int) and not isinstance(n, bool) and n >= 0:
+            return n
+    return 1
 
 
 def history_entry(command: str, params: dict[str, Any], input_sha256: str | None = None,

@@ -22,6 +22,7 @@ from dataclasses import replace
 from rcomp.errors import RcompError
 from rcomp.io.format import CheckpointMeta
 from rcomp.spec import ArchSpec, InputSpec
+from rcomp.text import printable
 
 _FACTORY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -58,7 +59,7 @@ def is_user_factory(name: str) -> bool:
 def _check_user_factory(name: str, allow: str | None, trust: bool) -> None:
     if not _FACTORY_RE.match(name):
         raise RcompError(
-            f"architecture {name!r} is not a registered name nor of the form package.module:factory; "
+            f"architecture {printable(repr(name), 80)} is not a registered name nor of the form package.module:factory; "
             "see `rcomp info --models`"
         )
     if not (trust or allow == name):
@@ -79,7 +80,7 @@ def build_net(arch: ArchSpec, spec: InputSpec, num_classes: int, *, allow_factor
         try:
             return fn(spec, num_classes, **kwargs)
         except TypeError as exc:
-            raise RcompError(f"bad arguments for architecture {name}: {exc}") from None
+            raise RcompError(f"bad arguments for architecture {name}: {_first_line(exc)}") from None
     if is_user_factory(name):
         _check_user_factory(name, allow_factory, trust_factory)
         mod_name, fn_name = name.split(":")
@@ -99,9 +100,9 @@ def build_net(arch: ArchSpec, spec: InputSpec, num_classes: int, *, allow_factor
         try:
             return fn(**kwargs)
         except TypeError as exc:
-            raise RcompError(f"calling {name}(**{kwargs}) failed: {exc}") from None
+            raise RcompError(f"calling {name}(**{printable(kwargs, 120)}) failed: {_first_line(exc)}") from None
     if not re.fullmatch(r"[a-z0-9_]+", name):
-        raise RcompError(f"unknown architecture {name!r}; choose one of `rcomp info --models` or package.module:factory")
+        raise RcompError(f"unknown architecture {printable(repr(name), 80)}; choose one of `rcomp info --models` or package.module:factory")
     import torchvision.models as tvm
 
     if name not in tvm.list_models(module=tvm):
@@ -109,7 +110,7 @@ def build_net(arch: ArchSpec, spec: InputSpec, num_classes: int, *, allow_factor
 
         close = difflib.get_close_matches(name, builtin_names() + tvm.list_models(module=tvm), n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise RcompError(f"unknown architecture {name!r}{hint}; see `rcomp info --models`")
+        raise RcompError(f"unknown architecture {printable(repr(name), 80)}{hint}; see `rcomp info --models`")
     if spec.channels != 3:
         raise RcompError(
             f"torchvision model {name} takes 3-channel images; use --input-shape 3,H,W "
@@ -118,7 +119,13 @@ def build_net(arch: ArchSpec, spec: InputSpec, num_classes: int, *, allow_factor
     try:
         return tvm.get_model(name, weights=None, num_classes=num_classes, **kwargs)
     except (TypeError, ValueError) as exc:
-        raise RcompError(f"cannot build torchvision model {name} with {kwargs}: {exc}") from None
+        raise RcompError(f"cannot build torchvision model {name} with {printable(kwargs, 120)}: "
+                         f"{_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return printable(text.splitlines()[0] if text else type(exc).__name__, 160)
 
 
 def build_model(name: str, num_classes: int = 10, input_shape: tuple[int, int, int] | None = None,

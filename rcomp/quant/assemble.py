@@ -14,6 +14,7 @@ from torch import nn
 
 from rcomp.errors import RcompError
 from rcomp.quant import backend as qb
+from rcomp.text import printable
 
 MODES = ("int8", "simulated")
 
@@ -35,12 +36,12 @@ def check_meta(q: Any, where: str) -> dict[str, Any]:
         raise RcompError(f"{where}: compression.quantization must be an object")
     mode, bits, backend = q.get("mode"), q.get("bits"), q.get("backend")
     if mode not in MODES:
-        raise RcompError(f"{where}: unknown quantization mode {mode!r} (this rcomp reads {', '.join(MODES)})")
+        raise RcompError(f"{where}: unknown quantization mode {printable(repr(mode), 40)} (this rcomp reads {', '.join(MODES)})")
     ok_bits = qb.REAL_BITS if mode == "int8" else qb.SIM_BITS
     if not isinstance(bits, int) or isinstance(bits, bool) or bits not in ok_bits:
-        raise RcompError(f"{where}: quantization bits {bits!r} is invalid for mode {mode}")
+        raise RcompError(f"{where}: quantization bits {printable(repr(bits), 40)} is invalid for mode {mode}")
     if backend not in qb.BACKENDS:
-        raise RcompError(f"{where}: unknown quantization backend {backend!r}")
+        raise RcompError(f"{where}: unknown quantization backend {printable(repr(backend), 40)}")
     shapes = q.get("float_shapes", {})
     if not isinstance(shapes, dict) or not all(
             isinstance(v, list) and all(isinstance(d, int) and 0 <= d < 2**31 for d in v) for v in shapes.values()):

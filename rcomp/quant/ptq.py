@@ -54,7 +54,7 @@ def quantize(model, calib: Iterable[torch.Tensor], *, bits: int = 8, simulate: b
     gives a real int8 model on ``backend``'s kernels (CPU), with its fake-quant twin attached as
     gradient surrogate; ``simulate=True`` gives a fake-quant model at ``bits`` (2..16).
     """
-    from rcomp.io.checkpoint import structure_diff
+    from rcomp.models.structure import structure_diff
 
     if model.is_quantized:
         raise RcompError("the model is already quantized; quantize the float checkpoint instead")

@@ -5,7 +5,7 @@ model (fake-quant, straight-through gradients; Jacob et al. 2018) and has traina
 weights starting from the quantized values. While in ``train()`` mode the weight ranges follow
 the weights; activation ranges stay those of calibration. ``from_trainable(trainable, original)``
 recomputes the weight scales, rounds the weights and rebuilds a Classifier in ``original``'s
-format (int8 or simulated, same bits and backend), ready for ``rcomp.io.checkpoint.save``.
+format (int8 or simulated, same bits and backend), ready for ``rcomp.models.loading.save``.
 """
 
 from __future__ import annotations

@@ -20,8 +20,10 @@ from __future__ import annotations
 import torch
 
 from rcomp.errors import RcompError
+from rcomp.models.loading import with_versions
 from rcomp.quant import backend as qb
 from rcomp.quant.assemble import assemble, check_meta, twin_of
+from rcomp.text import printable
 
 SUFFIX = ".weight_q"
 
@@ -49,7 +51,7 @@ def _resize(net, shapes: dict[str, list[int]], where: str) -> None:
         mname, _, pname = key.rpartition(".")
         mod = modules.get(mname)
         if mod is None or not (pname in mod._parameters or pname in mod._buffers):
-            raise RcompError(f"{where}: quantization metadata names {key!r}, which the architecture does not have")
+            raise RcompError(f"{where}: quantization metadata names {printable(repr(key), 80)}, which the architecture does not have")
         fill = torch.ones if pname in ("running_var", "weight") else torch.zeros
         old = getattr(mod, pname)
         new = fill(shape, dtype=old.dtype)
@@ -59,9 +61,18 @@ def _resize(net, shapes: dict[str, list[int]], where: str) -> None:
             mod._buffers[pname] = new
 
 
+def check_scales(tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Every quantization scale is a finite positive number: zero, negative or NaN scales are refused."""
+    for key, t in tensors.items():
+        if key.endswith(".scale") and t.is_floating_point() and not bool(((t > 0) & torch.isfinite(t)).all()):
+            raise RcompError(f"{where}: quantization scale {printable(key)} holds zero, negative or NaN values; "
+                             "the file is damaged or edited: re-quantize the float checkpoint")
+
+
 def restore(model, tensors: dict[str, torch.Tensor], where: str = "checkpoint"):
     """Rebuild the quantized Classifier from the float skeleton ``model`` and the stored tensors."""
     q = check_meta(model.meta.compression.get("quantization"), where)
+    check_scales(tensors, where)
     qb.check_backend(q["backend"])
     _resize(model.net, q.get("float_shapes", {}), where)
     try:
@@ -86,7 +97,7 @@ def restore(model, tensors: dict[str, torch.Tensor], where: str = "checkpoint"):
     try:
         if extra:
             raise RuntimeError(f"unexpected tensors {sorted(extra)[:3]}")
-        fq.load_state_dict(state, strict=True)
+        fq.load_state_dict(with_versions(state, fq.state_dict()), strict=True)
     except RuntimeError as exc:
         msg = " ".join(str(exc).split())[:200]
         raise RcompError(f"{where}: the quantized tensors do not fit architecture {model.meta.arch.name}: {msg}") from None
