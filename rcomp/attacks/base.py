@@ -12,7 +12,9 @@ The contract, for every attack in :mod:`rcomp.attacks`:
 * every module is switched to eval mode while attacking and put back in its previous mode
   afterwards (adversarial training calls attacks on a model in train mode);
 * the random parts (random start, random targets) come from a generator seeded with ``seed``:
-  the same attack object built with the same seed gives the same examples.
+  the same attack object built with the same seed gives the same examples. A caller that owns a
+  random stream (adversarial training draws augmentation and attack starts from one generator per
+  step) passes it as ``generator=`` and every random draw of that call comes from it instead.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rcomp.errors import RcompError
+from rcomp.seeding import stream_seed
 
 NORMS = ("linf", "l2")
 LOSSES = ("ce", "dlr", "cw")
@@ -75,6 +78,11 @@ def attack_loss(name: str, logits: torch.Tensor, y: torch.Tensor, target: torch.
     if name == "cw":
         return margin(logits, target)
     return dlr_loss_targeted(logits, y, target)
+
+
+def kl_loss(logits: torch.Tensor, p_ref: torch.Tensor) -> torch.Tensor:
+    """``KL(p_ref || softmax(logits))`` per example: TRADES' robustness term (Zhang et al., ICML 2019)."""
+    return F.kl_div(F.log_softmax(logits, dim=1), p_ref, reduction="none").sum(1)
 
 
 # ---------------------------------------------------------------------------
@@ -170,11 +178,24 @@ class Attack:
         self.seed = int(seed)
         self._gens: dict[str, torch.Generator] = {}
         self._calls = 0  # counts calls: each call draws its own random streams
+        self._override: torch.Generator | None = None
 
     # ----- public API --------------------------------------------------
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                 target: torch.Tensor | None = None) -> torch.Tensor:
-        """Adversarial examples for images ``x`` in [0, 1] with labels ``y`` (see the module docstring)."""
+                 target: torch.Tensor | None = None, *, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Adversarial examples for images ``x`` in [0, 1] with labels ``y`` (see the module docstring).
+
+        ``generator``: draw this call's random numbers from it (in order) instead of the attack's
+        own seeded streams.
+        """
+        self._override = generator
+        try:
+            return self._attack(model, x, y, target)
+        finally:
+            self._override = None
+
+    def _attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                target: torch.Tensor | None) -> torch.Tensor:
         if x.dim() < 2 or x.shape[0] != y.shape[0]:
             raise RcompError(f"{self.name}: images {tuple(x.shape)} and labels {tuple(y.shape)} do not match")
         grad_model = model.gradient_model() if hasattr(model, "gradient_model") else model
@@ -221,24 +242,28 @@ class Attack:
 
         Each (call, stream) pair gets its own seed derived from ``seed``, so what restart ``r`` of
         batch ``b`` draws does not depend on how many restarts earlier batches used: a run with
-        more restarts repeats the runs with fewer, then adds to them.
+        more restarts repeats the runs with fewer, then adds to them. During a call given
+        ``generator=``, that generator instead (:meth:`random_start` and random targets draw on its
+        device and move the numbers to the images' device; other draws need it on ``device``).
         """
+        if getattr(self, "_override", None) is not None:
+            return self._override
         key = str(device)
         g = self._gens.get(key)
         if g is None:
             g = self._gens[key] = torch.Generator(device=device)
-        g.manual_seed((self.seed * 1_000_003 + self._calls * 10_007 + stream + 1) % (2**63 - 1))
+        g.manual_seed(stream_seed(self.seed, self._calls, stream))
         return g
 
     def random_start(self, x: torch.Tensor, restart: int = 0) -> torch.Tensor:
         """A uniform point of the linf ball, or a point of the l2 ball (Gaussian direction, radius eps * U)."""
         g = self.generator(x.device, stream=restart + 1)
         if self.norm == "linf":
-            delta = (torch.rand(x.shape, generator=g, device=x.device) * 2 - 1) * self.eps
+            delta = (torch.rand(x.shape, generator=g, device=g.device).to(x.device) * 2 - 1) * self.eps
         else:
-            d = torch.randn(x.shape, generator=g, device=x.device)
+            d = torch.randn(x.shape, generator=g, device=g.device).to(x.device)
             d = d / _bcast(flat_norm(d, "l2") + _TINY, d)
-            r = torch.rand(x.shape[0], generator=g, device=x.device) * self.eps
+            r = torch.rand(x.shape[0], generator=g, device=g.device).to(x.device) * self.eps
             delta = d * _bcast(r, d)
         return (x + delta).clamp(0.0, 1.0)
 
@@ -247,10 +272,14 @@ class Attack:
         """Per-example loss, its gradient w.r.t. the input only, and the logits (all detached)."""
         x_adv = x_adv.detach().requires_grad_(True)
         logits = model(x_adv)
-        self.check_classes(logits)
-        loss = attack_loss(self.loss, logits, y, target)
+        loss = self.objective(logits, y, target)
         (grad,) = torch.autograd.grad(loss.sum(), [x_adv])
         return loss.detach(), grad.detach(), logits.detach()
+
+    def objective(self, logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
+        """The per-example loss maximised: :func:`attack_loss` ``self.loss`` (subclasses may change it)."""
+        self.check_classes(logits)
+        return attack_loss(self.loss, logits, y, target)
 
     def succeeded(self, logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
         """Boolean per example: misclassified (untargeted) or classified as the target (targeted)."""
@@ -263,7 +292,7 @@ class Attack:
         if num_classes < 2:
             raise RcompError(f"{self.name}: a targeted attack needs at least 2 classes")
         g = self.generator(x.device, stream=0)
-        shift = torch.randint(1, num_classes, y.shape, generator=g, device=x.device)
+        shift = torch.randint(1, num_classes, y.shape, generator=g, device=g.device).to(x.device)
         return (y + shift) % num_classes
 
     def check_classes(self, logits: torch.Tensor) -> None:

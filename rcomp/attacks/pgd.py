@@ -26,7 +26,9 @@ class PGD(Attack):
     cross-entropy loss.
 
     Per example, the first iterate that fools the model is kept (each iterate's logits come for
-    free from the forward pass of its gradient); otherwise the last iterate is returned. The cost
+    free from the forward pass of its gradient); otherwise the last iterate is returned. With
+    ``keep_last=True`` the last iterate is returned always: the training adversary of Madry et al.,
+    which keeps climbing the loss after the label flips (right for training, weaker for evaluation). The cost
     is exactly ``steps`` forward+backward passes per restart. Restarts after the first only attack
     the examples not yet fooled, and restart ``r`` draws the same start whatever the number of
     restarts, so more restarts (or more steps at the same ``alpha``) never find fewer examples.
@@ -39,7 +41,7 @@ class PGD(Attack):
 
     def __init__(self, eps: float, norm: str = "linf", *, steps: int | None = None, alpha: float | None = None,
                  random_start: bool = True, restarts: int = 1, loss: str | None = None, targeted: bool = False,
-                 seed: int | None = None):
+                 seed: int | None = None, keep_last: bool = False):
         super().__init__(eps, norm, loss=loss or self.default_loss, targeted=targeted, seed=seed)
         self.steps = self.default_steps if steps is None else int(steps)
         if self.steps < 1:
@@ -51,6 +53,7 @@ class PGD(Attack):
         if alpha is not None and not self.alpha > 0:
             raise RcompError(f"--alpha must be positive, got {alpha}")
         self.random_start_on = bool(random_start)
+        self.keep_last = bool(keep_last)
 
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                 target: torch.Tensor | None) -> torch.Tensor:
@@ -77,9 +80,12 @@ class PGD(Attack):
             found = found | new
             with torch.no_grad():
                 x_adv = project(x, x_adv + self.alpha * ascent_direction(grad, self.norm), self.eps, self.norm)
+        if self.keep_last:
+            return x_adv, found
         out = torch.where(found.view(-1, *([1] * (x.dim() - 1))), x_found, x_adv)
         return out, found
 
     def _extra_params(self) -> dict[str, Any]:
-        return {"steps": self.steps, "alpha": self.alpha, "random_start": self.random_start_on,
-                "restarts": self.restarts}
+        extra = {"steps": self.steps, "alpha": self.alpha, "random_start": self.random_start_on,
+                 "restarts": self.restarts}
+        return {**extra, "keep_last": True} if self.keep_last else extra

@@ -5,7 +5,9 @@
 
 Modules: :mod:`.loop` (the loop and :class:`TrainConfig`), :mod:`.adversarial` (none / fgsm /
 pgd / trades objectives), :mod:`.optim` (optimizers, schedules), :mod:`.augment`,
-:mod:`.distributed` (torchrun + DDP) and :mod:`.state` (pickle-free resumable state).
+:mod:`.distributed` (torchrun + DDP), :mod:`.state` (pickle-free, digest-checked resumable state) and
+:mod:`.guards` (non-finite and collapsed runs fail with exit code 1). The adversaries are
+:mod:`rcomp.attacks` objects; accuracies go through :mod:`rcomp.evaluation`.
 """
 
 from rcomp.train.adversarial import MODES, AdvConfig

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from rcomp.seeding import derive_seed, generator
+
 
 @dataclass
 class DistInfo:
@@ -106,7 +108,7 @@ class GlobalBatchSampler:
 
     def batches(self, epoch: int):
         if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            g = generator(derive_seed(self.seed, epoch))
             order = torch.randperm(self.n, generator=g)
         else:
             order = torch.arange(self.n)

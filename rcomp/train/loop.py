@@ -11,18 +11,22 @@ weights on CPU, and a run resumed from a ``save_every`` state equals the uninter
 
 from __future__ import annotations
 
+import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from rcomp.errors import RcompError
+from rcomp.errors import RcompError, TrainingFailed
+from rcomp.evaluation.accuracy import fetch
+from rcomp.seeding import derive_seed, generator
 from rcomp.train import distributed as D
-from rcomp.train.adversarial import AdvConfig, adversarial_examples, batch_loss
+from rcomp.train.adversarial import AdvConfig, batch_loss, trades_beta
 from rcomp.train.augment import DEFAULT_ON, augment_batch, recipe
+from rcomp.train.guards import FIX, CollapseMonitor, check_finite_loss, check_finite_weights
 from rcomp.train.optim import OPTIMIZERS, SCHEDULES, lr_at, make_optimizer, set_lr
 
 
@@ -47,6 +51,8 @@ class TrainConfig:
     save_every: int = 0              # epochs between training-state files (0: never)
     state_path: Path | None = None
     progress: bool = True
+    max_steps: int | None = None     # step budget: train exactly this many optimizer steps (replaces epochs)
+    allow_collapse: bool = False     # keep a model whose training collapsed to chance (else TrainingFailed)
 
     def validate(self) -> TrainConfig:
         if not isinstance(self.epochs, int) or self.epochs < 1:
@@ -69,6 +75,9 @@ class TrainConfig:
             raise RcompError(f"--val-split must be in [0, 1), got {self.val_split}")
         if self.save_every < 0:
             raise RcompError(f"--save-every must not be negative, got {self.save_every}")
+        if self.max_steps is not None and (isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int)
+                                           or self.max_steps < 1):
+            raise RcompError(f"--steps-budget must be a positive number of optimizer steps, got {self.max_steps!r}")
         if self.save_every and self.state_path is None:
             raise RcompError("--save-every needs a path for the training state")
         self.adv = self.adv.resolved()
@@ -77,28 +86,9 @@ class TrainConfig:
     def fingerprint(self) -> dict[str, Any]:
         """The options a resumed run must share with the run that wrote the state."""
         d = asdict(self)
-        for k in ("epochs", "device", "save_every", "state_path", "progress"):
+        for k in ("epochs", "device", "save_every", "state_path", "progress", "allow_collapse"):
             d.pop(k)
         return d
-
-
-def _seed(*parts: int) -> int:
-    s = 0
-    for p in parts:
-        s = (s * 1_000_003 + int(p)) % (2**62)
-    return s
-
-
-def _fetch(ds, idx: list[int], device: str):
-    images = getattr(ds, "images", None)
-    if isinstance(images, torch.Tensor) and not isinstance(ds, torch.utils.data.Subset):
-        t = torch.as_tensor(idx, dtype=torch.long)
-        x, y = images[t], ds.labels[t]
-    else:
-        items = [ds[i] for i in idx]
-        x = torch.stack([it[0] for it in items])
-        y = torch.as_tensor([int(it[1]) for it in items], dtype=torch.long)
-    return x.to(device), y.to(device)
 
 
 class _Bar:
@@ -160,29 +150,29 @@ def evaluate_split(model, ds, idx: list[int], cfg: TrainConfig, eps: float | Non
                    info: D.DistInfo, device: str) -> dict[str, float]:
     """Clean (and, with ``eps``, PGD-10 robust) accuracy on ``ds[idx]``, sharded over processes.
 
-    Robust counts a point only if it is classified correctly clean AND under the attack.
+    Through :func:`rcomp.evaluation.robustness.evaluate`: robust counts a point only if it is
+    classified correctly clean AND under the attack. Each batch is attacked whole by a PGD seeded
+    from ``(seed, 7, epoch, offset)``, so the figures do not depend on the number of processes'
+    batching of other points.
     """
-    was = model.training
-    model.eval()
+    from rcomp.attacks import make_attack
+    from rcomp.evaluation.accuracy import PerBatchAttack, batches, clean_accuracy
+    from rcomp.evaluation.robustness import evaluate
+
     mine = idx[info.rank::info.world]
-    attack = AdvConfig("pgd", eps, None, 10, cfg.adv.norm).resolved() if eps else None
-    gen = torch.Generator().manual_seed(_seed(cfg.seed, 7, epoch))
-    correct = robust = 0
-    for s in range(0, len(mine), cfg.batch_size):
-        x, y = _fetch(ds, mine[s:s + cfg.batch_size], device)
-        with torch.no_grad():
-            ok = model(x).argmax(1) == y
-        correct += int(ok.sum())
-        if attack is not None:
-            x_adv = adversarial_examples(model, x, y, attack, gen, _seed(cfg.seed, 7, epoch, s), evaluate=True)
-            with torch.no_grad():
-                robust += int((ok & (model(x_adv).argmax(1) == y)).sum())
-    model.train(was)
-    c, r, n = D.all_sum([correct, robust, len(mine)], info, device)
-    out = {"clean_acc": c / max(n, 1)}
-    if attack is not None:
-        out["robust_acc"] = r / max(n, 1)
-    return out
+    bs = cfg.batch_size
+    if not eps:
+        correct, n = clean_accuracy(model, batches(ds, mine, bs, device), device)
+        c, n = D.all_sum([correct, n], info, device)
+        return {"clean_acc": c / max(n, 1)}
+    adv = AdvConfig("pgd", eps, None, 10, cfg.adv.norm).resolved()
+    wrapper = PerBatchAttack(lambda seed: make_attack("pgd", adv.eps, norm=adv.norm, steps=adv.steps,
+                                                      alpha=adv.alpha, seed=seed), adv.norm)
+    keyed = ((*fetch(ds, mine[s:s + bs], device), derive_seed(cfg.seed, 7, epoch, s))
+             for s in range(0, len(mine), bs))
+    res = evaluate(model, wrapper.loader(keyed), {"pgd": wrapper}, device, progress=False)
+    c, r, n = D.all_sum([round(res.clean_acc * res.n), round(res.worst_case_acc * res.n), res.n], info, device)
+    return {"clean_acc": c / max(n, 1), "robust_acc": r / max(n, 1)}
 
 
 def split_indices(n: int, val_split: float, seed: int) -> tuple[list[int], list[int]]:
@@ -192,7 +182,7 @@ def split_indices(n: int, val_split: float, seed: int) -> tuple[list[int], list[
     n_val = max(1, int(round(n * val_split)))
     if n_val >= n:
         raise RcompError(f"--val-split {val_split} leaves no training data ({n} examples)")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(_seed(seed, 11))).tolist()
+    perm = torch.randperm(n, generator=generator(derive_seed(seed, 11))).tolist()
     return sorted(perm[n_val:]), sorted(perm[:n_val])
 
 
@@ -207,7 +197,7 @@ def check_resume(resume: str | Path, cfg: TrainConfig):
         raise RcompError(f"--resume {resume} was written with different options ({', '.join(diff)}); "
                          "resume with the options of the interrupted run")
     start = int(st_info["epoch"])
-    if start >= cfg.epochs:
+    if cfg.max_steps is None and start >= cfg.epochs:
         raise RcompError(f"--resume {resume} has already trained {start} epochs; raise --epochs above {start}")
     return st_info, tensors
 
@@ -218,89 +208,158 @@ def finetune(model, train_ds, config: TrainConfig | None = None, *, dataset: str
 
     Pruned models are trained at their (smaller) shapes; quantized ones through their fake-quant
     twin (:mod:`rcomp.quant.qat`) and returned in their original quantization format.
-    ``metrics``: ``{"epochs": [per-epoch dicts], "final": last epoch, "epoch_seconds": [...]}``.
+    ``metrics``: ``{"epochs": [per-epoch dicts], "final": last epoch, "epoch_seconds": [...],
+    "steps": optimizer steps taken, "wall_seconds": the run's wall time}``.
+    A run whose loss or weights become non-finite, or that collapses to chance (unless
+    ``allow_collapse``), raises :class:`~rcomp.errors.TrainingFailed` (see :mod:`.guards`).
     """
+    t_start = time.perf_counter()
     cfg = (config or TrainConfig()).validate()
-    info = dist or D.DistInfo()
-    device = cfg.device
-    dataset = dataset or getattr(getattr(model, "meta", None), "dataset", None)
-    aug_on = cfg.augment if cfg.augment is not None else dataset in DEFAULT_ON
-    shape = model.meta.input.shape if hasattr(model, "meta") else tuple(train_ds[0][0].shape)
-    pad, flip = recipe(dataset, shape[1])
-
-    torch.manual_seed(cfg.seed)
-    trainable = _trainable(model).to(device)
-    train_idx, val_idx = split_indices(len(train_ds), cfg.val_split, cfg.seed)
-    sampler = D.GlobalBatchSampler(len(train_idx), cfg.batch_size, cfg.seed, True, info.rank, info.world)
-    spe = sampler.num_batches()
-    if spe < 1:
-        raise RcompError(f"the training set ({len(train_idx)} examples) is too small for {info.world} processes")
-    total = cfg.epochs * spe
-    optimizer = make_optimizer(trainable.parameters(), cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay)
-    history: list[dict[str, Any]] = []
-    start = 0
+    run = _Run(model, train_ds, cfg, dataset, dist or D.DistInfo())
     if resume is not None:
+        run.resume(resume)
+    run.start_monitor()
+    for epoch in range(run.start_epoch, run.end_epoch):
+        run.epoch(epoch)
+    if run.history and not cfg.allow_collapse:
+        run.monitor.verdict(run.history[-1])
+    run.trainable.eval()
+    model = _untrain(run.trainable, model)
+    model.eval()
+    return model, {"epochs": run.history, "final": run.history[-1] if run.history else {},
+                   "epoch_seconds": run.seconds, "steps": run.steps,
+                   "wall_seconds": round(time.perf_counter() - t_start, 3)}
+
+
+class _Run:
+    """The state of one training run: model, optimizer, batches, history, guards."""
+
+    def __init__(self, model, train_ds, cfg: TrainConfig, dataset: str | None, info: D.DistInfo):
+        self.cfg, self.info, self.ds, self.device = cfg, info, train_ds, cfg.device
+        dataset = dataset or getattr(getattr(model, "meta", None), "dataset", None)
+        self.aug_on = cfg.augment if cfg.augment is not None else dataset in DEFAULT_ON
+        shape = model.meta.input.shape if hasattr(model, "meta") else tuple(train_ds[0][0].shape)
+        self.pad, self.flip = recipe(dataset, shape[1])
+        self.num_classes = getattr(getattr(model, "meta", None), "num_classes", None)
+        torch.manual_seed(cfg.seed)
+        self.trainable = _trainable(model).to(self.device)
+        self.train_idx, self.val_idx = split_indices(len(train_ds), cfg.val_split, cfg.seed)
+        self.sampler = D.GlobalBatchSampler(len(self.train_idx), cfg.batch_size, cfg.seed, True, info.rank,
+                                            info.world)
+        self.spe = self.sampler.num_batches()
+        if self.spe < 1:
+            raise RcompError(f"the training set ({len(self.train_idx)} examples) is too small for "
+                             f"{info.world} processes")
+        self.total = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * self.spe
+        self.end_epoch = -(-self.total // self.spe)
+        self.optimizer = make_optimizer(self.trainable.parameters(), cfg.optimizer, cfg.lr, cfg.momentum,
+                                        cfg.weight_decay)
+        self.history: list[dict[str, Any]] = []
+        self.seconds: list[float] = []
+        self.start_epoch = self.steps = 0
+        self.train_model = None
+        self.val_eps = cfg.val_eps if cfg.val_eps is not None else (cfg.adv.eps if cfg.adv.mode != "none" else None)
+
+    def resume(self, path) -> None:
         from rcomp.train.state import restore
 
-        st_info, tensors = check_resume(resume, cfg)
-        start = int(st_info["epoch"])
-        restore(trainable, optimizer, st_info, tensors, str(resume))
-        trainable.to(device)
-        history = list(st_info.get("history", []))
-    train_model = D.wrap(trainable, info, device)
-    val_eps = cfg.val_eps if cfg.val_eps is not None else (cfg.adv.eps if cfg.adv.mode != "none" else None)
-    seconds = []
-    for epoch in range(start, cfg.epochs):
+        st_info, tensors = check_resume(path, self.cfg)
+        self.start_epoch = int(st_info["epoch"])
+        self.steps = self.start_epoch * self.spe
+        if self.start_epoch >= self.end_epoch:
+            raise RcompError(f"--resume {path} has already trained {self.start_epoch * self.spe} steps; "
+                             f"raise the step budget above {self.start_epoch * self.spe}")
+        restore(self.trainable, self.optimizer, st_info, tensors, str(path))
+        self.trainable.to(self.device)
+        self.history = list(st_info.get("history", []))
+
+    def start_monitor(self) -> None:
+        """The collapse monitor, with the clean accuracy of the starting weights (up to 512 training images)."""
+        from rcomp.evaluation.accuracy import batches, clean_accuracy
+
+        sample = self.train_idx[:512]
+        correct, n = clean_accuracy(self.trainable, batches(self.ds, sample, self.cfg.batch_size, self.device),
+                                    self.device)
+        if self.num_classes is None:
+            with torch.no_grad():
+                self.num_classes = int(self.trainable.eval()(fetch(self.ds, sample[:1], self.device)[0]).shape[1])
+        self.monitor = CollapseMonitor(self.num_classes, correct / max(n, 1))
+        self.train_model = D.wrap(self.trainable, self.info, self.device)
+
+    def epoch(self, epoch: int) -> None:
+        cfg, info = self.cfg, self.info
         t0 = time.perf_counter()
-        trainable.train()
-        sums = torch.zeros(4, dtype=torch.float64)  # loss, correct, adv correct, n
-        with _progress(spe, f"epoch {epoch + 1}/{cfg.epochs}", cfg.progress and info.is_main) as bar:
-            for b, (idx, gsize, offset) in enumerate(sampler.batches(epoch)):
-                step = epoch * spe + b
-                set_lr(optimizer, lr_at(step, total, cfg.lr, cfg.schedule, cfg.warmup * spe))
-                x, y = _fetch(train_ds, [train_idx[i] for i in idx], device)
-                gen = torch.Generator().manual_seed(_seed(cfg.seed, epoch, b))
-                if aug_on:
-                    x = augment_batch(x, gen, pad, flip, gsize, offset)
-                losses, logits, adv_logits = batch_loss(trainable, train_model, x, y, cfg.adv, gen,
-                                                        _seed(cfg.seed, epoch, b, info.rank))
-                optimizer.zero_grad(set_to_none=True)
-                (losses.sum() * (info.world / gsize)).backward()
-                optimizer.step()
-                with torch.no_grad():
-                    sums += torch.tensor([float(losses.sum()), float((logits.argmax(1) == y).sum()),
-                                          float((adv_logits.argmax(1) == y).sum()) if adv_logits is not None
-                                          else 0.0, len(y)], dtype=torch.float64)
+        self.trainable.train()
+        sums = torch.zeros(4, dtype=torch.float64)  # loss, clean correct, adv correct, n
+        with _progress(self.spe, f"epoch {epoch + 1}/{self.end_epoch}", cfg.progress and info.is_main) as bar:
+            for b, (idx, gsize, offset) in enumerate(self.sampler.batches(epoch)):
+                if self.steps >= self.total:
+                    break
+                sums += self._step(epoch, b, idx, gsize, offset)
                 n = max(float(sums[3]), 1.0)
                 post = {"loss": f"{sums[0] / n:.4f}", "acc": f"{sums[1] / n:.3f}"}
-                if adv_logits is not None:
+                if cfg.adv.mode != "none":
                     post["adv_acc"] = f"{sums[2] / n:.3f}"
                 bar.update(1, **post)
-        tot = D.all_sum(sums.tolist(), info)
-        n = max(tot[3], 1.0)
-        row: dict[str, Any] = {"epoch": epoch + 1, "lr": round(lr_at(step, total, cfg.lr, cfg.schedule,
-                                                                         cfg.warmup * spe), 8),
-                               "loss": round(tot[0] / n, 6), "train_acc": round(tot[1] / n, 6)}
-        if cfg.adv.mode != "none":
-            row["train_adv_acc"] = round(tot[2] / n, 6)
-        if val_idx:
-            v = evaluate_split(trainable, train_ds, val_idx, cfg, val_eps, epoch, info, device)
-            row.update({f"val_{k}": round(val, 6) for k, val in v.items()})
-        history.append(row)
-        seconds.append(time.perf_counter() - t0)
-        if cfg.progress and info.is_main:
-            print("  " + "  ".join(f"{k} {v}" for k, v in row.items()), file=sys.stderr, flush=True)
-        if cfg.save_every and (epoch + 1) % cfg.save_every == 0:
+        row = self._row(epoch, D.all_sum(sums.tolist(), info))
+        self.history.append(row)
+        self.seconds.append(time.perf_counter() - t0)
+        extra = {k: v for k, v in row.items() if k not in ("epoch", "loss", "train_acc", "train_adv_acc")
+                 and (k != "lr" or cfg.schedule != "const" or cfg.warmup)}
+        if cfg.progress and info.is_main and extra:  # the bar already showed loss and accuracies
+            print("  " + "  ".join(f"{k} {v}" for k, v in extra.items()), file=sys.stderr, flush=True)
+        warning = self.monitor.epoch(row)
+        if warning and info.is_main:
+            print(warning, file=sys.stderr, flush=True)
+        if cfg.save_every and (epoch + 1) % cfg.save_every == 0 and self.steps % self.spe == 0:
             if info.is_main:
                 from rcomp.train.state import save_state
 
-                save_state(cfg.state_path, trainable, optimizer,
-                           {"epoch": epoch + 1, "history": history, "fingerprint": _jsonish(cfg.fingerprint())})
+                save_state(cfg.state_path, self.trainable, self.optimizer,
+                           {"epoch": epoch + 1, "history": self.history, "fingerprint": _jsonish(cfg.fingerprint())})
             D.barrier(info)
-    trainable.eval()
-    model = _untrain(trainable, model)
-    model.eval()
-    return model, {"epochs": history, "final": history[-1] if history else {}, "epoch_seconds": seconds}
+
+    def _step(self, epoch: int, b: int, idx, gsize: int, offset: int) -> torch.Tensor:
+        """One optimizer step on one batch; returns (loss sum, clean correct, adv correct, n)."""
+        cfg, info = self.cfg, self.info
+        step = epoch * self.spe + b
+        set_lr(self.optimizer, lr_at(step, self.total, cfg.lr, cfg.schedule, cfg.warmup * self.spe))
+        x, y = fetch(self.ds, [self.train_idx[i] for i in idx], self.device)
+        gen = generator(derive_seed(cfg.seed, epoch, b))
+        if self.aug_on:
+            x = augment_batch(x, gen, self.pad, self.flip, gsize, offset)
+        adv = replace(cfg.adv, beta=trades_beta(cfg.adv, step)) if cfg.adv.beta_warmup else cfg.adv
+        losses, logits, adv_logits = batch_loss(self.trainable, self.train_model, x, y, adv, gen,
+                                                derive_seed(cfg.seed, epoch, b, info.rank))
+        if not info.enabled:
+            check_finite_loss(losses, epoch + 1, b + 1)
+        self.optimizer.zero_grad(set_to_none=True)
+        (losses.sum() * (info.world / gsize)).backward()
+        self.optimizer.step()
+        self.steps += 1
+        self._last_step = step
+        with torch.no_grad():
+            return torch.tensor([float(losses.sum()), float((logits.argmax(1) == y).sum()),
+                                 float((adv_logits.argmax(1) == y).sum()) if adv_logits is not None else 0.0,
+                                 len(y)], dtype=torch.float64)
+
+    def _row(self, epoch: int, tot: list[float]) -> dict[str, Any]:
+        cfg = self.cfg
+        if not math.isfinite(tot[0]):
+            raise TrainingFailed(f"training diverged in epoch {epoch + 1}: the loss became non-finite; "
+                                 f"nothing was written; {FIX}")
+        check_finite_weights(self.trainable, epoch + 1)
+        n = max(tot[3], 1.0)
+        lr = lr_at(self._last_step, self.total, cfg.lr, cfg.schedule, cfg.warmup * self.spe)
+        row: dict[str, Any] = {"epoch": epoch + 1, "lr": round(lr, 8), "loss": round(tot[0] / n, 6),
+                               "train_acc": round(tot[1] / n, 6)}
+        if cfg.adv.mode != "none":
+            row["train_adv_acc"] = round(tot[2] / n, 6)
+        if self.val_idx:
+            v = evaluate_split(self.trainable, self.ds, self.val_idx, cfg, self.val_eps, epoch, self.info,
+                               self.device)
+            row.update({f"val_{k}": round(val, 6) for k, val in v.items()})
+        return row
 
 
 def _jsonish(obj):
