@@ -108,6 +108,8 @@ class APGD(Attack):
             new = self.succeeded(logits, y, target) & ~found
             x_found = torch.where(b(new), x_adv, x_found)
             found = found | new
+            if bool(found.all()):  # every point fooled: the result is x_found whatever comes next
+                break
             history.append(loss)
             better = loss > loss_best
             x_best = torch.where(b(better), x_adv, x_best)

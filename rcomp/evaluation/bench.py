@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from rcomp.errors import RcompError, ThresholdError
+from rcomp.errors import RcompError
 
 DEFAULT_LATENCY_BATCHES = (1, 64)
 
@@ -26,33 +26,46 @@ def build_attacks(names: Sequence[str], eps_texts: Sequence[str], *, lenient: bo
 
     ``kw`` goes to :func:`rcomp.attacks.make_attack`. With ``lenient`` (several attacks listed
     together), options an attack does not take are left out for it instead of refused: fgsm
-    ignores ``steps`` and ``restarts``, apgd ignores ``alpha``, cw keeps its margin loss.
+    ignores ``steps`` and ``restarts``, apgd and apgd-t ignore ``alpha``, cw keeps its margin
+    loss, square ignores ``steps``, ``alpha`` and ``restarts``, and ``queries``/``targets`` go
+    only to the attacks that take them. The suite ``auto`` is expanded into its stages
+    (``apgd-ce``, ``apgd-t``, ``square``, each keyed with the eps when several are given), in
+    cascade order; :func:`bench` and :func:`~rcomp.evaluation.robustness.evaluate` cascade them.
     """
     from rcomp.attacks import make_attack
+    from rcomp.evaluation.cascade import expand_suites
     from rcomp.parsing import parse_eps
 
     several = len(eps_texts) > 1
     out: dict[str, Any] = {}
     for name in names:
-        opts = dict(kw)
-        if lenient:
-            if name == "fgsm":
-                opts.pop("steps", None)
-                opts["restarts"] = 1
-            elif name == "apgd":
-                opts.pop("alpha", None)
-            elif name == "cw" and opts.get("loss") not in (None, "cw"):
-                opts.pop("loss", None)
+        opts = _lenient_options(name, kw) if lenient else dict(kw)
         for text in eps_texts:
             key = attack_key(name, text.strip(), several)
-            if key in out:
-                raise RcompError(f"attack {key} is listed twice; list each attack and eps once")
-            out[key] = make_attack(name, parse_eps(text), **opts)
+            for k, a in expand_suites({key: make_attack(name, parse_eps(text), **opts)}).items():
+                if k in out:
+                    raise RcompError(f"attack {k} is listed twice; list each attack and eps once")
+                out[k] = a
     return out
 
 
+#: options each attack refuses, left out for it when several attacks share one set of options
+_NOT_TAKEN = {"fgsm": ("steps", "queries", "targets"), "pgd": ("queries", "targets"), "cw": ("queries", "targets"),
+              "apgd": ("alpha", "queries", "targets"), "apgd-t": ("alpha", "queries"),
+              "square": ("steps", "alpha", "targets"), "auto": ("alpha", "loss", "targeted")}
+
+
+def _lenient_options(name: str, kw: dict[str, Any]) -> dict[str, Any]:
+    opts = {k: v for k, v in kw.items() if k not in _NOT_TAKEN.get(name, ())}
+    if name in ("fgsm", "square"):
+        opts["restarts"] = 1
+    if name == "cw" and opts.get("loss") not in (None, "cw"):
+        opts.pop("loss", None)
+    return opts
+
+
 def _load(item, device: str, arch: str | None, trust: bool):
-    from rcomp.io.checkpoint import load
+    from rcomp.models.loading import load
 
     if isinstance(item, (str, Path)):
         return load(Path(item), device=device, factory=arch, trust_factory=trust), Path(item)
@@ -80,24 +93,31 @@ def bench(paths_or_models: Sequence, data: str, attacks: dict[str, Any], *, spli
           n: int | None = None, batch_size: int = 128, device: str = "cpu", data_dir: str | Path | None = None,
           latency_batches: Sequence[int] = DEFAULT_LATENCY_BATCHES, arch: str | None = None,
           trust_factory: bool = False, progress: bool = True, log: Callable[[str], None] | None = None,
-          ) -> dict[str, Any]:
+          cascade: bool = False) -> dict[str, Any]:
     """Benchmark each checkpoint (path or loaded Classifier) on the first ``n`` points of ``data``.
 
     ``attacks`` maps display keys to attacks (see :func:`build_attacks`); each model is attacked
     from the same seeded state, so models are compared on the same random starts. Returns
     ``{"data", "split", "n", "device", "threads", "attacks": {key: params}, "models": [...]}``;
     each model has ``path``, ``name``, ``sha256``, ``arch``, ``params``, ``macs``, ``size_bytes``,
-    ``latency_ms`` (batch size -> median ms), ``clean_acc``, ``robust_acc`` (key -> accuracy),
-    ``worst_case_acc``, ``success_rate``, ``gradient_source`` and ``eval_seconds``.
+    ``latency_ms`` (batch size -> median ms), ``latency`` (batch size -> median, quartiles, min/max and
+    whether the spread is small enough to trust), ``clean_acc``, ``robust_acc`` (key -> accuracy),
+    ``worst_case_acc``, ``success_rate``, ``gradient_source``, ``mode`` (``cascade`` or
+    ``independent``), ``seed``, ``stage_robust_acc`` (key -> robust accuracy after that attack and
+    the ones before it), ``gradient_masking_suspected`` (see :mod:`rcomp.evaluation.cascade`) and
+    ``eval_seconds``. ``cascade``: run each attack only on the points still robust after the
+    earlier ones (always on for the ``auto`` suite's stages).
     """
     import torch
 
     from rcomp.data.registry import check_fits, get_dataset, make_loader
-    from rcomp.evaluation.cost import count_params, latency_ms
+    from rcomp.evaluation.cascade import expand_suites
+    from rcomp.evaluation.cost import count_params, measure_latency
     from rcomp.evaluation.robustness import evaluate
 
     if not paths_or_models:
         raise RcompError("give at least one checkpoint to benchmark")
+    attacks = expand_suites(attacks)
     rows = []
     n_eval = None
     for i, item in enumerate(paths_or_models):
@@ -111,10 +131,11 @@ def bench(paths_or_models: Sequence, data: str, attacks: dict[str, Any], *, spli
         for a in attacks.values():  # every model sees the same random streams
             if hasattr(a, "reset"):
                 a.reset()
-        res = evaluate(model, loader, attacks, device=device, progress=progress, desc=name[:24])
+        res = evaluate(model, loader, attacks, device=device, progress=progress, desc=name[:24], cascade=cascade)
         n_eval = res.n
         shape = tuple(model.meta.input.shape)
-        lat = {str(b): round(latency_ms(model, shape, b, device=device), 4) for b in latency_batches if b > 0}
+        spread = {str(b): measure_latency(model, shape, b, device=device) for b in latency_batches if b > 0}
+        lat = {b: round(st["median_ms"], 4) for b, st in spread.items()}
         sha = model.source_sha256
         if sha is None and path is not None:
             from rcomp.io.header import sha256_file
@@ -131,11 +152,17 @@ def bench(paths_or_models: Sequence, data: str, attacks: dict[str, Any], *, spli
             "macs": _macs(model),
             "size_bytes": os.path.getsize(path) if path is not None else None,
             "latency_ms": lat,
+            "latency": {b: {k: round(v, 4) if isinstance(v, float) else v for k, v in st.items()}
+                        for b, st in spread.items()},
             "clean_acc": res.clean_acc,
             "robust_acc": dict(res.robust_acc),
             "worst_case_acc": res.worst_case_acc,
             "success_rate": dict(res.success_rate),
             "gradient_source": model.gradient_source,
+            "mode": res.mode,
+            "seed": res.seed,
+            "stage_robust_acc": dict(res.stage_robust_acc),
+            "gradient_masking_suspected": res.gradient_masking_suspected,
             "eval_seconds": round(res.seconds, 3),
         })
     return {
@@ -181,9 +208,3 @@ def check_thresholds(result: dict[str, Any], thresholds: dict[str, float]) -> li
             if val < lim:
                 misses.append(f"{m['name']}: {key} {val:.4f} < {lim:g}")
     return misses
-
-
-def enforce_thresholds(result: dict[str, Any], thresholds: dict[str, float]) -> None:
-    misses = check_thresholds(result, thresholds)
-    if misses:
-        raise ThresholdError("below --fail-under: " + "; ".join(misses))

@@ -9,6 +9,10 @@ is kept across batches except counters, so memory does not grow with the number 
 Robust accuracy under an attack counts a point only if it is correct clean AND still correct on
 that attack's example; the worst case counts a point only if it is correct clean and under
 every attack (the per-example worst case of RobustBench/AutoAttack).
+
+With ``cascade=True`` each attack runs only on the points still robust after the earlier ones
+(see :mod:`rcomp.evaluation.cascade`): the worst case is the same figure, for less work, and an
+attack's own ``robust_acc`` then reads the robust accuracy after it and every attack before it.
 """
 
 from __future__ import annotations
@@ -53,6 +57,14 @@ class EvalResult:
     #: evaluated points per second, everything included
     examples_per_s: float = 0.0
     gradient_source: str = "exact"
+    #: "independent" (every attack on every point correct clean) or "cascade"
+    mode: str = "independent"
+    #: the seed every attack used, when they share one (each attack's params hold its own)
+    seed: int | None = None
+    #: attack key -> robust accuracy after that attack and every attack before it, in order
+    stage_robust_acc: dict[str, float] = field(default_factory=dict)
+    #: points a gradient-free attack fooled that every gradient attack missed; None: not checked
+    gradient_masking_suspected: int | None = None
 
     @property
     def success_rate(self) -> dict[str, float]:
@@ -63,30 +75,35 @@ class EvalResult:
 
 
 class _Counter:
-    __slots__ = ("robust", "fooled", "attacked", "norm_sum", "norm_max", "seconds")
+    __slots__ = ("robust", "fooled", "attacked", "norm_sum", "norm_max", "seconds", "stage")
 
     def __init__(self):
-        self.robust = self.fooled = self.attacked = 0
+        self.robust = self.fooled = self.attacked = self.stage = 0
         self.norm_sum = self.norm_max = self.seconds = 0.0
 
 
 def evaluate(model, loader: Iterable, attacks: dict[str, Callable] | None = None, device: str = "cpu",
              progress: bool = True, *, desc: str = "evaluate",
              on_batch: Callable[[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]], None] | None = None,
-             total: int | None = None) -> EvalResult:
+             total: int | None = None, cascade: bool = False) -> EvalResult:
     """Clean accuracy, robust accuracy per attack and worst case of ``model`` over ``loader``.
 
     ``attacks`` maps a display name to an attack (``attack(model, x, y) -> x_adv``, see
-    :mod:`rcomp.attacks`); ``{}`` gives clean accuracy only. ``progress`` draws a bar on stderr.
-    ``on_batch(x, y, {name: x_adv})``, if given, receives each batch with every attack's examples
-    (for points wrong clean, ``x_adv`` is ``x``): the caller decides what to keep. The model is
-    left in the train/eval mode it came in.
+    :mod:`rcomp.attacks`); ``{}`` gives clean accuracy only. A suite (``make_attack("auto")``)
+    is expanded into its stages. ``cascade``: run each attack only on the points still robust
+    after the earlier ones (always on when a suite such as ``auto`` is among the attacks). ``progress`` draws a bar on stderr. ``on_batch(x, y, {name: x_adv})``, if given,
+    receives each batch with every attack's examples (for points an attack did not run on --
+    wrong clean, or fooled earlier in a cascade -- ``x_adv`` is ``x``): the caller decides what
+    to keep. The model is left in the train/eval mode it came in.
     """
+    from rcomp.evaluation.cascade import expand_suites, masking_checkable, wants_cascade
     from rcomp.progress import Progress
 
     attacks = dict(attacks or {})
+    cascade = wants_cascade(attacks, cascade)
+    attacks = expand_suites(attacks)
     counts = {name: _Counter() for name in attacks}
-    n = clean = worst = 0
+    n = clean = worst = masked = 0
     was_training = model.training
     model.eval()
     if total is None:
@@ -102,40 +119,11 @@ def evaluate(model, loader: Iterable, attacks: dict[str, Callable] | None = None
                 y = torch.as_tensor(y).to(device, non_blocking=True)
                 with torch.inference_mode():
                     ok = model(x).argmax(1) == y
-                idx = ok.nonzero().squeeze(1).clone()
-                xs, ys = x[idx].clone(), y[idx].clone()
-                still = ok.clone()
-                advs: dict[str, torch.Tensor] = {}
-                for name, attack in attacks.items():
-                    c = counts[name]
-                    t0 = time.perf_counter()
-                    if len(idx):
-                        x_adv = attack(model, xs, ys)
-                        with torch.inference_mode():
-                            robust_sub = model(x_adv).argmax(1) == ys
-                        norms = flat_norm(x_adv - xs, _norm_of(attack))
-                        c.norm_sum += float(norms.double().sum())
-                        c.norm_max = max(c.norm_max, float(norms.max()))
-                        c.robust += int(robust_sub.sum())
-                        c.fooled += int((~robust_sub).sum())
-                        c.attacked += len(idx)
-                        r = torch.zeros_like(ok)
-                        r[idx] = robust_sub
-                        still &= r
-                        if on_batch is not None:
-                            full = x.clone()
-                            full[idx] = x_adv
-                            advs[name] = full
-                    elif on_batch is not None:
-                        advs[name] = x.clone()
-                    if device.startswith("cuda"):
-                        torch.cuda.synchronize()
-                    c.seconds += time.perf_counter() - t0
+                book = _attack_batch(model, x, y, ok, attacks, counts, cascade, device, on_batch)
                 n += len(y)
                 clean += int(ok.sum())
-                worst += int(still.sum())
-                if on_batch is not None:
-                    on_batch(x, y, advs)
+                worst += int(book.still.sum())
+                masked += book.masked()
                 post = {"clean": clean / n}
                 if attacks:
                     post["robust"] = worst / n
@@ -143,22 +131,66 @@ def evaluate(model, loader: Iterable, attacks: dict[str, Callable] | None = None
     finally:
         model.train(was_training)
     seconds = time.perf_counter() - t_start
+    seeds = {getattr(a, "seed", None) for a in attacks.values()}
     res = EvalResult(n=n, clean_acc=clean / n if n else 0.0, worst_case_acc=worst / n if n else 0.0,
                      seconds=seconds, examples_per_s=n / seconds if seconds > 0 else 0.0,
-                     gradient_source=getattr(model, "gradient_source", "exact"))
+                     gradient_source=getattr(model, "gradient_source", "exact"),
+                     mode="cascade" if cascade else "independent",
+                     seed=seeds.pop() if len(seeds) == 1 else None,
+                     gradient_masking_suspected=masked if masking_checkable(attacks, cascade) else None)
+    for name, attack in attacks.items():
+        _fill(res, name, attack, counts[name], n)
+    return res
+
+
+def _attack_batch(model, x, y, ok, attacks, counts, cascade: bool, device: str, on_batch):
+    """Run every attack on its points of one batch (see :class:`~rcomp.evaluation.cascade.BatchBook`)."""
+    from rcomp.evaluation.cascade import BatchBook
+
+    book = BatchBook(ok, cascade)
+    advs: dict[str, torch.Tensor] = {}
     for name, attack in attacks.items():
         c = counts[name]
-        ar = AttackResult(
-            params=attack.params() if hasattr(attack, "params") else {"attack": name},
-            robust_acc=c.robust / n if n else 0.0,
-            success_rate=c.fooled / c.attacked if c.attacked else 0.0,
-            mean_norm=c.norm_sum / c.attacked if c.attacked else 0.0,
-            max_norm=c.norm_max, attacked=c.attacked, seconds=c.seconds,
-            examples_per_s=c.attacked / c.seconds if c.seconds > 0 else 0.0,
-        )
-        res.attacks[name] = ar
-        res.robust_acc[name] = ar.robust_acc
-    return res
+        t0 = time.perf_counter()
+        idx = book.pool()
+        full = x.clone() if on_batch is not None else None
+        if len(idx):
+            xs, ys = x[idx].clone(), y[idx].clone()
+            x_adv = attack(model, xs, ys)
+            with torch.inference_mode():
+                robust_sub = model(x_adv).argmax(1) == ys
+            norms = flat_norm(x_adv - xs, _norm_of(attack))
+            c.norm_sum += float(norms.double().sum())
+            c.norm_max = max(c.norm_max, float(norms.max()))
+            c.robust += int(robust_sub.sum())
+            c.fooled += int((~robust_sub).sum())
+            c.attacked += len(idx)
+            book.record(attack, idx, robust_sub)
+            if full is not None:
+                full[idx] = x_adv
+        if full is not None:
+            advs[name] = full
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        c.seconds += time.perf_counter() - t0
+        c.stage += int(book.still.sum())
+    if on_batch is not None:
+        on_batch(x, y, advs)
+    return book
+
+
+def _fill(res: EvalResult, name: str, attack, c: _Counter, n: int) -> None:
+    ar = AttackResult(
+        params=attack.params() if hasattr(attack, "params") else {"attack": name},
+        robust_acc=c.robust / n if n else 0.0,
+        success_rate=c.fooled / c.attacked if c.attacked else 0.0,
+        mean_norm=c.norm_sum / c.attacked if c.attacked else 0.0,
+        max_norm=c.norm_max, attacked=c.attacked, seconds=c.seconds,
+        examples_per_s=c.attacked / c.seconds if c.seconds > 0 else 0.0,
+    )
+    res.attacks[name] = ar
+    res.robust_acc[name] = ar.robust_acc
+    res.stage_robust_acc[name] = c.stage / n if n else 0.0
 
 
 def _norm_of(attack) -> str:

@@ -7,6 +7,11 @@ from torch import nn
 
 from rcomp.io.format import CheckpointMeta
 
+#: what ``Classifier.gradient_source`` reports
+GRAD_EXACT = "exact"
+GRAD_STRAIGHT_THROUGH = "straight-through (fake-quant rounding)"
+GRAD_INT8_TWIN = "fake-quant twin of int8"
+
 
 class Normalize(nn.Module):
     """``(x - mean) / std`` per channel; mean and std are buffers so they travel with the weights."""
@@ -50,10 +55,15 @@ class Classifier(nn.Module):
 
     @property
     def gradient_source(self) -> str:
-        """Which gradient attacks use: 'exact' or a description of the surrogate."""
-        if not self._surrogate:
-            return "exact"
-        return getattr(self._surrogate[0], "description", "surrogate")
+        """Which gradient attacks use, truthfully: ``exact`` for a float model; ``straight-through
+        (fake-quant rounding)`` for a simulated low-bit model (its rounding has zero gradient, the
+        fake-quant ops pass it straight through); ``fake-quant twin of int8`` for a real int8
+        model (no autograd: the gradient comes from its fake-quant twin); else the attached
+        surrogate's ``description``."""
+        mode = (self.meta.compression.get("quantization") or {}).get("mode")
+        if self._surrogate:
+            return GRAD_INT8_TWIN if mode == "int8" else getattr(self._surrogate[0], "description", "surrogate")
+        return GRAD_STRAIGHT_THROUGH if mode == "simulated" else GRAD_EXACT
 
     @property
     def is_quantized(self) -> bool:

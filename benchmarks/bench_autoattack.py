@@ -1,0 +1,171 @@
+"""`auto` (APGD-CE, APGD-T, Square as a cascade) against torchattacks, on digits convnet8 models.
+
+Question: is rcomp's ``auto`` as strong as the per-example worst case over torchattacks'
+APGD-CE, APGD-T (100 steps, 9 targets), FAB-T (100 steps, 9 targets) and Square (5000 queries),
+and how does its wall time compare with torchattacks' ``AutoAttack(version='standard')`` on the
+same model and points? Also: the cascade's cost against an independent run of the same attacks on
+a non-robust model. Models are trained here in seconds: standard (Adam), PGD-trained
+(``rcomp.train.finetune`` with ``--adv pgd``), PGD-trained then pruned 0.5 and PGD fine-tuned, and
+the standard model quantized to simulated int4. eps 0.1 (linf), the first N test points.
+
+Targets (issue 14): strength within 0.5 points of the per-example worst; wall time at most 0.5x
+torchattacks' AutoAttack standard (standard and PGD-trained models); cascade at most 0.3x the
+independent run on a non-robust model. torchattacks is needed for this script only:
+``pip install --no-deps torchattacks==3.5.1`` (never a dependency of rcomp). Timings are single
+runs on a shared machine (other jobs running): read the ratios, not the seconds.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import main, row, setup_threads  # noqa: E402
+
+EPS = 0.1
+
+
+def _train(adv: bool, seed: int = 0, base=None, epochs: int = 8):
+    import torch
+
+    from rcomp.data.registry import DATASETS, get_dataset
+    from rcomp.models.registry import build_model
+    from rcomp.train.adversarial import AdvConfig
+    from rcomp.train.loop import TrainConfig, finetune
+
+    info = DATASETS["digits"]
+    torch.manual_seed(seed)
+    model = base or build_model("convnet8", 10, (1, 8, 8), list(info.mean), list(info.std), dataset="digits")
+    ds = get_dataset("digits", "train", model.meta.input)
+    cfg = TrainConfig(epochs=epochs, batch_size=64, optimizer="adam", lr=3e-3, progress=False, seed=seed,
+                      adv=AdvConfig(mode="pgd", eps=EPS, steps=7) if adv else AdvConfig())
+    model, _ = finetune(model, ds, cfg, dataset="digits")
+    return model.eval()
+
+
+def _models(quick: bool) -> dict:
+    import copy
+
+    from rcomp.data.registry import get_dataset, make_loader
+    from rcomp.pruning.pruner import prune
+    from rcomp.quant.ptq import quantize
+
+    ep = 4 if quick else 8
+    std = _train(False, epochs=ep)
+    robust = _train(True, epochs=ep)
+    pruned, _ = prune(copy.deepcopy(robust), 0.5)
+    pruned = _train(True, base=pruned, epochs=max(ep // 2, 2))
+    calib = [x for x, _ in make_loader(get_dataset("digits", "train", std.meta.input), 64, shuffle=True, seed=0, n=256)]
+    int4 = quantize(std, calib, bits=4, simulate=True)
+    return {"standard": std, "PGD-trained": robust, "PGD, pruned 0.5 + PGD fine-tuned": pruned, "simulated int4": int4}
+
+
+def _points(model, n: int):
+    from rcomp.data.registry import get_dataset, make_loader
+
+    return next(iter(make_loader(get_dataset("digits", "test", model.meta.input), n, n=n)))
+
+
+def _robust_mask(model, x, y, x_adv):
+    import torch
+
+    with torch.inference_mode():
+        return model(x_adv).argmax(1) == y
+
+
+def _ta_reference(model, x, y) -> tuple[float, float]:
+    """Per-example worst over torchattacks' four attacks at reference settings; (accuracy, seconds)."""
+    import torchattacks as ta
+
+    attacks = [ta.APGD(model, eps=EPS, steps=100, loss="ce", seed=0),
+               ta.APGDT(model, eps=EPS, steps=100, n_classes=10, seed=0),
+               ta.FAB(model, eps=EPS, steps=100, multi_targeted=True, n_classes=10, seed=0),
+               ta.Square(model, eps=EPS, n_queries=5000, seed=0)]
+    t0 = time.perf_counter()
+    still = _robust_mask(model, x, y, x)
+    for atk in attacks:
+        still = still & _robust_mask(model, x, y, atk(x, y))
+    return float(still.float().mean()), time.perf_counter() - t0
+
+
+def _ta_standard(model, x, y) -> tuple[float, float]:
+    import torchattacks as ta
+
+    aa = ta.AutoAttack(model, norm="Linf", eps=EPS, version="standard", n_classes=10, seed=0)
+    t0 = time.perf_counter()
+    x_adv = aa(x, y)
+    return float(_robust_mask(model, x, y, x_adv).float().mean()), time.perf_counter() - t0
+
+
+def _auto(model, x, y, cascade: bool, eps: float = EPS, **kw):
+    from rcomp.attacks.auto import auto_stages
+    from rcomp.evaluation.robustness import evaluate
+
+    t0 = time.perf_counter()
+    res = evaluate(model, [(x, y)], auto_stages(eps, seed=0, as_suite=cascade, **kw), progress=False)
+    return res, time.perf_counter() - t0
+
+
+def _cascade_rows(model, x, y, cmd: str, reps: int = 3) -> list[dict]:
+    """Cascade against independent runs of the same stages: medians of ``reps`` back-to-back pairs,
+    on the standard model at eps 0.1 (partly robust) and at eps 0.3 (non-robust)."""
+    import statistics
+
+    rows = []
+    for eps in (EPS, 0.3):
+        pairs = []
+        for _ in range(reps):
+            cas, t_cas = _auto(model, x, y, cascade=True, eps=eps)
+            _, t_ind = _auto(model, x, y, cascade=False, eps=eps)
+            pairs.append((t_cas, t_ind))
+        ratios = sorted(c / i for c, i in pairs)
+        med = statistics.median(ratios)
+        rows.append(row(f"standard, eps {eps} (robust {cas.worst_case_acc:.3f}): cascade / independent time, median of "
+                        f"{reps} pairs (spread {ratios[0]:.2f}-{ratios[-1]:.2f}; cascade "
+                        f"{statistics.median(c for c, _ in pairs):.1f} s)", med, "<= 0.3", med <= 0.3, cmd))
+    return rows
+
+
+#: a cheaper setting measured beside the default: 3 targets (by margin), 1000 Square queries
+FAST = {"targets": 3, "queries": 1000}
+
+
+def run(quick: bool = False) -> list[dict]:
+    import importlib.util
+
+    setup_threads(1)
+    n = 100 if quick else 200
+    cmd = "OMP_NUM_THREADS=1 python benchmarks/bench_autoattack.py" + (" --quick" if quick else "")
+    if importlib.util.find_spec("torchattacks") is None:
+        return [row("skipped: torchattacks is missing (pip install --no-deps torchattacks==3.5.1)", None, command=cmd)]
+    rows: list[dict] = []
+    for name, model in _models(quick).items():
+        x, y = _points(model, n)
+        res, t_auto = _auto(model, x, y, cascade=True)
+        ref, t_ref = _ta_reference(model, x, y)
+        std_acc, t_std = _ta_standard(model, x, y)
+        stages = ", ".join(f"{k} {v:.3f} ({res.attacks[k].seconds:.0f} s)" for k, v in res.stage_robust_acc.items())
+        gap = 100 * (res.worst_case_acc - ref)
+        rows.append(row(f"{name}: clean {res.clean_acc:.3f}; auto stages {stages}; masking "
+                        f"{res.gradient_masking_suspected}", res.worst_case_acc, command=cmd))
+        rows.append(row(f"{name}: torchattacks per-example worst (ref. settings, {t_ref:.0f} s) / "
+                        f"AutoAttack standard", f"{ref:.3f} / {std_acc:.3f}", command=cmd))
+        rows.append(row(f"{name}: auto minus torchattacks worst (points)", round(gap, 2), "<= 0.5", gap <= 0.5, cmd))
+        ratio = t_auto / t_std
+        rows.append(row(f"{name}: auto {t_auto:.1f} s / torchattacks AutoAttack standard {t_std:.1f} s", ratio,
+                        "<= 0.5", ratio <= 0.5 if name in ("standard", "PGD-trained") else None, cmd))
+        fast, t_fast = _auto(model, x, y, cascade=True, **FAST)
+        rows.append(row(f"{name}: auto with {FAST}: robust (minus torchattacks worst, points); time / AutoAttack "
+                        f"standard", f"{fast.worst_case_acc:.3f} ({100 * (fast.worst_case_acc - ref):+.1f}); "
+                        f"{t_fast / t_std:.2f}x", command=cmd))
+        if name == "standard":
+            rows += _cascade_rows(model, x, y, cmd, reps=1 if quick else 3)
+        for r in rows[-6:]:
+            print(r["figure"], r["value"], file=sys.stderr, flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    main(run)

@@ -1,0 +1,87 @@
+"""Cascaded evaluation and the gradient-masking check, one batch at a time.
+
+Cascade (Croce and Hein 2020, AutoAttack): each attack runs only on the points every earlier
+attack failed on, so the final figure is the per-example worst case over the attacks, at a cost
+that shrinks with every stage. Independent mode runs every attack on every point correct clean
+(per-attack numbers). Either way the robust accuracy after each stage (the worst case over the
+attacks so far, in order) is recorded.
+
+Gradient-masking check (Athalye, Carlini and Wagner, "Obfuscated Gradients Give a False Sense of
+Security", ICML 2018): a gradient-free attack (``uses_gradients = False``, e.g. Square) that fools
+points that every gradient attack was run on and missed means the gradients mislead the
+attacks -- masked, or a poor surrogate, as for quantized models. The count is only defined when
+a gradient-free attack ran on points after gradient attacks did.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+
+def uses_gradients(attack: Any) -> bool:
+    """False for score-based or transfer attacks (attribute ``uses_gradients = False``)."""
+    return bool(getattr(attack, "uses_gradients", True))
+
+
+def expand_suites(attacks: Mapping[str, Any]) -> dict[str, Any]:
+    """Replace every suite (an attack with ``stages``, e.g. ``auto``) by its stages: key ``auto``
+    becomes ``apgd-ce``, ``apgd-t``, ``square``; ``auto@8/255`` becomes ``apgd-ce@8/255``..."""
+    out: dict[str, Any] = {}
+    for key, attack in attacks.items():
+        stages = getattr(attack, "stages", None)
+        if not stages:
+            out[key] = attack
+            continue
+        suffix = key[len(attack.name):] if key.startswith(attack.name) else f"/{key}"
+        for stage, a in stages.items():
+            out[f"{stage}{suffix}"] = a
+    return out
+
+
+def wants_cascade(attacks: Mapping[str, Any], cascade: bool) -> bool:
+    """On when asked for, and always for a suite (``auto`` is a cascade by definition; to run its
+    stages independently, build them with ``auto_stages(..., as_suite=False)``)."""
+    return bool(cascade) or any(getattr(a, "suite", None) or getattr(a, "stages", None) for a in attacks.values())
+
+
+def masking_checkable(attacks: Mapping[str, Any], cascade: bool) -> bool:
+    """Whether some gradient-free attack gets to run on points the gradient attacks all missed."""
+    kinds = [uses_gradients(a) for a in attacks.values()]
+    if not any(kinds) or all(kinds):
+        return False
+    return not cascade or any(not k and any(kinds[:i]) for i, k in enumerate(kinds))
+
+
+class BatchBook:
+    """Which points of one batch are still robust, and who fooled whom, stage after stage."""
+
+    def __init__(self, ok: torch.Tensor, cascade: bool):
+        self.ok = ok
+        self.cascade = cascade
+        self.still = ok.clone()
+        self.grad_fooled = torch.zeros_like(ok)
+        self.grad_covered = ok.clone()  # attacked by every gradient attack so far
+        self.free_fooled = torch.zeros_like(ok)
+
+    def pool(self) -> torch.Tensor:
+        """Indices the next attack runs on."""
+        return (self.still if self.cascade else self.ok).nonzero().squeeze(1)
+
+    def record(self, attack: Any, idx: torch.Tensor, robust_sub: torch.Tensor) -> None:
+        fooled = torch.zeros_like(self.ok)
+        fooled[idx] = ~robust_sub
+        self.still &= ~fooled
+        if uses_gradients(attack):
+            attacked = torch.zeros_like(self.ok)
+            attacked[idx] = True
+            self.grad_covered &= attacked
+            self.grad_fooled |= fooled
+        else:
+            self.free_fooled |= fooled
+
+    def masked(self) -> int:
+        """Points a gradient-free attack fooled that every gradient attack was run on and missed."""
+        return int((self.free_fooled & ~self.grad_fooled & self.grad_covered).sum())
