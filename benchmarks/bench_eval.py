@@ -31,7 +31,7 @@ peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 # floor: per batch of 128, one clean forward + 11 x (forward + backward to the input) (FGSM + PGD-10)
 sys.path.insert(0, sys.argv[3])
 from common import median_time
-from rcomp.io.checkpoint import load
+from rcomp.models.loading import load
 model = load(ckpt).eval()
 x = torch.rand(128, 3, 32, 32)
 y = torch.randint(0, 10, (128,))
@@ -52,7 +52,7 @@ def run(quick: bool = False) -> list[dict]:
     import torch.nn.functional as F
 
     from rcomp.data.registry import DATASETS, get_dataset, make_loader
-    from rcomp.io.checkpoint import save
+    from rcomp.models.loading import save
     from rcomp.models.registry import build_model
 
     tmp = Path(tempfile.mkdtemp())

@@ -21,7 +21,7 @@ def run(quick: bool = False) -> list[dict]:
     import torch
 
     from rcomp.models.registry import build_model
-    from rcomp.prune import prune
+    from rcomp.pruning import prune
 
     setup_threads(2)
     reps = 3 if quick else 10

@@ -91,9 +91,9 @@ def run(quick: bool = False) -> list[dict]:
     import torch.nn.functional as F
 
     from rcomp.data.registry import DATASETS, get_dataset, make_loader
-    from rcomp.io.checkpoint import to_bytes
+    from rcomp.models.loading import to_bytes
     from rcomp.models.registry import build_model
-    from rcomp.prune import prune
+    from rcomp.pruning import prune
     from rcomp.quant.ptq import quantize
 
     setup_threads(2)

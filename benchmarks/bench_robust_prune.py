@@ -73,7 +73,7 @@ def run(quick: bool = False) -> list[dict]:
     import torch
 
     from rcomp.models.registry import build_model
-    from rcomp.prune import prune
+    from rcomp.pruning import prune
 
     setup_threads(1)
     seeds = [0] if quick else [0, 1, 2]

@@ -9,6 +9,14 @@ The Python API (the CLI is a thin layer over it)::
     net = rcomp.build_model("convnet8", num_classes=10, input_shape=(1, 8, 8))
     test = rcomp.get_dataset("digits", "test", net.meta.input)
 
+The stages take the command line's options as keywords and record provenance on the model::
+
+    model = rcomp.finetune(arch="convnet8", data="digits", epochs=20)      # from scratch
+    model = rcomp.prune(model, ratio=0.5)
+    model = rcomp.finetune(model, data="digits", adv="pgd", eps=0.1, epochs=3)
+    report = rcomp.bench([model], data="digits", attack="auto", eps=0.1)
+    rcomp.save(model, "robust.safetensors")          # history: finetune, prune, finetune
+
 torch is imported lazily: ``import rcomp`` is cheap.
 """
 
@@ -17,8 +25,8 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 _API = {
-    "load": ("rcomp.io.checkpoint", "load"),
-    "save": ("rcomp.io.checkpoint", "save"),
+    "load": ("rcomp.models.loading", "load"),
+    "save": ("rcomp.models.loading", "save"),
     "read_header": ("rcomp.io.header", "read_header"),
     "build_model": ("rcomp.models.registry", "build_model"),
     "list_models": ("rcomp.models.registry", "list_models"),
@@ -28,9 +36,20 @@ _API = {
     "InputSpec": ("rcomp.spec", "InputSpec"),
     "CheckpointMeta": ("rcomp.io.format", "CheckpointMeta"),
     "RcompError": ("rcomp.errors", "RcompError"),
+    # the stages, with the command line's options (rcomp.api)
+    "convert": ("rcomp.api", "convert"),
+    "prune": ("rcomp.api", "prune"),
+    "quantize": ("rcomp.api", "quantize"),
+    "finetune": ("rcomp.api", "finetune"),
+    "attack": ("rcomp.api", "attack"),
+    "bench": ("rcomp.api", "bench"),
 }
 
 __all__ = ["__version__", *_API]
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_API})
 
 
 def __getattr__(name: str):

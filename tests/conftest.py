@@ -67,7 +67,7 @@ def make_checkpoint(path: Path, arch: str = "convnet8", shape=(1, 8, 8), num_cla
     """Save a freshly initialised (seeded) model as an rcomp checkpoint."""
     import torch
 
-    from rcomp.io.checkpoint import save
+    from rcomp.models.loading import save
     from rcomp.models.registry import build_model
 
     torch.manual_seed(seed)
@@ -97,7 +97,7 @@ def trained_digits(tmp_path_factory) -> Path:
     import torch.nn.functional as F
 
     from rcomp.data.registry import DATASETS, get_dataset, make_loader
-    from rcomp.io.checkpoint import save
+    from rcomp.models.loading import save
     from rcomp.models.registry import build_model
 
     path = tmp_path_factory.mktemp("trained") / "digits_convnet8.safetensors"

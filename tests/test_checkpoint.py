@@ -352,7 +352,7 @@ def _torchvision_cases():
 
 @pytest.mark.parametrize("name,side", list(_torchvision_cases()))
 def test_every_torchvision_model_converts_and_round_trips(tmp_path, name, side):
-    from rcomp.convert import convert_state_dict
+    from rcomp.models.convert import convert_state_dict
 
     torch.manual_seed(0)
     model = build_model(name, num_classes=5, input_shape=(3, side, side)).eval()

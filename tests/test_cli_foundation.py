@@ -12,7 +12,7 @@ import torch
 import torchvision
 
 import rcomp
-from rcomp.io.checkpoint import load
+from rcomp.models.loading import load
 
 from conftest import assert_one_line_error
 
@@ -52,7 +52,7 @@ def test_convert_torchvision_state_dict(tmp_path, cli, arch, wrap):
     src = tmp_path / f"{arch}.pth"
     torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items()}} if wrap == "ddp" else sd, src)
     out = tmp_path / f"{arch}.safetensors"
-    res = cli("convert", src, "--arch", arch, "--input-shape", "3,64,64", "-o", out)
+    res = cli("convert", src, "--arch", arch, "--input-shape", "3,64,64", "--normalize", "imagenet", "-o", out)
     assert res.code == 0, res.stderr
     assert res.stdout.strip() == str(out)  # only the path on stdout
 
@@ -135,7 +135,7 @@ def test_config_file_supplies_defaults(tmp_path, cli):
     assert res.code == 0, res.stderr
     assert load(tmp_path / "o.safetensors").meta.dataset == "digits"
     cfg.write_text("no_such_option: 1\n")
-    assert_one_line_error(cli("convert", src, "--config", cfg, "--arch", "mlp"), "unknown option")
+    assert_one_line_error(cli("convert", src, "--config", cfg, "--arch", "mlp"), "has no option --no-such-option")
 
 
 @pytest.mark.parametrize("args,needle", [

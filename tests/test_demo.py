@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from rcomp.io.checkpoint import load
+from rcomp.models.loading import load
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from rcomp.io.checkpoint import load
+from rcomp.models.loading import load
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 TINY = ["--set", "data=digits", "--set", "shape=1,8,8", "--set", "epochs_base=1", "--set", "epochs_ft=1",

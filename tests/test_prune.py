@@ -10,9 +10,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rcomp.io.checkpoint import load, save
+from rcomp.models.loading import load, save
 from rcomp.models.registry import build_model
-from rcomp.prune import prune
+from rcomp.pruning import prune
 
 from conftest import assert_one_line_error, make_checkpoint, run_cli
 

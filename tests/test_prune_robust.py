@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from rcomp.errors import RcompError
-from rcomp.io.checkpoint import load, save
+from rcomp.models.loading import load, save
 from rcomp.models.registry import build_model
-from rcomp.prune import prune
+from rcomp.pruning import prune
 
 
 def _two_channel_model():
@@ -62,7 +62,7 @@ def test_adversarial_importance_keeps_the_relevant_channel(method):
 
 
 def test_hydra_scores_rank_signal_channel_higher():
-    from rcomp.prune.robust import learn_channel_scores
+    from rcomp.pruning.robust import learn_channel_scores
 
     model = _two_channel_model()
     scores = learn_channel_scores(model.net, model.normalize, _batches(), keep=0.5, skip=["4"], eps=0.1,

@@ -105,7 +105,6 @@ def test_killed_during_write_leaves_old_file_or_nothing(tmp_path, ckpt, sig):
         "        fh.write(data[100:])\n"
         "    return orig(path, writer)\n"
         "a.atomic_write_bytes = slow\n"
-        "import rcomp.io.checkpoint as c; c.atomic_write_bytes = slow\n"
         "from rcomp.cli import main\n"
         f"main(['prune', {str(ckpt)!r}, '--ratio', '0.5', '-o', {str(out)!r}, '--force'])\n"
     )

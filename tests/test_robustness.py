@@ -14,7 +14,7 @@ from rcomp.progress import Progress
 
 @pytest.fixture(scope="module")
 def digits_model(trained_digits):
-    from rcomp.io.checkpoint import load
+    from rcomp.models.loading import load
 
     return load(trained_digits)
 

@@ -2,18 +2,44 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
 
 import typer
 
-from rcomp.cli.common import JsonOpt, emit_json, log
+from rcomp.cli.build import help_text, make_command
+from rcomp.cli.output import emit_json, log
 from rcomp.errors import RcompError
+from rcomp.options import json_opt, opt
+
+SUMMARY = "Run a recipe: stages are rcomp commands with named inputs and outputs, optionally swept over a grid."
+DOC = """The whole recipe is checked first (unknown commands or options, values out of range, missing inputs,
+cycles, outputs outside the output folder), naming the line. A stage whose output exists and whose
+options and inputs are unchanged is skipped, so an interrupted sweep resumes where it stopped. A recipe
+cannot run code: a stage naming a user factory (arch: package.module:factory) runs only when the same
+factory is given here with --allow-factory."""
+EXAMPLES = """rcomp run examples/paper-fashion-mnist.yaml --set epochs_ft=1 --out-dir runs/fmnist
+rcomp demo --show-recipe > demo.yaml && rcomp run demo.yaml --dry-run"""
 
 
-def parse_sets(sets: list[str] | None) -> dict[str, str]:
+@dataclass
+class RunOptions:
+    out_dir: Path | None = opt(None, "--out-dir", kind="path",
+                               help="Folder for every output (default: the recipe's out_dir, else ./<recipe name>).")
+    set: tuple[str, ...] = opt((), "--set", kind="repeat", metavar="KEY=VALUE",
+                               help="Override: VAR=VALUE or STAGE.OPTION=VALUE (stage names may use *). Repeatable.")
+    dry_run: bool = opt(False, "--dry-run", kind="bool", help="Check the recipe and print the commands; run nothing.")
+    allow_factory: tuple[str, ...] = opt((), "--allow-factory", kind="repeat", metavar="PKG.MOD:FN",
+                                         help="Let stages build models with this user factory (it runs its code). "
+                                              "Repeatable.")
+    max_stages: int = opt(1000, "--max-stages", kind="int", min=1, max=10**6,
+                          help="Refuse a recipe that expands to more stages than this.")
+    json: bool = json_opt()
+
+
+def parse_sets(sets) -> dict[str, str]:
     out = {}
-    for s in sets or []:
+    for s in sets or ():
         if "=" not in s:
             raise RcompError(f"--set {s!r} must be KEY=VALUE (a recipe variable, or STAGE.OPTION)")
         k, v = s.split("=", 1)
@@ -21,42 +47,32 @@ def parse_sets(sets: list[str] | None) -> dict[str, str]:
     return out
 
 
-def run(
-    recipe: Annotated[Path, typer.Argument(help="Recipe file (.yaml).")],
-    out_dir: Annotated[Path | None, typer.Option("--out-dir", help="Folder for every output (default: the "
-                                                                   "recipe's out_dir, else ./<recipe name>).",
-                                                 show_default=False)] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override: VAR=VALUE or STAGE.OPTION=VALUE "
-                                                                 "(stage names may use *). Repeatable.",
-                                                   show_default=False, metavar="KEY=VALUE")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Check the recipe and print the commands; run "
-                                                            "nothing.")] = False,
-    json_out: JsonOpt = False,
-) -> None:
-    """Run a recipe: stages are rcomp commands with named inputs and outputs, optionally swept over a grid.
-
-    The whole recipe is checked first (unknown commands or options, missing inputs, cycles), naming the
-    line. A stage whose output exists and whose command, options and inputs are unchanged is skipped, so
-    an interrupted sweep resumes where it stopped.
-
-    \b
-    Example:
-      rcomp run examples/paper-fashion-mnist.yaml --set epochs_ft=1 --out-dir runs/fmnist
-      rcomp demo --show-recipe > demo.yaml && rcomp run demo.yaml --dry-run
-    """
-    from rcomp.recipes.engine import load_recipe, run_recipe
-
-    rec = load_recipe(recipe, parse_sets(set_))
-    folder = Path(out_dir or rec.out_dir or rec.name)
-    records = run_recipe(rec, folder, dry_run=dry_run, log=log)
-    if json_out:
-        emit_json({"recipe": rec.name, "out_dir": str(folder), "stages": records})
-        return
-    if dry_run:
-        for r in records:
-            print("rcomp " + " ".join(r["args"]))
-        return
+def print_records(records: list[dict], dry_run: bool) -> None:
     from tabulate import tabulate
 
+    if dry_run:
+        for r in records:
+            print(r["command"])
+        return
     print(tabulate([(r["stage"], r["status"], f"{r['seconds']:.1f}", r["output"]) for r in records],
                    headers=["stage", "status", "seconds", "output"], tablefmt="simple"))
+    for r in records:  # what the bench stages computed
+        if r.get("text") and r["command"] == "bench":
+            print(f"\n{r['stage']}:\n{r['text']}")
+
+
+def run(cfg: RunOptions, inputs: list[Path]) -> None:
+    from rcomp.recipes.engine import load_recipe, run_recipe
+
+    rec = load_recipe(inputs[0], parse_sets(cfg.set), max_stages=cfg.max_stages)
+    folder = Path(cfg.out_dir or rec.out_dir or rec.name)
+    records = run_recipe(rec, folder, dry_run=cfg.dry_run, log=log, allow_factories=frozenset(cfg.allow_factory))
+    if cfg.json:
+        emit_json({"recipe": rec.name, "out_dir": str(folder),
+                   "stages": [{k: v for k, v in r.items() if k != "text"} for r in records]})
+        return
+    print_records(records, cfg.dry_run)
+
+
+def register(app: typer.Typer) -> None:
+    make_command(app, "run", RunOptions, "recipe", run, help_text(SUMMARY, DOC, EXAMPLES), with_config=False)

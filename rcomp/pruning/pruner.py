@@ -11,14 +11,14 @@ smaller network. Importance criteria:
 * ``random`` - uniform random scores (a baseline; seeded);
 * ``bn-scale`` - |gamma| of the following BatchNorm (Liu et al., "Network Slimming", ICCV 2017);
 * ``taylor`` - first-order Taylor estimate |w * dL/dw| from data batches (Molchanov et al., CVPR 2019);
-  with ``adv_eps`` the loss is taken on PGD adversarial examples (see :mod:`rcomp.prune.robust`);
+  with ``adv_eps`` the loss is taken on PGD adversarial examples (see :mod:`rcomp.pruning.robust`);
 * ``hydra`` - channel scores learned against the adversarial loss with a straight-through top-k
-  mask (Sehwag et al., "HYDRA", NeurIPS 2020; see :mod:`rcomp.prune.robust`); needs ``adv_eps``.
+  mask (Sehwag et al., "HYDRA", NeurIPS 2020; see :mod:`rcomp.pruning.robust`); needs ``adv_eps``.
 
 ``ratio`` is the fraction of channels removed from every prunable layer (``scope="local"``) or
 from all layers ranked together (``scope="global"``). The classifier's outputs are never pruned.
 The network inside the :class:`~rcomp.models.wrapper.Classifier` is pruned; normalisation stays
-outside. The result saves with :func:`rcomp.io.checkpoint.save` and reloads with no pickle.
+outside. The result saves with :func:`rcomp.models.loading.save` and reloads with no pickle.
 """
 
 from __future__ import annotations
@@ -174,7 +174,7 @@ def _importance(method: str):
     if method == "bn-scale":
         return tp.importance.BNScaleImportance()
     if method == "hydra":
-        from rcomp.prune.robust import learned_importance
+        from rcomp.pruning.robust import learned_importance
 
         return learned_importance()
     return tp.importance.GroupTaylorImportance()
@@ -193,7 +193,7 @@ def _rescore(method: str, net: nn.Module, importance, *, normalize: nn.Module, b
              adv: dict | None, keep: float, ignored: list[str], seed: int) -> None:
     """Prepare the data-driven criteria before a pruning step: gradients for ``taylor`` (on adversarial
     examples when ``adv`` is given), learned scores for ``hydra``."""
-    from rcomp.prune import robust
+    from rcomp.pruning import robust
 
     if method == "taylor":
         if adv:

@@ -1,4 +1,4 @@
-"""Run a YAML recipe: stages are CLI commands with named inputs and outputs, optionally swept over a grid.
+"""Run a YAML recipe: stages are rcomp stages with named inputs and outputs, optionally swept over a grid.
 
 A recipe::
 
@@ -7,7 +7,7 @@ A recipe::
     defaults: {data: digits, seed: 0}    # options given to every stage whose command takes them
     stages:
       - name: base                       # unique; {var} templates allowed when the stage has a grid
-        command: finetune                # any rcomp command
+        command: finetune                # convert, prune, quantize, finetune, attack or bench
         options: {arch: convnet8, epochs: 10}
       - name: pruned-{ratio}
         command: prune
@@ -20,31 +20,37 @@ A recipe::
         options: {attack: "fgsm,pgd", eps: "{eps}", format: json}
         output: bench.json               # default: <name>.safetensors in the output folder
 
-Everything is checked before any stage runs (unknown command or option, missing input, cycle,
-duplicate names), naming the recipe line. A stage whose output exists and whose command, options and
-inputs (by sha256) are unchanged since it last ran is skipped, so an interrupted sweep resumes.
+Options are the command's option names, validated by the stage's own declarations (the same as the
+command line's) into a typed config, and the stage is called directly. Everything is checked before
+any stage runs (unknown command or option, a value out of range, missing input, cycle, duplicate
+names, an output outside the output folder, options only the command line may set), naming the
+recipe line. A stage whose output exists and whose config and inputs (by sha256) are unchanged since
+it last ran is skipped, so an interrupted sweep resumes.
 """
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import fnmatch
 import hashlib
 import itertools
 import json
+import math
 import re
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from rcomp.errors import RcompError
 
 STAMP_DIR = ".rcomp-run"
+#: a recipe expands to at most this many stages unless the user raises it (rcomp run --max-stages)
+MAX_STAGES = 1000
 _VAR_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+=@-]{0,127}")
+_TOP_KEYS = {"name", "description", "vars", "defaults", "stages", "out_dir"}
+_STAGE_KEYS = {"name", "command", "options", "input", "inputs", "output", "grid"}
 
 
 @dataclass
@@ -59,15 +65,14 @@ class Stage:
     index: int = 0
     deps: list[str] = field(default_factory=list)
     input_paths: list[str] = field(default_factory=list)
+    config: Any = None
 
 
-def _line_map(text: str) -> dict[tuple, int]:
+def _line_map(root) -> dict[tuple, int]:
     """Line numbers (1-based) of recipe nodes: ('stages', i) and ('stages', i, key)."""
+    import yaml
+
     lines: dict[tuple, int] = {}
-    try:
-        root = yaml.compose(text)
-    except yaml.YAMLError:
-        return lines
     if not isinstance(root, yaml.MappingNode):
         return lines
     for k, v in root.value:
@@ -103,28 +108,29 @@ def _subst(value: Any, env: dict[str, Any], where: str) -> Any:
 
 
 def _coerce(text: str) -> Any:
+    from rcomp.safeyaml import load_yaml_text
+
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
+        return load_yaml_text(text, what="--set value")
+    except RcompError:
         return text
 
 
 class Recipe:
-    def __init__(self, text: str, source: str = "recipe", overrides: dict[str, str] | None = None):
+    def __init__(self, text: str, source: str = "recipe", overrides: dict[str, str] | None = None,
+                 max_stages: int = MAX_STAGES):
+        from rcomp.safeyaml import compose_yaml_text, load_yaml_text
+
         self.source = source
+        self.max_stages = max_stages
         self._stage_overrides: dict[str, dict[str, Any]] = {}
-        try:
-            doc = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            line = f" line {mark.line + 1}" if mark else ""
-            raise RcompError(f"{source}{line}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        doc = load_yaml_text(text, what=source)
         if not isinstance(doc, dict) or not isinstance(doc.get("stages"), list) or not doc["stages"]:
             raise RcompError(f"{source}: a recipe is a mapping with a non-empty 'stages:' list")
-        unknown = set(doc) - {"name", "description", "vars", "defaults", "stages", "out_dir"}
+        unknown = set(doc) - _TOP_KEYS
         if unknown:
-            raise RcompError(f"{source}: unknown top-level key(s) {', '.join(sorted(unknown))}")
-        self.lines = _line_map(text)
+            raise RcompError(f"{source}: unknown top-level key(s) {', '.join(sorted(map(str, unknown)))}")
+        self.lines = _line_map(compose_yaml_text(text, what=source))
         self.name = str(doc.get("name", Path(source).stem))
         self.description = doc.get("description", "")
         self.vars = dict(doc.get("vars") or {})
@@ -143,117 +149,155 @@ class Recipe:
         line = self.lines.get(tuple(key)) or self.lines.get(tuple(key[:2]))
         return f"{self.source} line {line}" if line else self.source
 
+    def _grid(self, raw: dict, i: int, w: str) -> dict[str, list]:
+        grid = _subst(raw.get("grid") or {}, self.vars, w)
+        if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
+            raise RcompError(f"{self.where('stages', i, 'grid')}: grid maps variable names to non-empty lists")
+        return grid
+
+    def _check_count(self, grids: list[dict[str, list]]) -> None:
+        total = sum(math.prod(len(v) for v in g.values()) for g in grids)
+        if total > self.max_stages:
+            raise RcompError(f"{self.source}: the recipe expands to {total:,} stages, more than the limit of "
+                             f"{self.max_stages:,}; shrink its grids or raise the limit with --max-stages")
+
     def _expand(self, raw_stages: list) -> list[Stage]:
-        stages: list[Stage] = []
+        checked = []
         for i, raw in enumerate(raw_stages):
             w = self.where("stages", i)
             if not isinstance(raw, dict):
                 raise RcompError(f"{w}: a stage is a mapping with name, command and options")
-            bad = set(raw) - {"name", "command", "options", "input", "inputs", "output", "grid"}
+            bad = set(raw) - _STAGE_KEYS
             if bad:
-                raise RcompError(f"{self.where('stages', i, sorted(bad)[0])}: unknown stage key {sorted(bad)[0]!r}")
+                key = sorted(map(str, bad))[0]
+                raise RcompError(f"{self.where('stages', i, key)}: unknown stage key {key!r}")
             if "name" not in raw or "command" not in raw:
                 raise RcompError(f"{w}: a stage needs a name and a command")
-            grid = _subst(raw.get("grid") or {}, self.vars, w)
-            if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
-                raise RcompError(f"{self.where('stages', i, 'grid')}: grid maps variable names to non-empty lists")
+            checked.append((i, raw, w, self._grid(raw, i, w)))
+        self._check_count([g for *_, g in checked])
+        stages: list[Stage] = []
+        for i, raw, w, grid in checked:
             keys = list(grid)
             for combo in itertools.product(*(grid[k] for k in keys)) if keys else [()]:
                 env = {**self.vars, **dict(zip(keys, combo, strict=True))}
-                name = str(_subst(raw["name"], env, w))
-                options = _subst({**dict(raw.get("options") or {})}, env, w)
-                if not isinstance(options, dict):
-                    raise RcompError(f"{self.where('stages', i, 'options')}: options must be a mapping")
-                wild = {}
-                for pattern, ov in self._stage_overrides.items():
-                    if pattern == name:
-                        options.update(ov)
-                    elif fnmatch.fnmatchcase(name, pattern):
-                        wild.update(ov)  # applied only where the command takes the option
-                ins = raw.get("inputs", [raw["input"]] if raw.get("input") is not None else [])
-                if not isinstance(ins, list):
-                    ins = [ins]
-                ins = [str(_subst(x, env, w)) for x in ins]
-                out = str(_subst(raw.get("output", f"{name}.safetensors"), env, w))
-                stages.append(Stage(name=name, command=str(raw["command"]), options=options, wild=wild, inputs=ins,
-                                    output=out, line=self.lines.get(("stages", i), 0), index=i))
+                stages.append(self._stage(i, raw, w, env))
         return stages
 
+    def _stage(self, i: int, raw: dict, w: str, env: dict[str, Any]) -> Stage:
+        name = str(_subst(raw["name"], env, w))
+        if not _NAME_RE.fullmatch(name) or ".." in name:
+            raise RcompError(f"{w}: stage name {name!r} must be a plain name (letters, digits, _ . - + = @; no "
+                             "slashes), since it names files in the output folder")
+        options = _subst(raw.get("options") or {}, env, w)
+        if not isinstance(options, dict):
+            raise RcompError(f"{self.where('stages', i, 'options')}: options must be a mapping")
+        wild = {}
+        for pattern, ov in self._stage_overrides.items():
+            if pattern == name:
+                options.update(ov)
+            elif fnmatch.fnmatchcase(name, pattern):
+                wild.update(ov)  # applied only where the command takes the option
+        ins = raw.get("inputs", [raw["input"]] if raw.get("input") is not None else [])
+        ins = [str(_subst(x, env, w)) for x in (ins if isinstance(ins, list) else [ins])]
+        out = str(_subst(raw.get("output", f"{name}.safetensors"), env, w))
+        return Stage(name=name, command=str(raw["command"]), options=options, wild=wild, inputs=ins, output=out,
+                     line=self.lines.get(("stages", i), 0), index=i)
 
-def load_recipe(path: Path, overrides: dict[str, str] | None = None) -> Recipe:
+
+def load_recipe(path: Path, overrides: dict[str, str] | None = None, max_stages: int = MAX_STAGES) -> Recipe:
+    from rcomp.safeyaml import read_yaml_source
+
     path = Path(path)
-    if not path.is_file():
-        raise RcompError(f"recipe {path} does not exist; check the path")
-    return Recipe(path.read_text(), source=str(path), overrides=overrides)
+    return Recipe(read_yaml_source(path, what="recipe"), source=str(path), overrides=overrides,
+                  max_stages=max_stages)
 
 
 # ------------------------------------------------------------------------------------------
-# validation against the CLI's own commands and options
+# checking: every stage's options become its typed config before anything runs
 # ------------------------------------------------------------------------------------------
 
-def _cli_commands():
-    import typer.main
-
-    from rcomp.cli import app
-
-    group = typer.main.get_command(app)
-    return {name: cmd for name, cmd in group.commands.items() if name not in ("run", "demo")}
-
-
-def _option_index(cmd) -> dict[str, Any]:
-    """option name (dashes) -> click parameter."""
-    idx = {}
-    for p in cmd.params:
-        if getattr(p, "param_type_name", "") != "option":
-            continue
-        for opt in list(p.opts) + list(getattr(p, "secondary_opts", [])):
-            if opt.startswith("--"):
-                idx[opt[2:]] = p
-        idx[p.name.replace("_", "-")] = p
-    return idx
+def _inside(out_dir: Path, rel: str, w: str) -> Path:
+    """``out_dir / rel``, refusing anything that would land outside ``out_dir``."""
+    p = Path(rel)
+    if p.is_absolute() or ".." in p.parts or not p.parts:
+        raise RcompError(f"{w}: output {rel!r} must be a relative path inside the output folder (no '..', not "
+                         "absolute)")
+    full = (out_dir / p).resolve()
+    if not full.is_relative_to(out_dir.resolve()):
+        raise RcompError(f"{w}: output {rel!r} resolves outside the output folder {out_dir}")
+    return out_dir / p
 
 
-def plan(recipe: Recipe, out_dir: Path) -> list[Stage]:
+def _configure(recipe: Recipe, st: Stage, out: Path, allow_factories: frozenset[str], w: str) -> Any:
+    from rcomp.options import make_config, option_index
+    from rcomp.stages import get_stage
+
+    cls = get_stage(st.command).config
+    idx = option_index(cls)
+    takes = {k: v for k, v in recipe.defaults.items() if str(k).replace("_", "-").lower() in idx}
+    takes.update({k: v for k, v in st.wild.items() if str(k).replace("_", "-").lower() in idx})
+    takes.update(st.options)
+    named = {k: idx.get(str(k).strip().lstrip("-").replace("_", "-").lower()) for k in takes}
+    for key, o in named.items():
+        if o is not None and o.name in ("output", "force"):
+            raise RcompError(f"{w}: set the output with the stage's output: key, not options.{key}")
+    # a user factory named in the recipe runs only if `rcomp run --allow-factory` names it too
+    given = {k: v for k, v in takes.items() if named[k] is not None and named[k].name == "arch"
+             and v in allow_factories}
+    from_file = {k: v for k, v in takes.items() if k not in given}
+    for key in st.options:  # an error names the line of the offending option
+        line = recipe.lines.get(("stages", st.index, "options", key))
+        where = f"{recipe.source} line {line}" if line else w
+        make_config(cls, {}, from_file={} if key in given else {key: st.options[key]}, file_source=where,
+                    command=st.command, partial=True)
+    cfg = make_config(cls, given, from_file=from_file, file_source=w, command=st.command)
+    return dataclasses.replace(cfg, output=out, force=True)
+
+
+def plan(recipe: Recipe, out_dir: Path, allow_factories: frozenset[str] = frozenset()) -> list[Stage]:
     """Check the whole recipe and order its stages; raises RcompError naming the line."""
-    commands = _cli_commands()
-    names = {}
+    from rcomp.stages import STAGES
+
+    names: dict[str, Stage] = {}
+    outputs: dict[Path, str] = {}
     for st in recipe.stages:
         w = f"{recipe.source} line {st.line}" if st.line else recipe.source
         if st.name in names:
             raise RcompError(f"{w}: stage name {st.name!r} is used twice")
         names[st.name] = st
-        if st.command not in commands:
-            raise RcompError(f"{w}: unknown command {st.command!r}; choose one of {', '.join(sorted(commands))}")
-        idx = _option_index(commands[st.command])
-        st.options.update({k: v for k, v in st.wild.items() if str(k).replace("_", "-") in idx})
-        for key in list(recipe.defaults) + list(st.options):
-            if key in st.options and str(key).replace("_", "-") not in idx:
-                line = recipe.lines.get(("stages", st.index, "options", key))
-                wk = f"{recipe.source} line {line}" if line else w
-                raise RcompError(f"{wk}: command {st.command} has no option --{str(key).replace('_', '-')}")
-        for key in ("output", "force"):
-            if key in st.options:
-                raise RcompError(f"{w}: set the output with the stage's output: key, not options.{key}")
+        if st.command not in STAGES:
+            raise RcompError(f"{w}: unknown command {st.command!r}; choose one of {', '.join(STAGES)}")
+        out = _inside(out_dir, st.output, w)
+        if out in outputs:
+            raise RcompError(f"{w}: output {st.output!r} is also stage {outputs[out]!r}'s output")
+        outputs[out] = st.name
+        st.config = _configure(recipe, st, out, allow_factories, w)
     for st in recipe.stages:
-        w = f"{recipe.source} line {st.line}" if st.line else recipe.source
-        st.deps, st.input_paths = [], []
-        for ref in st.inputs:
-            matches = [n for n in names if fnmatch.fnmatchcase(n, ref)] if any(c in ref for c in "*?[") else \
-                ([ref] if ref in names else [])
-            if matches:
-                for m in matches:
-                    if m in st.deps:
-                        continue
-                    if m == st.name:
-                        raise RcompError(f"{w}: stage {st.name!r} takes its own output as input")
-                    st.deps.append(m)
-                    st.input_paths.append(str(out_dir / names[m].output))
-            else:
-                p = Path(ref)
-                if not p.exists():
-                    raise RcompError(f"{w}: input {ref!r} is neither a stage name nor an existing file")
-                st.input_paths.append(str(p))
-    # topological order (stable), refusing cycles
+        _link_inputs(recipe, st, names, out_dir)
+    return _order(recipe, names)
+
+
+def _link_inputs(recipe: Recipe, st: Stage, names: dict[str, Stage], out_dir: Path) -> None:
+    w = f"{recipe.source} line {st.line}" if st.line else recipe.source
+    st.deps, st.input_paths = [], []
+    for ref in st.inputs:
+        matches = [n for n in names if fnmatch.fnmatchcase(n, ref)] if any(c in ref for c in "*?[") else \
+            ([ref] if ref in names else [])
+        if not matches:
+            if not Path(ref).is_file():
+                raise RcompError(f"{w}: input {ref!r} is neither a stage name nor an existing file")
+            st.input_paths.append(ref)
+        for m in matches:
+            if m in st.deps:
+                continue
+            if m == st.name:
+                raise RcompError(f"{w}: stage {st.name!r} takes its own output as input")
+            st.deps.append(m)
+            st.input_paths.append(str(out_dir / names[m].output))
+
+
+def _order(recipe: Recipe, names: dict[str, Stage]) -> list[Stage]:
+    """Topological order (stable), refusing cycles."""
     order, state = [], {}
 
     def visit(n, chain):
@@ -261,8 +305,7 @@ def plan(recipe: Recipe, out_dir: Path) -> list[Stage]:
             return
         if state.get(n) == "active":
             cyc = " -> ".join([*chain[chain.index(n):], n])
-            st = names[n]
-            raise RcompError(f"{recipe.source} line {st.line}: stages form a cycle: {cyc}")
+            raise RcompError(f"{recipe.source} line {names[n].line}: stages form a cycle: {cyc}")
         state[n] = "active"
         for d in names[n].deps:
             visit(d, [*chain, n])
@@ -274,82 +317,72 @@ def plan(recipe: Recipe, out_dir: Path) -> list[Stage]:
     return order
 
 
-def _args_for(stage: Stage, defaults: dict[str, Any], out_path: Path) -> list[str]:
-    cmd = _cli_commands()[stage.command]
-    idx = _option_index(cmd)
-    opts = {k: v for k, v in defaults.items() if str(k).replace("_", "-") in idx}
-    opts.update(stage.options)
-    args = [stage.command, *stage.input_paths]
-    for key, val in opts.items():
-        name = str(key).replace("_", "-")
-        p = idx[name]
-        if getattr(p, "is_flag", False):
-            if isinstance(val, str):
-                val = val.strip().lower() in ("1", "true", "yes", "on")
-            if val:
-                args.append(f"--{name}")
-            elif p.secondary_opts:
-                args.append(p.secondary_opts[0])
-            continue
-        if isinstance(val, list):
-            val = ",".join(str(v) for v in val)
-        args += [f"--{name}", str(val)]
-    args += ["-o", str(out_path), "--force"]
-    return args
+def command_line(st: Stage) -> str:
+    """The equivalent ``rcomp`` command, quoted as a shell would (for logs and --dry-run)."""
+    from rcomp.options import to_args
+    from rcomp.text import shell_quote
+
+    return shell_quote(["rcomp", st.command, *st.input_paths, *to_args(st.config)])
 
 
-def _fingerprint(stage: Stage, args: list[str]) -> str:
+def _fingerprint(st: Stage) -> str:
     from rcomp.io.header import sha256_file
+    from rcomp.options import config_dict
 
-    h = hashlib.sha256(json.dumps(args).encode())
-    for p in stage.input_paths:
+    h = hashlib.sha256(json.dumps([st.command, config_dict(st.config)], sort_keys=True, default=str).encode())
+    for p in st.input_paths:
         h.update(sha256_file(p).encode())
     return h.hexdigest()
 
 
-def run_recipe(recipe: Recipe, out_dir: Path, *, dry_run: bool = False, log=print) -> list[dict]:
+def _up_to_date(out: Path, stamp: Path, fp: str) -> dict | None:
+    if not (out.exists() and stamp.exists()):
+        return None
+    try:
+        prev = json.loads(stamp.read_text())
+    except (json.JSONDecodeError, OSError, UnicodeDecodeError):
+        return None
+    return prev if isinstance(prev, dict) and prev.get("fingerprint") == fp else None
+
+
+def _run_stage(st: Stage, log) -> Any:
+    from rcomp.stages import get_stage
+
+    try:
+        res = get_stage(st.command).run(st.config, [Path(p) for p in st.input_paths], log=log)
+        res.raise_failures()
+    except RcompError as exc:
+        raise type(exc)(f"stage {st.name} (line {st.line}) failed: {exc}; fix it and rerun: finished stages "
+                        "are skipped") from None
+    return res
+
+
+def run_recipe(recipe: Recipe, out_dir: Path, *, dry_run: bool = False, log=print,
+               allow_factories: frozenset[str] = frozenset()) -> list[dict]:
     """Run the stages in order; returns one record per stage (name, status, seconds, output)."""
-    from rcomp.cli import main
+    from rcomp.io.atomic import atomic_write_text
 
     out_dir = Path(out_dir)
-    order = plan(recipe, out_dir)
+    order = plan(recipe, out_dir, allow_factories)
     if dry_run:
-        return [{"stage": st.name, "status": "planned",
-                 "args": _args_for(st, recipe.defaults, out_dir / st.output)} for st in order]
+        return [{"stage": st.name, "status": "planned", "command": command_line(st)} for st in order]
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / STAMP_DIR).mkdir(exist_ok=True)
     records = []
     for i, st in enumerate(order, 1):
         out = out_dir / st.output
-        args = _args_for(st, recipe.defaults, out)
         stamp = out_dir / STAMP_DIR / f"{st.name}.json"
-        fp = _fingerprint(st, args)
-        if out.exists() and stamp.exists():
-            try:
-                prev = json.loads(stamp.read_text())
-            except json.JSONDecodeError:
-                prev = {}
-            if prev.get("fingerprint") == fp:
-                log(f"[{i}/{len(order)}] {st.name}: up to date, skipped")
-                records.append({"stage": st.name, "status": "skipped", "seconds": prev.get("seconds", 0.0),
-                                "output": str(out), "command": st.command})
-                continue
-        log(f"[{i}/{len(order)}] {st.name}: rcomp {' '.join(args)}")
+        fp = _fingerprint(st)
+        prev = _up_to_date(out, stamp, fp)
+        base = {"stage": st.name, "output": str(out), "command": st.command}
+        if prev is not None:
+            log(f"[{i}/{len(order)}] {st.name}: up to date, skipped")
+            records.append({**base, "status": "skipped", "seconds": prev.get("seconds", 0.0)})
+            continue
+        log(f"[{i}/{len(order)}] {st.name}: {command_line(st)}")
         t0 = time.perf_counter()
-        code = 0
-        try:
-            with contextlib.redirect_stdout(sys.stderr):  # stage output paths are logs here
-                main(args)
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
+        res = _run_stage(st, log)
         seconds = time.perf_counter() - t0
-        if code != 0:
-            raise RcompError(f"stage {st.name} (line {st.line}) failed with exit code {code}; "
-                             "fix it and rerun: finished stages are skipped")
-        from rcomp.io.atomic import atomic_write_text
-
-        atomic_write_text(stamp, json.dumps({"fingerprint": fp, "seconds": seconds, "args": args}))
-        records.append({"stage": st.name, "status": "ran", "seconds": seconds, "output": str(out),
-                        "command": st.command})
-        sys.stdout.flush()
+        atomic_write_text(stamp, json.dumps({"fingerprint": fp, "seconds": seconds}))
+        records.append({**base, "status": "ran", "seconds": seconds, "text": res.text})
     return records

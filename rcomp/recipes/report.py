@@ -55,7 +55,7 @@ def training_cost(entry: dict, train_size: int = DEFAULT_TRAIN_SIZE) -> float | 
     ``epochs x ceil(train images / batch)``."""
     params = entry.get("params") or {}
     results = entry.get("results") or entry.get("metrics") or {}
-    steps = results.get("steps_taken", params.get("steps_taken"))
+    steps = results.get("steps", results.get("steps_taken", params.get("steps_taken")))
     if steps is None:
         epochs, batch = params.get("epochs"), params.get("batch_size") or 128
         n = params.get("n") or train_size
@@ -69,8 +69,9 @@ def training_cost(entry: dict, train_size: int = DEFAULT_TRAIN_SIZE) -> float | 
     return float(steps) * per_step
 
 
-def checkpoint_costs(rows: list[dict]) -> dict[str, float]:
-    """``{stage: passes}`` read from each checkpoint's last ``finetune`` history entry (header only)."""
+def checkpoint_costs(rows: list[dict], last_only: bool = False) -> dict[str, float]:
+    """``{stage: passes}`` of all the training in each checkpoint's history (header only): a compressed
+    model's cost includes the training of the model it was made from. ``last_only``: the last run's."""
     from rcomp.io.format import CheckpointMeta
     from rcomp.io.header import read_header
 
@@ -80,10 +81,10 @@ def checkpoint_costs(rows: list[dict]) -> dict[str, float]:
             history = CheckpointMeta.from_metadata(read_header(r["path"]).metadata).history if r.get("path") else []
         except Exception:  # noqa: BLE001 - a cost we cannot read is shown as unknown
             continue
-        entries = [h for h in history if h.get("command") == "finetune"]
-        cost = training_cost(entries[-1]) if entries else None
-        if cost is not None:
-            out[r["stage"]] = cost
+        entries = [h for h in history if h.get("command") == "finetune"][-1 if last_only else 0:]
+        costs = [training_cost(e) for e in entries]
+        if costs and None not in costs:
+            out[r["stage"]] = sum(costs)
     return out
 
 
@@ -141,14 +142,23 @@ def _verdict_line(path: str, pts: list[dict], ref: float, target: float) -> tupl
          "target": target, "points": pts}
     if hit:
         text = (f"- {path}: reaches {TARGET_FRACTION:.0%} of the baseline's worst-case robust accuracy "
-                f"({hit['robust']:.4f} >= {target:.4f}) at {hit['fraction']:.1%} of its training cost "
-                f"({hit['steps']} steps).")
+                f"({hit['robust']:.4f} >= {target:.4f}) at {hit['fraction']:.1%} of the baseline's training cost, "
+                f"all training included ({hit['steps']} fine-tuning steps).")
     else:
-        where = f" at {best['fraction']:.1%} of its cost" if best["fraction"] is not None else ""
+        where = f" at {best['fraction']:.1%} of the cost" if best["fraction"] is not None else ""
         text = (f"- {path}: does NOT reach {TARGET_FRACTION:.0%} of the baseline's worst-case robust accuracy "
-                f"within {MAX_BUDGET:.0%} of its training cost: best {best['robust']:.4f}{where}, "
-                f"needed {target:.4f}.")
+                f"within {MAX_BUDGET:.0%} of the baseline's training cost: best {best['robust']:.4f}{where}, "
+                f"needed {target:.4f}" + _beyond(pts, target) + ".")
     return f, text
+
+
+def _beyond(pts: list[dict], target: float) -> str:
+    """Where a path reaches the target only above the budget limit, say at what cost."""
+    over = [p for p in pts if p["fraction"] is not None and p["robust"] >= target]
+    if not over:
+        return ""
+    p = min(over, key=lambda q: q["fraction"])
+    return f"; it does at {p['fraction']:.1%} (its starting model's training counted)"
 
 
 def _single_points(rows: list[dict]) -> dict[str, list[dict]]:
@@ -178,7 +188,8 @@ def conclude(rows: list[dict], costs: dict[str, float] | None = None, *, smoke: 
         lines.append(text)
     n = sum(f["reached"] for f in findings)
     head = (f"Baseline (adversarially trained dense model): worst-case robust accuracy {ref:.4f}, so the target "
-            f"is {target:.4f} ({TARGET_FRACTION:.0%}); budgets are fractions of its training cost"
+            f"is {target:.4f} ({TARGET_FRACTION:.0%}); costs count all the training that went into a model, "
+            "the model it was compressed from included, as a fraction of the baseline's training cost"
             + (f" ({ref_cost:,.0f} forward+backward passes)" if ref_cost else " (unknown here)")
             + f". {n} of {len(findings)} paths reach the target within {MAX_BUDGET:.0%}.")
     dense = by.get("baseline")
@@ -191,11 +202,12 @@ def conclude(rows: list[dict], costs: dict[str, float] | None = None, *, smoke: 
 # ----------------------------------------------------------------------------- the report
 
 
-def _table(rows: list[dict], attacks: list[str], costs: dict[str, float], ref_cost: float | None):
+def _table(rows: list[dict], attacks: list[str], costs: dict[str, float], ref_cost: float | None,
+           ft_costs: dict[str, float] | None = None):
     batches = list(rows[0].get("latency_ms") or {}) if rows else []
     headers = ["checkpoint", "params", "MACs", "size kB (effective)",
                f"latency ms (batch {'/'.join(batches)})" if batches else "latency ms", "clean", *attacks,
-               "worst", "train cost"]
+               "worst", "total train cost", "of which last run"]
     table = []
     for r in rows:
         lat = r.get("latency_ms") or {}
@@ -207,8 +219,13 @@ def _table(rows: list[dict], attacks: list[str], costs: dict[str, float], ref_co
                       "/".join(f"{v:.2f}" for v in lat.values()) if lat else "-", f"{r['clean_acc']:.3f}",
                       *[f"{r['robust_acc'].get(a, float('nan')):.3f}" for a in attacks],
                       f"{r['worst_case_acc']:.3f}",
-                      f"{cost / ref_cost:.1%}" if cost is not None and ref_cost else "-"])
+                      f"{cost / ref_cost:.1%}" if cost is not None and ref_cost else "-",
+                      _frac((ft_costs or {}).get(r["stage"]), ref_cost)])
     return headers, table
+
+
+def _frac(cost: float | None, ref: float | None) -> str:
+    return f"{cost / ref:.1%}" if cost is not None and ref else "-"
 
 
 def build_report(bench: dict[str, Any], records: list[dict], out_dir: Path, *, recipe_name: str = "demo",
@@ -231,7 +248,7 @@ def build_report(bench: dict[str, Any], records: list[dict], out_dir: Path, *, r
               "costs": costs, "conclusion": conclusion["text"], "findings": conclusion["findings"]}
     report["plot"] = make_plot(rows, costs, out_dir / "tradeoff.png") if plot else "plot skipped (--no-plot)"
     attacks = list(bench["attacks"])
-    headers, table = _table(rows, attacks, costs, ref_cost)
+    headers, table = _table(rows, attacks, costs, ref_cost, checkpoint_costs(rows, last_only=True))
     attack_desc = "; ".join(f"{k}: " + ", ".join(f"{pk}={pv}" for pk, pv in v.items() if pk != "name")
                             for k, v in bench["attacks"].items())
     md = [f"# rcomp {recipe_name} report", ""]
@@ -241,8 +258,9 @@ def build_report(bench: dict[str, Any], records: list[dict], out_dir: Path, *, r
            f"{bench.get('threads')} threads.", f"Attacks: {attack_desc}.", "",
            "Robust accuracy counts a point only if it is correct clean and under the attack; *worst* is the "
            "per-example worst case over all attacks. Quantized models are attacked through their gradient "
-           "surrogate and scored on their real forward pass. *train cost*: forward+backward passes of the last "
-           "training run as a fraction of the adversarially trained baseline's. Simulated quantization is "
+           "surrogate and scored on their real forward pass. *total train cost*: forward+backward passes of all "
+           "the training behind a checkpoint (its starting model's included) as a fraction of the adversarially "
+           "trained baseline's; *of which last run*: its own fine-tuning. Simulated quantization is "
            "stored in float; the effective size is parameters x bits / 8.", "",
            tabulate(table, headers=headers, tablefmt="github"), "",
            "## Conclusion", "", conclusion["text"], ""]
@@ -288,14 +306,14 @@ def make_plot(rows: list[dict], costs: dict[str, float], path: Path) -> str:
             ax.axhline(base["worst_case_acc"], color="k", ls="--", lw=1, label=f"{REFERENCE} (reference)")
             ax.axhline(TARGET_FRACTION * base["worst_case_acc"], color="grey", ls=":", lw=1,
                        label=f"{TARGET_FRACTION:.0%} of the reference")
-    left.set(xlabel="fine-tuning cost (fraction of the adversarial baseline's training)",
+    left.set(xlabel="training cost, all training behind the model (fraction of the adversarial baseline's)",
              ylabel="worst-case robust accuracy", title="Robustness against training cost")
     left.axvline(MAX_BUDGET, color="grey", ls="-.", lw=0.8, label=f"{MAX_BUDGET:.0%} budget limit")
     markers = "osD^v<>px*h"
     for i, r in enumerate(_inference_points(rows, costs, ref_cost)):
         right.scatter(bit_ops(r) / 1e9, r["worst_case_acc"], marker=markers[i % len(markers)], s=40, label=r["stage"])
     right.set(xscale="log", xlabel="inference cost: bit-operations per image (G; MACs x bits x bits)",
-              title="Robustness against inference cost (each path at its largest budget)")
+              title="Robustness against inference cost (each path at its largest budget within the limit)")
     for ax in (left, right):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=3, frameon=False)

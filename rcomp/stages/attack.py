@@ -1,0 +1,226 @@
+"""The attack stage: attack a checkpoint on a dataset and report robustness, optionally saving the
+examples; or replay saved examples against another checkpoint (transfer evaluation)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rcomp import options as O
+from rcomp.errors import RcompError
+from rcomp.stages import common as C
+
+#: what --attack accepts: single attacks and suites (rcomp.attacks.ATTACKS and SUITES)
+ATTACK_NAMES = ("fgsm", "pgd", "apgd", "apgd-t", "cw", "square", "auto")
+LOSSES = ("ce", "dlr", "cw")
+
+SUMMARY = "Attack a checkpoint and report clean accuracy, robust accuracy, success rate, perturbation norms, speed."
+DOC = """eps is in pixel units of [0, 1] images (normalisation is inside the model); adversarial images
+are clipped to [0, 1]; a point counts as robust only if it is correct clean and under every
+attack; points wrong clean are not attacked. Attack gradients come from the model itself, or
+from its differentiable twin for an int8 model (the report says which). The report goes to
+stdout (--json for JSON), progress to stderr.
+
+Attacks: fgsm (Goodfellow et al. 2015); pgd (Madry et al. 2018; steps 10, alpha 2.5*eps/steps,
+random start, restarts 1); apgd (Croce and Hein 2020, the core of AutoAttack; steps 100,
+--loss ce or dlr); apgd-t (APGD on the targeted DLR loss against the nearest classes in turn);
+cw (PGD on the Carlini-Wagner margin loss; steps 30); square (black box, Andriushchenko et al.
+2020); auto (AutoAttack's standard suite as a cascade: the recommended release gate)."""
+EXAMPLES = """rcomp attack model.safetensors --data digits --attack pgd --eps 0.1
+rcomp attack model.safetensors --data cifar10 -n 1000 --attack auto --eps 8/255
+rcomp attack model.safetensors --data cifar10 --attack pgd --eps 2/255,4/255,8/255 --json
+rcomp attack model.safetensors --data digits --attack pgd --eps 0.1 -o adv.safetensors
+rcomp attack pruned.safetensors --from adv.safetensors"""
+
+
+@dataclass
+class AttackOptions:
+    """The attack options ``attack`` and ``bench`` share."""
+
+    attack: tuple[str, ...] | None = O.opt(None, "--attack", kind="names", choices=ATTACK_NAMES,
+                                         help="Attack(s), comma-separated: fgsm, pgd (steps 10), apgd (steps 100, "
+                                              "--loss ce|dlr), apgd-t (multi-target), cw (steps 30), square (black "
+                                              "box), or auto (AutoAttack's suite as a cascade).")
+    eps: tuple[str, ...] | None = O.opt(None, "--eps", kind="eps_list",
+                                      help="Budget(s) in pixel units of [0, 1] images: 8/255, 0.03, or a comma list "
+                                           "to sweep, e.g. 2/255,8/255.")
+    norm: str = O.opt("linf", "--norm", kind="choice", choices=("linf", "l2"), help="linf or l2.")
+    steps: int | None = O.opt(None, "--steps", kind="int", min=1, max=10000,
+                            help="Iterations (default: pgd 10, cw 30, apgd 100; fgsm has one).")
+    alpha: float | None = O.opt(None, "--alpha", kind="number", min=0, min_open=True, max=1,
+                              help="Step size for pgd/cw (default 2.5 * eps / steps) or fgsm with a random start "
+                                   "(1.25 * eps).")
+    random_start: bool | None = O.opt(None, "--random-start", kind="bool", secondary="--no-random-start",
+                                    help="Start from a random point of the ball (default: on for pgd, cw, apgd; off "
+                                         "for fgsm).")
+    restarts: int = O.opt(1, "--restarts", kind="int", min=1, max=100,
+                        help="Random restarts; later ones attack only the points not yet fooled.")
+    loss: str | None = O.opt(None, "--loss", kind="choice", choices=LOSSES,
+                           help="Loss to maximise: ce, dlr (difference of logits ratio) or cw (margin); default ce "
+                                "(cw for cw).")
+    targeted: bool = O.opt(False, "--targeted", kind="bool",
+                         help="Push each image towards a random other class (drawn with --seed) instead of away from "
+                              "its label.")
+    queries: int | None = O.opt(None, "--queries", kind="int", min=1, max=10**6,
+                                help="Square's query budget per point (square, auto; default 5000).")
+    targets: int | None = O.opt(None, "--targets", kind="int", min=1, max=1000,
+                                help="Target classes APGD-T tries, nearest by logit margin first (apgd-t, auto; "
+                                     "default 9, at most classes - 1).")
+    cascade: bool = O.opt(False, "--cascade", kind="bool",
+                        help="Run the listed attacks as a cascade: each attacks only the points still robust after "
+                             "the ones before it (cheaper; per-attack figures are then not independent).")
+
+    def check_attacks(self) -> None:
+        if self.attack and not self.eps:
+            raise RcompError("give --eps in pixel units, e.g. --eps 8/255 or --eps 0.1")
+
+    def build(self, seed: int) -> dict[str, Any]:
+        """``{key: attack}`` for every attack and eps."""
+        from rcomp.evaluation.bench import build_attacks
+
+        return build_attacks(list(self.attack), list(self.eps), norm=self.norm, steps=self.steps, alpha=self.alpha,
+                             random_start=self.random_start, restarts=self.restarts, loss=self.loss,
+                             targeted=self.targeted, seed=seed, lenient=len(self.attack) > 1,
+                             **{k: v for k, v in (("queries", self.queries), ("targets", self.targets)) if v is not None})
+
+
+@dataclass
+class Config(AttackOptions):
+    data: str | None = O.data_opt()
+    split: str = O.opt("test", "--split", kind="choice", choices=("train", "test"), help="train or test.")
+    n: int | None = O.n_opt()
+    from_file: Path | None = O.opt(None, "--from", kind="path",
+                                 help="Replay adversarial examples saved with -o against CKPT (transfer evaluation) "
+                                      "instead of attacking.")
+    output: Path | None = O.opt(None, "-o", "--output", kind="path",
+                              help="Save the examples (safetensors: images, adv_images, labels, with the attack's "
+                                   "parameters); one attack and one eps only.")
+    batch_size: int = O.batch_opt(128)
+    seed: int = O.seed_opt()
+    device: str = O.device_opt("auto")
+    data_dir: Path | None = O.data_dir_opt()
+    arch: str | None = O.arch_opt()
+    trust_factory: bool = O.trust_opt()
+    force: bool = O.force_opt()
+    json: bool = O.json_opt()
+
+    def check(self) -> None:
+        if self.from_file is not None:
+            if self.output is not None:
+                raise RcompError("--from replays saved examples; it writes none, so drop -o")
+            return
+        if not self.data:
+            raise RcompError("give --data (e.g. --data digits), or --from FILE to replay saved examples")
+        if not self.attack:
+            raise RcompError(f"give --attack, e.g. --attack pgd (choose from {', '.join(ATTACK_NAMES)})")
+        self.check_attacks()
+        if self.output is not None and len(self.attack) * len(self.eps) != 1:
+            raise RcompError("-o saves the examples of one attack at one eps; give a single --attack and --eps")
+
+
+def report_dict(model, path: Path, res, data: str | None, split: str | None, device: str,
+                output: Path | None = None, source: dict | None = None) -> dict[str, Any]:
+    """The attack report as JSON-able data (what ``--json`` prints)."""
+    return {
+        "path": str(path), "sha256": model.source_sha256, "arch": model.meta.arch.name,
+        "gradient_source": res.gradient_source, "data": data, "split": split, "n": res.n, "device": device,
+        "clean_acc": res.clean_acc, "robust_acc": dict(res.robust_acc), "worst_case_acc": res.worst_case_acc,
+        "mode": getattr(res, "mode", "independent"), "seed": getattr(res, "seed", None),
+        "stage_robust_acc": dict(getattr(res, "stage_robust_acc", {}) or {}),
+        "gradient_masking_suspected": getattr(res, "gradient_masking_suspected", None),
+        "attacks": {k: {"params": a.params, "robust_acc": a.robust_acc, "success_rate": a.success_rate,
+                        "mean_norm": a.mean_norm, "max_norm": a.max_norm, "attacked": a.attacked,
+                        "seconds": round(a.seconds, 4), "examples_per_s": round(a.examples_per_s, 2)}
+                    for k, a in res.attacks.items()},
+        "seconds": round(res.seconds, 4), "examples_per_s": round(res.examples_per_s, 2),
+        "output": str(output) if output is not None else None, "source": source,
+    }
+
+
+def _save(cfg: Config, path: Path, model, res, attacks, kept: list) -> None:
+    import torch
+
+    from rcomp.io.examples import save_examples
+
+    (key, atk), = attacks.items()
+    info = {"attack": atk.params(), "source_checkpoint": str(path), "source_sha256": model.source_sha256,
+            "arch": model.meta.arch.name, "gradient_source": model.gradient_source, "data": cfg.data,
+            "split": cfg.split, "n": res.n, "input_shape": list(model.meta.input.shape), "clean_acc": res.clean_acc,
+            "robust_acc": res.robust_acc[key]}
+    save_examples(Path(cfg.output), torch.cat([k[0] for k in kept]), torch.cat([k[1] for k in kept]),
+                  torch.cat([k[2] for k in kept]), info, (path,), cfg.force)
+
+
+def apply(model, cfg: Config, log=C.stderr_log, path: Path | None = None) -> C.StageResult:
+    """Attack ``model`` (loaded) on ``cfg.data``; the report is in the result. ``path`` names it."""
+    from rcomp.data.registry import check_fits, get_dataset, make_loader
+    from rcomp.evaluation.robustness import evaluate
+
+    C.seed_everything(cfg.seed)
+    attacks = cfg.build(cfg.seed)
+    dev = C.resolve_device(cfg.device)
+    model.to(dev)
+    name = path.name if path is not None else "model"
+    ds = get_dataset(cfg.data, cfg.split, model.meta.input, cfg.data_dir, log=log)
+    check_fits(ds, model.meta.num_classes, cfg.data)
+    loader = make_loader(ds, cfg.batch_size, n=cfg.n)
+    log(f"attacking {name} ({model.meta.arch.name}, gradients: {model.gradient_source}) on {cfg.data} "
+        f"{cfg.split}, {min(cfg.n or len(ds), len(ds))} points, device {dev}, seed {cfg.seed}")
+    kept: list = []
+
+    def keep(x, y, advs):
+        (xa,) = advs.values()
+        kept.append((x.cpu(), xa.cpu(), y.cpu()))
+
+    res = evaluate(model, loader, attacks, device=dev, progress=True, desc="attack",
+                   on_batch=keep if cfg.output is not None else None, cascade=cfg.cascade)
+    if cfg.output is not None:
+        _save(cfg, path, model, res, attacks, kept)
+        log(f"wrote {res.n} adversarial examples to {cfg.output}")
+    report = report_dict(model, path or Path(name), res, cfg.data, cfg.split, dev, output=cfg.output)
+    return C.StageResult(model=model, output=cfg.output, report=report)
+
+
+def run(cfg: Config, inputs: list, *, log=C.stderr_log, **_: Any) -> C.StageResult:
+    """Attack (or replay) the checkpoint and return the report; writes only the examples file of -o."""
+    from rcomp.io.atomic import check_output_path
+
+    path = C.check_input(inputs[0])
+    if cfg.from_file is not None:
+        return _replay(cfg, path)
+    cfg.build(cfg.seed)  # refuse bad attack settings before loading anything
+    if cfg.output is not None:
+        check_output_path(Path(cfg.output), (path,), force=cfg.force)
+    model = C.as_model(path, C.resolve_device(cfg.device), cfg.arch, cfg.trust_factory)
+    return apply(model, cfg, log, path)
+
+
+def _replay(cfg: Config, path: Path) -> C.StageResult:
+    from rcomp.evaluation.robustness import evaluate_pairs
+    from rcomp.io.examples import load_examples
+
+    src = Path(cfg.from_file)
+    if not src.exists():
+        raise RcompError(f"--from {src} does not exist; check the path")
+    x, xa, y, info = load_examples(src)
+    dev = C.resolve_device(cfg.device)
+    model = C.as_model(path, dev, cfg.arch, cfg.trust_factory)
+    want = tuple(model.meta.input.shape)
+    if tuple(x.shape[1:]) != want:
+        raise RcompError(f"--from {src} holds {'x'.join(map(str, x.shape[1:]))} images but {path.name} takes "
+                         f"{'x'.join(map(str, want))}; replay examples made for this input shape")
+    if len(y) and (int(y.min()) < 0 or int(y.max()) >= model.meta.num_classes):
+        raise RcompError(f"--from {src} has labels up to {int(y.max())} but {path.name} outputs "
+                         f"{model.meta.num_classes} classes; replay examples made for this task")
+    if cfg.n is not None:
+        x, xa, y = x[:cfg.n], xa[:cfg.n], y[:cfg.n]
+    params = info.get("attack", {}) if isinstance(info.get("attack"), dict) else {}
+    name = f"{params.get('attack', 'saved')} (transfer)"
+    res = evaluate_pairs(model, x, xa, y, batch_size=cfg.batch_size, device=dev, name=name,
+                         norm=params.get("norm", "linf"))
+    res.attacks[name].params = {**params, "transfer_from": info.get("source_checkpoint"),
+                                "transfer_from_sha256": info.get("source_sha256")}
+    source = {"path": str(src), "source_checkpoint": info.get("source_checkpoint"),
+              "source_sha256": info.get("source_sha256"), "data": info.get("data"), "split": info.get("split")}
+    return C.StageResult(model=model, report=report_dict(model, path, res, None, None, dev, source=source))

@@ -1,0 +1,185 @@
+"""The bench stage: checkpoints side by side (cost, clean, robust and worst-case accuracy), rendered as a
+table, markdown, JSON or CSV, with ``--fail-under`` thresholds for CI."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rcomp import options as O
+from rcomp.errors import RcompError
+from rcomp.stages import common as C
+from rcomp.stages.attack import AttackOptions
+from rcomp.text import printable
+
+FORMATS = ("table", "markdown", "json", "csv")
+
+SUMMARY = "Compare checkpoints side by side: cost, clean accuracy, robust accuracy per attack, worst case."
+DOC = """Parameters, MACs, file size, latency, clean accuracy, robust accuracy per attack and eps, and
+the worst case over all attacks (a point counts only if it is correct clean and under every
+attack). Every model is evaluated on the same points with the same random starts. Results on
+stdout, progress on stderr.
+
+--attack and its options are those of `rcomp attack`; without --attack only clean accuracy and
+cost are measured. --fail-under makes it a CI gate: exit code 1, naming each model and metric
+that fell short. In JSON, robust_acc is keyed by the attack name as given when one eps is
+given, by name@eps when several are."""
+EXAMPLES = """rcomp bench base.safetensors pruned.safetensors int8.safetensors --data digits --attack fgsm,pgd --eps 0.1
+rcomp bench *.safetensors --data cifar10 -n 1000 --attack auto --eps 8/255 --format markdown
+rcomp bench model.safetensors --data digits --attack pgd --eps 0.1 --format json \\
+  --fail-under clean=0.9,pgd=0.4,worst=0.35"""
+
+
+@dataclass
+class Config(AttackOptions):
+    data: str | None = O.data_opt()
+    split: str = O.opt("test", "--split", kind="choice", choices=("train", "test"), help="train or test.")
+    n: int | None = O.n_opt()
+    format: str = O.opt("table", "--format", kind="choice", choices=FORMATS, help="table, markdown, json or csv.")
+    output: Path | None = O.opt(None, "-o", "--output", kind="path", help="Also write the results to this file.")
+    fail_under: str | None = O.opt(None, "--fail-under",
+                                 help="Exit 1 if any model falls below, e.g. clean=0.9,pgd=0.4,worst=0.35 (metrics: "
+                                      "clean, worst, and each attack as named in the results).")
+    latency_batch: int = O.opt(64, "--latency-batch", kind="int", min=0, max=65536,
+                             help="The larger batch for latency (besides batch 1); 0 measures batch 1 only.")
+    batch_size: int = O.batch_opt(128)
+    seed: int = O.seed_opt()
+    device: str = O.device_opt("auto")
+    data_dir: Path | None = O.data_dir_opt()
+    arch: str | None = O.arch_opt()
+    trust_factory: bool = O.opt(False, "--trust-factory", kind="bool", file_ok=False,
+                              file_note="it lets a checkpoint run code, so only the person running rcomp may allow it",
+                              help="Import the user factories checkpoints name (only for files you trust).")
+    force: bool = O.force_opt()
+
+    def check(self) -> None:
+        if not self.data:
+            raise RcompError("give --data (e.g. --data digits)")
+        if not self.attack and self.eps:
+            raise RcompError("--eps needs --attack (e.g. --attack pgd)")
+        self.check_attacks()
+
+
+# ----- rendering -------------------------------------------------------------
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def _quant(q: dict | None) -> str:
+    """'-' for float models, else e.g. 'int8 x86' or 'sim4'."""
+    if not q:
+        return "-"
+    if q.get("mode") == "simulated":
+        return f"sim{q.get('bits')}"
+    return f"int{q.get('bits')} {q.get('backend', '')}".strip()
+
+
+def table_rows(result: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    """Headers and rows for the human formats (accuracies in %)."""
+    keys = list(result["attacks"])
+    batches = list(result["models"][0]["latency_ms"]) if result["models"] else []
+    headers = ["model", "arch", "quant", "params", "MACs", "size", *[f"ms@{b}" for b in batches], "clean %",
+               *[f"{k} %" for k in keys]]
+    if keys:
+        headers.append("worst %")
+    headers.append("gradient")
+    rows = []
+    for m in result["models"]:
+        row = [printable(m["name"]), printable(m["arch"]), _quant(m.get("quantization")), C.human(m["params"]), C.human(m["macs"]),
+               C.human(m["size_bytes"], "B"), *[f"{m['latency_ms'][b]:.2f}" for b in batches], _pct(m["clean_acc"]),
+               *[_pct(m["robust_acc"][k]) for k in keys]]
+        if keys:
+            row.append(_pct(m["worst_case_acc"]))
+        row.append(m["gradient_source"])
+        rows.append(row)
+    return headers, rows
+
+
+def _csv(result: dict[str, Any]) -> str:
+    keys = list(result["attacks"])
+    batches = list(result["models"][0]["latency_ms"]) if result["models"] else []
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["path", "sha256", "arch", "params", "macs", "size_bytes", *[f"latency_ms_b{b}" for b in batches],
+                "clean_acc", *[f"robust_acc[{k}]" for k in keys], "worst_case_acc", "gradient_source", "data", "n",
+                "device", "threads"])
+    for m in result["models"]:
+        w.writerow([m["path"], m["sha256"], m["arch"], m["params"], m["macs"], m["size_bytes"],
+                    *[m["latency_ms"][b] for b in batches], m["clean_acc"], *[m["robust_acc"][k] for k in keys],
+                    m["worst_case_acc"], m["gradient_source"], result["data"], result["n"], result["device"],
+                    result["threads"]])
+    return buf.getvalue().rstrip("\n")
+
+
+def render(result: dict[str, Any], fmt: str) -> str:
+    """The benchmark in ``fmt``: table, markdown (GitHub), json or csv."""
+    if fmt == "json":
+        return json.dumps(result, indent=2, default=str)
+    if fmt == "csv":
+        return _csv(result)
+    from tabulate import tabulate
+
+    headers, rows = table_rows(result)
+    body = tabulate(rows, headers=headers, tablefmt="github" if fmt == "markdown" else "simple",
+                    disable_numparse=True)
+    attacks = "; ".join(
+        f"{k}: " + ", ".join(f"{p}={v:.4g}" if isinstance(v, float) else f"{p}={v}" for p, v in a.items()
+                             if p != "attack")
+        for k, a in result["attacks"].items())
+    foot = (f"data {result['data']} {result['split']}, n={result['n']}, device {result['device']}, "
+            f"{result['threads']} threads; latency = median ms per batch (ms@B) of 10 repeats after 3 warm-up "
+            "under inference_mode (the JSON has the spread)")
+    if attacks:
+        foot += f"\nattacks: {attacks}\nworst = correct clean and under every attack"
+    unsteady = [f"{m['name']} at batch {b} (max/min {st['max_over_min']:.2f})" for m in result["models"]
+                for b, st in (m.get("latency") or {}).items() if not st.get("steady", True)]
+    if unsteady:
+        foot += "\nlatency UNSTEADY, do not trust: " + "; ".join(unsteady) + " (a busy machine? rerun when quiet)"
+    if any(m.get("gradient_masking_suspected") for m in result["models"]):
+        foot += "\nwarning: gradient masking suspected: " + "; ".join(
+            f"{m['name']}: {m['gradient_masking_suspected']} point(s) fooled only by a gradient-free attack"
+            for m in result["models"] if m.get("gradient_masking_suspected"))
+    return f"{body}\n\n{foot}"
+
+
+def unique_names(items: list) -> list[str]:
+    """The shortest path suffix that tells each file apart: ``a/base.safetensors``, ``b/base.safetensors``;
+    ``model{i}`` for a model given in memory."""
+    parts = [Path(p).resolve().parts if isinstance(p, (str, Path)) else (f"model{i}",) for i, p in enumerate(items)]
+    names = []
+    for i, p in enumerate(parts):
+        k = 1
+        while k < len(p) and any(j != i and q[-k:] == p[-k:] for j, q in enumerate(parts)):
+            k += 1
+        names.append(str(Path(*p[-k:])))
+    return names
+
+
+def run(cfg: Config, inputs: list, *, log=C.stderr_log, **_: Any) -> C.StageResult:
+    """Benchmark the checkpoints (paths or loaded models); writes only the ``-o`` copy of the results."""
+    from rcomp.evaluation.bench import bench, check_thresholds, parse_fail_under
+    from rcomp.io.atomic import atomic_write_text, check_output_path
+
+    paths = [C.check_input(p) if isinstance(p, (str, Path)) else p for p in inputs]
+    if cfg.output is not None:
+        check_output_path(Path(cfg.output), tuple(p for p in paths if isinstance(p, Path)), force=cfg.force)
+    C.seed_everything(cfg.seed)
+    attacks = cfg.build(cfg.seed) if cfg.attack else {}
+    thresholds = parse_fail_under(cfg.fail_under, list(attacks))
+    dev = C.resolve_device(cfg.device)
+    batches = (1, cfg.latency_batch) if cfg.latency_batch > 1 else (1,)
+    result = bench(paths, cfg.data, attacks, split=cfg.split, n=cfg.n, batch_size=cfg.batch_size, device=dev,
+                   data_dir=cfg.data_dir, latency_batches=batches, arch=cfg.arch, trust_factory=cfg.trust_factory,
+                   progress=True, log=log, cascade=cfg.cascade)
+    for m, name in zip(result["models"], unique_names(paths), strict=True):
+        m["name"] = name
+    text = render(result, cfg.format)
+    if cfg.output is not None:
+        atomic_write_text(Path(cfg.output), text + "\n", exclusive=not cfg.force)
+        log(f"wrote {cfg.output}")
+    return C.StageResult(output=cfg.output, report=result, text=text, failures=check_thresholds(result, thresholds))

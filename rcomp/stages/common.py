@@ -1,0 +1,149 @@
+"""What every stage shares: devices, seeds, output naming, loading and saving with provenance.
+
+Imports torch lazily.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rcomp.errors import RcompError
+
+Log = Callable[[str], None]
+
+
+def stderr_log(msg: str) -> None:
+    """The default log: stderr, so stdout stays for results and output paths."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+@dataclass
+class StageResult:
+    """What a stage returns: the model it made, where it wrote it, and what it measured."""
+
+    model: Any = None
+    output: Path | None = None
+    sha256: str | None = None
+    report: dict[str, Any] = field(default_factory=dict)
+    entry: dict[str, Any] | None = None
+    #: the human rendering, where the stage makes one (bench)
+    text: str | None = None
+    #: thresholds the results fell short of (bench --fail-under): exit 1 after printing
+    failures: list[str] = field(default_factory=list)
+
+    def raise_failures(self) -> None:
+        from rcomp.errors import ThresholdError
+
+        if self.failures:
+            raise ThresholdError("below --fail-under: " + "; ".join(self.failures))
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    d = (device or "auto").strip().lower()
+    if d == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if d == "cpu":
+        return "cpu"
+    if re.fullmatch(r"cuda(:\d+)?", d):
+        if not torch.cuda.is_available():
+            raise RcompError(f"--device {device}: no CUDA GPU is available here; use --device cpu")
+        idx = int(d.split(":")[1]) if ":" in d else 0
+        if idx >= torch.cuda.device_count():
+            raise RcompError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) here")
+        return d
+    raise RcompError(f"--device {device!r} is not one of auto, cpu, cuda, cuda:N")
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import torch
+
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def default_output(inp: Path, suffix: str) -> Path:
+    """``model.safetensors`` + ``prune0.5`` -> ``model.prune0.5.safetensors`` beside the input."""
+    name = inp.name
+    stem = name[: -len(".safetensors")] if name.endswith(".safetensors") else inp.stem
+    return inp.with_name(f"{stem}.{suffix}.safetensors")
+
+
+def resolve_output(output: Path | None, inp: Path | None, suffix: str, force: bool) -> Path:
+    """The output path (given, or beside the input), checked before any work is done."""
+    from rcomp.io.atomic import check_output_path
+
+    if output is None:
+        if inp is None:
+            raise RcompError("give an output path with -o")
+        output = default_output(inp, suffix)
+    return check_output_path(Path(output), (inp,) if inp is not None else (), force=force)
+
+
+def check_input(path: Path) -> Path:
+    """Refuse an input that is not an rcomp checkpoint before anything else (e.g. a PyTorch file that
+    needs ``rcomp convert``), so the user hears about the real problem first."""
+    from rcomp.io.header import read_header
+
+    read_header(Path(path))
+    return Path(path)
+
+
+def load_model(path: Path, device: str = "cpu", arch: str | None = None, trust: bool = False):
+    from rcomp.models.loading import load
+
+    return load(path, device=device, factory=arch, trust_factory=trust)
+
+
+def as_model(model_or_path: Any, device: str = "cpu", arch: str | None = None, trust: bool = False):
+    """A loaded model, given one or a checkpoint path."""
+    if isinstance(model_or_path, (str, Path)):
+        return load_model(Path(model_or_path), device, arch, trust)
+    return model_or_path
+
+
+def record(model, command: str, params: dict[str, Any], input_sha256: str | None,
+           metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Append the stage's history entry to the model's provenance and return it."""
+    from rcomp.io.format import history_entry
+
+    entry = history_entry(command, params, input_sha256, metrics)
+    model.meta.history.append(entry)
+    return entry
+
+
+def save_output(model, out: Path, force: bool, inputs: tuple) -> str:
+    from rcomp.models.loading import save
+
+    return save(model, out, force=force, inputs=tuple(i for i in inputs if i is not None))
+
+
+def parameters(model) -> int:
+    """Parameters of ``model``, counting an int8 model's packed weights (which are no nn.Parameters)."""
+    from rcomp.evaluation.cost import count_params
+
+    return count_params(model)
+
+
+def human(n: int | None, unit: str = "") -> str:
+    """``2800000`` -> ``2.80M``."""
+    if n is None:
+        return "-"
+    for div, suf in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{suf}{unit}"
+    return f"{n}{unit}"

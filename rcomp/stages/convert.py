@@ -1,0 +1,132 @@
+"""The convert stage: plain weights (safetensors or a weights-only PyTorch state_dict) -> rcomp checkpoint."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rcomp import options as O
+from rcomp.errors import RcompError
+from rcomp.stages import common as C
+
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+NORMALIZE = ("imagenet", "none")
+
+SUMMARY = "Turn plain weights into an rcomp checkpoint (weights + everything needed to rebuild the model)."
+DOC = """State dicts are read with torch.load(weights_only=True), never full pickle; `module.` and
+`model.` key prefixes are stripped; a key or shape mismatch is reported by name. The input
+normalisation used is always printed: for torchvision models at their native 3x224x224 it defaults to
+ImageNet's; at any other input shape give --mean/--std or --normalize imagenet|none. With --data, the
+converted model's clean accuracy is measured and a near-chance result is reported as an error."""
+EXAMPLES = """rcomp convert resnet18.pth --arch resnet18 --num-classes 1000 -o resnet18.safetensors
+rcomp convert cifar_weights.safetensors --arch resnet18-cifar --mean 0.4914,0.4822,0.4465 \\
+  --std 0.2470,0.2435,0.2616 --dataset cifar10
+rcomp convert r18.pth --arch resnet18 --input-shape 3,32,32 --normalize none --data cifar10"""
+
+
+@dataclass
+class Config:
+    arch: str | None = O.opt(None, "--arch", help="Registry name (rcomp info --models) or package.module:factory.",
+                           file_check=O.user_factory_from_file)
+    num_classes: int | None = O.opt(None, "--num-classes", kind="int", min=1, max=10**6,
+                                  help="Classes (default: read from the weights).")
+    input_shape: tuple[int, int, int] | None = O.opt(None, "--input-shape", kind="shape",
+                                                   help="C,H,W (default: the architecture's).")
+    mean: tuple[float, ...] | None = O.opt(None, "--mean", kind="floats",
+                                         help="Per-channel mean, e.g. 0.485,0.456,0.406.")
+    std: tuple[float, ...] | None = O.opt(None, "--std", kind="floats", help="Per-channel std, e.g. 0.229,0.224,0.225.")
+    normalize: str | None = O.opt(None, "--normalize", kind="choice", choices=NORMALIZE,
+                                help="Instead of --mean/--std: imagenet (torchvision's) or none (inputs used as "
+                                     "they are). Default: imagenet for torchvision models at 3x224x224.")
+    arch_kwargs: dict = O.opt(None, "--arch-kwargs", kind="json", help="JSON constructor arguments.")
+    dataset: str | None = O.opt(None, "--dataset", help="Dataset the weights were trained on, if known.")
+    data: str | None = O.opt(None, "--data", help="Measure clean accuracy on this dataset's test split after "
+                                                "converting (catches a wrong normalisation).")
+    data_dir: Path | None = O.data_dir_opt()
+    eval_n: int = O.opt(500, "--eval-n", kind="int", min=1, max=10**8, help="Test images for --data.")
+    output: Path | None = O.output_opt()
+    force: bool = O.force_opt()
+    json: bool = O.json_opt()
+
+    def check(self) -> None:
+        if not self.arch:
+            raise RcompError("give --arch NAME (rcomp info --models lists them), e.g. --arch resnet18")
+        if (self.mean is None) != (self.std is None):
+            raise RcompError("give --mean and --std together (one value per channel)")
+        if self.normalize and self.mean is not None:
+            raise RcompError("give either --normalize or --mean/--std, not both")
+
+
+def _normalisation(cfg: Config, shape) -> tuple[list[float] | None, list[float] | None, str]:
+    """mean/std from the options; a guess is said on stderr, and refused where it would be a blind one."""
+    from rcomp.models.builtin import BUILTINS
+
+    if cfg.mean is not None:
+        return list(cfg.mean), list(cfg.std), "given"
+    is_tv = cfg.arch not in BUILTINS and ":" not in cfg.arch
+    norm = cfg.normalize
+    if norm is None and is_tv and shape[0] == 3:
+        if tuple(shape) != (3, 224, 224):
+            raise RcompError(f"{cfg.arch} at input shape {','.join(map(str, shape))} is not at its native 3x224x224, "
+                             "so ImageNet normalisation cannot be assumed: give --normalize imagenet|none or "
+                             "--mean/--std as the weights were trained")
+        note = ("ImageNet's, assumed for a torchvision model at 3x224x224; give --normalize none or --mean/--std "
+                "if the weights were trained otherwise")
+        return list(IMAGENET[0]), list(IMAGENET[1]), note
+    if norm == "imagenet":
+        if shape[0] != 3:
+            raise RcompError("--normalize imagenet needs 3 input channels; give --mean/--std")
+        return list(IMAGENET[0]), list(IMAGENET[1]), "ImageNet's (--normalize imagenet)"
+    return None, None, "none (inputs used as they are)" if norm == "none" else "none given: mean 0, std 1"
+
+
+def _check_accuracy(model, cfg: Config, log) -> dict[str, Any]:
+    from rcomp.data.registry import check_fits, get_dataset, make_loader
+    from rcomp.evaluation.accuracy import clean_accuracy
+
+    test = get_dataset(cfg.data, "test", model.meta.input, cfg.data_dir, log=log)
+    check_fits(test, model.meta.num_classes, cfg.data)
+    correct, n = clean_accuracy(model, make_loader(test, 128, n=cfg.eval_n))
+    acc, chance = correct / n, 1.0 / model.meta.num_classes
+    log(f"clean accuracy on {cfg.data} test ({n} images): {acc:.4f}")
+    if acc < 2 * chance:
+        raise RcompError(f"the converted model scores {acc:.3f} on {cfg.data}, near chance ({chance:.3f}): "
+                         "the normalisation or input shape is probably wrong; give --mean/--std (or --normalize) "
+                         "as the weights were trained")
+    return {"clean_acc": acc, "eval_n": n}
+
+
+def convert(cfg: Config, src: Path, log=C.stderr_log) -> C.StageResult:
+    """Read the weights -> build the model -> record the history entry (nothing is written)."""
+    from rcomp.io.header import sha256_file
+    from rcomp.models.convert import convert_state_dict
+    from rcomp.models.registry import default_input_shape
+
+    if not src.is_file():
+        raise RcompError(f"{src} does not exist or is not a file; check the path")
+    shape = cfg.input_shape or default_input_shape(cfg.arch)
+    mean, std, note = _normalisation(cfg, shape)
+    kwargs = dict(cfg.arch_kwargs or {})
+    model = convert_state_dict(src, cfg.arch, cfg.num_classes, shape, mean, std, kwargs, dataset=cfg.dataset)
+    log(f"input: {'x'.join(map(str, shape))} in [0, 1]; normalisation mean {model.meta.input.mean}, "
+        f"std {model.meta.input.std} ({note})")
+    metrics = _check_accuracy(model, cfg, log) if cfg.data else None
+    params = {"src": str(src), "arch": cfg.arch, "num_classes": model.meta.num_classes, "input_shape": list(shape),
+              "mean": model.meta.input.mean, "std": model.meta.input.std, "arch_kwargs": kwargs}
+    entry = C.record(model, "convert", params, sha256_file(src), metrics)
+    return C.StageResult(model=model, entry=entry, report={"params": C.parameters(model), **(metrics or {})})
+
+
+def run(cfg: Config, inputs: list, *, log=C.stderr_log, **_: Any) -> C.StageResult:
+    """Convert -> save."""
+    src = Path(inputs[0])
+    if not src.is_file():
+        raise RcompError(f"{src} does not exist or is not a file; check the path")
+    out = C.resolve_output(cfg.output, src, "rcomp", cfg.force)
+    res = convert(cfg, src, log)
+    res.sha256 = C.save_output(res.model, out, cfg.force, (src,))
+    res.output = out
+    log(f"converted {src} -> {out} ({C.parameters(res.model):,} parameters, sha256 {res.sha256[:12]})")
+    res.report = {"path": str(out), "sha256": res.sha256, **res.report}
+    return res

@@ -1,0 +1,304 @@
+"""The finetune stage: standard or adversarial training, from a checkpoint or an architecture."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rcomp import options as O
+from rcomp.errors import RcompError
+from rcomp.stages import common as C
+
+ADV_MODES = ("none", "fgsm", "pgd", "trades")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("const", "step", "cosine", "onecycle")
+DEFAULT_LR = {"sgd": 0.01, "adam": 3e-3, "adamw": 3e-3}
+
+SUMMARY = "Train or fine-tune a classifier, optionally adversarially; prints the output path."
+DOC = """From CKPT it fine-tunes (pruned models stay pruned, quantized ones train through their
+fake-quant twin and keep their format); with --arch and no CKPT it trains from scratch.
+Defaults: SGD lr 0.01 momentum 0.9 constant schedule for a checkpoint (the study's recipe),
+Adam lr 3e-3 for --arch; batch 128; PGD 10 steps of 2.5 eps/steps; FGSM from a random
+start with step 1.25 eps. The same --seed gives bit-identical output on CPU. Under
+`torchrun --nproc-per-node N -m rcomp finetune ...` it trains with DistributedDataParallel
+(gloo on CPU, nccl on GPU); --batch-size stays the global batch; only rank 0 writes."""
+EXAMPLES = """rcomp finetune --arch convnet8 --data digits --epochs 20 --batch-size 64 -o dense.safetensors
+rcomp finetune model.prune0.5.safetensors --data digits --adv pgd --eps 0.1 --epochs 3
+rcomp finetune model.safetensors --data cifar10 --adv fgsm --eps 8/255 --schedule onecycle \\
+  --lr 0.2 --epochs 15 --save-every 1 -o robust.safetensors
+torchrun --nproc-per-node 2 -m rcomp finetune --arch convnet8 --data digits -o ddp.safetensors"""
+
+
+@dataclass
+class Config:
+    arch: str | None = O.opt(None, "--arch", file_check=O.user_factory_from_file,
+                           help="Train from scratch: registry name (rcomp info --models) or package.module:factory. "
+                                "With CKPT: names the user factory the checkpoint was made with.")
+    num_classes: int | None = O.opt(None, "--num-classes", kind="int", min=1, max=10**6,
+                                  help="With --arch: classes (default: the dataset's).")
+    input_shape: tuple[int, int, int] | None = O.opt(None, "--input-shape", kind="shape",
+                                                   help="With --arch: C,H,W (default: the dataset's native shape, "
+                                                        "digits 1,8,8; an image folder's own image size).")
+    arch_kwargs: dict | None = O.opt(None, "--arch-kwargs", kind="json", help="With --arch: JSON constructor arguments.")
+    data: str = O.data_opt("digits")
+    data_dir: Path | None = O.data_dir_opt()
+    epochs: int = O.opt(3, "--epochs", kind="int", min=1, max=100000, help="Epochs to train (the study fine-tunes for 3).")
+    steps_budget: int | None = O.opt(None, "--steps-budget", kind="int", min=1, max=10**9,
+                                   help="Stop after exactly N optimizer steps (a training budget in cost, not "
+                                        "epochs; at most --epochs epochs).")
+    adv: str = O.opt("none", "--adv", kind="choice", choices=ADV_MODES,
+                   help="none, fgsm (fast AT, Wong et al. 2020), pgd (Madry et al. 2018) or trades (Zhang et al. "
+                        "2019).")
+    eps: float = O.opt(8 / 255, "--eps", kind="eps", help="Attack budget in [0,1] pixel units, e.g. 8/255 (CIFAR) or "
+                                                         "0.1 (MNIST-like). [default: 8/255]")
+    alpha: float | None = O.opt(None, "--alpha", kind="eps", help="Attack step size (default: 1.25 eps for fgsm, "
+                                                                "2.5 eps / steps for pgd and trades).")
+    steps: int | None = O.opt(None, "--steps", kind="int", min=1, max=1000,
+                            help="Attack steps for pgd/trades (default 10).")
+    norm: str = O.opt("linf", "--norm", kind="choice", choices=("linf", "l2"), help="Threat model: linf or l2.")
+    beta: float = O.opt(1.0, "--beta", kind="float", min=0, max=1000,
+                        help="TRADES robustness weight (Zhang et al.'s MNIST value; their CIFAR-10 value 6 collapses "
+                             "a trained digits model to chance).")
+    beta_warmup: int = O.opt(0, "--beta-warmup", kind="int", min=0, max=10**9,
+                             help="TRADES: raise beta linearly from 0 over this many optimizer steps.")
+    optimizer: str | None = O.opt(None, "--optimizer", kind="choice", choices=OPTIMIZERS,
+                                help="sgd, adam or adamw (default: sgd for a checkpoint, adam for --arch).")
+    lr: float | None = O.opt(None, "--lr", kind="number", min=0, min_open=True, max=10,
+                           help="Peak learning rate (default: 0.01 for sgd, 3e-3 for adam/adamw).")
+    momentum: float = O.opt(0.9, "--momentum", kind="float", min=0, max=1, max_open=True, help="SGD momentum.")
+    weight_decay: float = O.opt(0.0, "--weight-decay", kind="float", min=0, max=1, help="Weight decay.")
+    schedule: str = O.opt("const", "--schedule", kind="choice", choices=SCHEDULES,
+                        help="const, step (x0.1 at 50% and 75%), cosine or onecycle.")
+    warmup: int = O.opt(0, "--warmup", kind="int", min=0, max=100000, help="Epochs of linear learning-rate warm-up.")
+    batch_size: int = O.batch_opt(128, "GLOBAL batch size (split over torchrun processes).")
+    augment: bool | None = O.opt(None, "--augment", kind="bool", secondary="--no-augment",
+                               help="Random crops (and flips for natural images) (default: on for cifar10, cifar100, "
+                                    "svhn).")
+    val_split: float = O.opt(0.0, "--val-split", kind="float", min=0, max=1, max_open=True,
+                           help="Fraction of the training set held out; clean and robust (PGD-10) accuracy on it "
+                                "each epoch.")
+    eval_n: int = O.opt(1000, "--eval-n", kind="int", min=0, max=10**8,
+                        help="Test images for the final clean/robust evaluation (0: skip).")
+    eval_attack: str = O.opt("pgd", "--eval-attack", kind="choice", choices=("pgd", "auto"),
+                             help="The final robust evaluation's attack at --eps: pgd (PGD-10, cheap) or auto "
+                                  "(AutoAttack's suite as a cascade, the figure to trust).")
+    n: int | None = O.opt(None, "-n", kind="int", min=1, max=10**9, help="Train on the first N training images only.")
+    save_every: int = O.opt(0, "--save-every", kind="int", min=0, max=100000,
+                          help="Write a resumable training state every K epochs, to OUT with suffix "
+                               ".state.safetensors (0: never).")
+    resume: Path | None = O.opt(None, "--resume", kind="path",
+                              help="Continue from a state written by --save-every (give the same options).")
+    allow_collapse: bool = O.opt(False, "--allow-collapse", kind="bool",
+                               help="Write the model even when training collapsed (accuracy at chance or a loss "
+                                    "that stopped moving); by default such a run exits 1 and writes nothing.")
+    output: Path | None = O.output_opt()
+    force: bool = O.force_opt()
+    device: str = O.device_opt("auto")
+    seed: int = O.seed_opt()
+    trust_factory: bool = O.trust_opt()
+    json: bool = O.json_opt()
+
+    def check(self) -> None:
+        if self.alpha is not None and self.alpha <= 0:
+            raise RcompError(f"--alpha must be positive, got {self.alpha}")
+        if self.adv != "none" and self.eps <= 0:
+            raise RcompError(f"--adv {self.adv} needs a positive --eps, e.g. --eps 8/255")
+
+
+def build(cfg: Config, log=C.stderr_log):
+    """A new model of ``cfg.arch`` shaped for ``cfg.data`` (its native input shape unless given)."""
+    from rcomp.data.registry import data_info, dataset_classes, get_dataset, native_shape
+    from rcomp.models.registry import build_model
+    from rcomp.spec import InputSpec
+
+    info = data_info(cfg.data)
+    shape, note = cfg.input_shape, None
+    if shape is None:
+        shape, note = native_shape(cfg.data, cfg.data_dir)
+    c = shape[0]
+    mean = list(info.mean) if len(info.mean) == c else [sum(info.mean) / len(info.mean)] * c
+    std = list(info.std) if len(info.std) == c else [sum(info.std) / len(info.std)] * c
+    nc = cfg.num_classes
+    classes = list(info.classes) if info.classes else None
+    if nc is None:
+        nc = info.num_classes or dataset_classes(get_dataset(cfg.data, "train", InputSpec(c, shape[1], shape[2], mean,
+                                                                                           std), cfg.data_dir))
+    if classes is not None and len(classes) != nc:
+        classes = None
+    model = build_model(cfg.arch, nc, shape, mean, std, dict(cfg.arch_kwargs or {}), dataset=cfg.data,
+                        class_names=classes, trust_factory=cfg.trust_factory)
+    if note:
+        log(f"{note} (--input-shape overrides)")
+    return model
+
+
+def _first(ds, n: int):
+    if n >= len(ds):
+        return ds
+    if hasattr(ds, "subset"):
+        return ds.subset(range(n))
+    from torch.utils.data import Subset
+
+    sub = Subset(ds, range(n))
+    sub.num_classes = getattr(ds, "num_classes", None)
+    return sub
+
+
+def _default_output(cfg: Config, source: Path | None) -> Path | None:
+    if cfg.output is not None or source is not None:
+        return cfg.output
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{cfg.arch}-{cfg.data}") + ("" if cfg.adv == "none" else f"-{cfg.adv}")
+    return Path(name + ".safetensors")
+
+
+def train_config(cfg: Config, opt_name: str, device: str, state_path: Path | None):
+    from rcomp.train import AdvConfig, TrainConfig
+
+    return TrainConfig(
+        epochs=cfg.epochs, batch_size=cfg.batch_size, optimizer=opt_name,
+        lr=cfg.lr if cfg.lr is not None else DEFAULT_LR[opt_name], momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay, schedule=cfg.schedule, warmup=cfg.warmup,
+        adv=AdvConfig(cfg.adv, cfg.eps, cfg.alpha, cfg.steps, cfg.norm, cfg.beta, beta_warmup=cfg.beta_warmup),
+        augment=cfg.augment,
+        val_split=cfg.val_split, seed=cfg.seed, device=device, save_every=cfg.save_every, state_path=state_path,
+        max_steps=cfg.steps_budget, allow_collapse=cfg.allow_collapse,
+    ).validate()
+
+
+def _state_path(cfg: Config, out: Path) -> Path | None:
+    if not cfg.save_every:
+        return None
+    state = C.default_output(out, "state")
+    if state.exists() and not cfg.force and (cfg.resume is None or state.resolve() != Path(cfg.resume).resolve()):
+        raise RcompError(f"training state {state} already exists; pass --force, resume from it with "
+                         f"--resume {state}, or choose another -o")
+    return state
+
+
+def _test_metrics(model, cfg: Config, tcfg, dist, dev, log) -> dict[str, Any]:
+    from rcomp.data.registry import get_dataset
+    from rcomp.train.loop import evaluate_split
+
+    test_ds = get_dataset(cfg.data, "test", model.meta.input, cfg.data_dir, seed=cfg.seed, log=log)
+    idx = list(range(min(cfg.eval_n, len(test_ds))))
+    if cfg.eval_attack == "auto" and cfg.adv != "none":
+        res = _auto_figures(model, test_ds, idx, cfg, dev)
+    else:
+        res = evaluate_split(model, test_ds, idx, tcfg, cfg.eps if cfg.adv != "none" else None, 10_000, dist, dev)
+    out = {f"test_{k}": round(v, 6) for k, v in res.items()}
+    out["test_n"] = len(idx)
+    if cfg.adv != "none":
+        out["test_attack"] = f"{cfg.eval_attack} (seed {cfg.seed})"
+    return out
+
+
+def _auto_figures(model, ds, idx: list[int], cfg: Config, dev: str) -> dict[str, float]:
+    """Clean and robust accuracy under the auto cascade (the same figure ``rcomp attack --attack auto
+    --seed S`` gives on these points: auto's random draws depend only on the seed and the image)."""
+    from rcomp.evaluation.accuracy import batches
+    from rcomp.evaluation.bench import build_attacks
+    from rcomp.evaluation.robustness import evaluate
+
+    attacks = build_attacks(["auto"], [repr(cfg.eps)], norm=cfg.norm, seed=cfg.seed)
+    res = evaluate(model, batches(ds, idx, cfg.batch_size, dev), attacks, dev, progress=False)
+    return {"clean_acc": res.clean_acc, "robust_acc": res.worst_case_acc}
+
+
+def _log_start(cfg: Config, tcfg, source, n_images: int, dist, log) -> None:
+    what = f"{cfg.arch} from scratch" if source is None else str(source)
+    a = tcfg.adv
+    log(f"training {what} on {cfg.data} ({n_images} images) for {cfg.epochs} epochs, adv {cfg.adv}"
+        + (f" eps {cfg.eps:.4g} {a.norm} steps {a.steps} alpha {a.alpha:.4g}" if cfg.adv != "none" else "")
+        + f", {tcfg.optimizer} lr {tcfg.lr:g} {cfg.schedule}, batch {cfg.batch_size}"
+        + (f", budget {cfg.steps_budget} steps" if cfg.steps_budget else "")
+        + (f" over {dist.world} processes" if dist.enabled else ""))
+
+
+def _params(cfg: Config, tcfg, source, model, dist) -> dict[str, Any]:
+    adv = cfg.adv != "none"
+    return {"source": str(source) if source else None, "arch": model.meta.arch.name, "data": cfg.data,
+            "epochs": cfg.epochs, "adv": cfg.adv, "eps": cfg.eps if adv else None,
+            "alpha": tcfg.adv.alpha if adv else None, "steps": tcfg.adv.steps if adv else None, "norm": cfg.norm,
+            "beta": cfg.beta if cfg.adv == "trades" else None,
+            **({"beta_warmup": cfg.beta_warmup} if cfg.beta_warmup else {}), "optimizer": tcfg.optimizer, "lr": tcfg.lr,
+            "momentum": cfg.momentum, "weight_decay": cfg.weight_decay, "schedule": cfg.schedule,
+            "warmup": cfg.warmup, "batch_size": cfg.batch_size, "augment": cfg.augment, "val_split": cfg.val_split,
+            "n": cfg.n, "seed": cfg.seed, "processes": dist.world, "resumed": cfg.resume is not None,
+            **({"eval_attack": cfg.eval_attack} if cfg.eval_attack != "pgd" else {}),
+            **({"steps_budget": cfg.steps_budget} if cfg.steps_budget else {})}
+
+
+def _cost_keys() -> tuple[str, ...]:
+    """What the history records of a run's cost; wall time is left out of reproducible builds
+    (SOURCE_DATE_EPOCH set), where the same seed must give the same bytes."""
+    return ("steps",) if os.environ.get("SOURCE_DATE_EPOCH") else ("steps", "wall_seconds")
+
+
+def apply(model, cfg: Config, *, source: Path | None = None, dist=None, dev: str = "cpu",
+          state_path: Path | None = None, log=C.stderr_log, from_scratch: bool | None = None) -> C.StageResult:
+    """Train ``model`` on ``cfg.data`` and record the history entry on it (rank 0 under torchrun).
+
+    ``from_scratch`` picks the optimizer default (adam for a new model, sgd for fine-tuning); by
+    default a model with no source checkpoint and an ``arch`` is a new one."""
+    from rcomp.data.registry import check_fits, get_dataset
+    from rcomp.train import distributed as D
+    from rcomp.train.loop import check_resume
+    from rcomp.train.loop import finetune as train
+
+    dist = dist or D.DistInfo()
+    if from_scratch is None:
+        from_scratch = source is None and cfg.arch is not None
+    opt_name = cfg.optimizer or ("adam" if from_scratch else "sgd")
+    train_ds = get_dataset(cfg.data, "train", model.meta.input, cfg.data_dir, seed=cfg.seed, log=log)
+    check_fits(train_ds, model.meta.num_classes, cfg.data)
+    if cfg.n is not None:
+        train_ds = _first(train_ds, cfg.n)
+    tcfg = train_config(cfg, opt_name, dev, state_path)
+    if cfg.resume is not None:
+        check_resume(cfg.resume, tcfg)
+    if dist.is_main:
+        _log_start(cfg, tcfg, source, len(train_ds), dist, log)
+    model, metrics = train(model, train_ds, tcfg, dataset=cfg.data, resume=cfg.resume, dist=dist)
+    test = _test_metrics(model, cfg, tcfg, dist, dev, log) if cfg.eval_n else {}
+    if model.meta.dataset is None:
+        model.meta.dataset = cfg.data
+    cost = {k: metrics[k] for k in _cost_keys() if k in metrics}
+    entry = C.record(model, "finetune", _params(cfg, tcfg, source, model, dist),
+                   getattr(model, "source_sha256", None) if source else None,
+                   {"epochs": metrics["epochs"], **cost, **test})
+    return C.StageResult(model=model, entry=entry, report={"epochs": metrics["epochs"], **cost, **test})
+
+
+def run(cfg: Config, inputs: list, *, log=C.stderr_log, **_: Any) -> C.StageResult:
+    """Build or load -> train -> record -> save (rank 0 only under torchrun)."""
+    from rcomp.train import distributed as D
+
+    dev = C.resolve_device(cfg.device)
+    dist, dev = D.setup(dev)
+    try:
+        C.seed_everything(cfg.seed)
+        source = C.check_input(inputs[0]) if inputs else None
+        if source is None and not cfg.arch:
+            raise RcompError("give a checkpoint to fine-tune, or --arch NAME to train from scratch")
+        if source is None:
+            model = build(cfg, log)
+        else:
+            if cfg.input_shape or cfg.num_classes or cfg.arch_kwargs:
+                raise RcompError("--num-classes, --input-shape and --arch-kwargs only apply with --arch and no CKPT")
+            model = C.as_model(source, "cpu", cfg.arch, cfg.trust_factory)
+        out = C.resolve_output(_default_output(cfg, source), source, "ft" if cfg.adv == "none" else f"ft-{cfg.adv}",
+                             cfg.force)
+        res = apply(model, cfg, source=source, dist=dist, dev=dev, state_path=_state_path(cfg, out), log=log)
+        if not dist.is_main:
+            return res
+        res.model.cpu()
+        res.sha256 = C.save_output(res.model, out, cfg.force, (source,))
+        res.output = out
+        log(f"wrote {out} ({C.parameters(res.model):,} parameters, sha256 {res.sha256[:12]})")
+        res.report = {"path": str(out), "sha256": res.sha256, **res.report}
+        return res
+    finally:
+        D.teardown(dist)

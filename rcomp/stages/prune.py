@@ -1,0 +1,144 @@
+"""The prune stage: structured channel pruning (torch-pruning's dependency graph), saved without pickle."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rcomp import options as O
+from rcomp.errors import RcompError
+from rcomp.stages import common as C
+
+METHODS = ("l1", "l2", "random", "bn-scale", "taylor", "hydra")
+SCOPES = ("local", "global")
+NEEDS_DATA = ("taylor", "hydra")  # rcomp.pruning.pruner.DATA_METHODS
+
+SUMMARY = "Remove whole channels (filters) so the model gets smaller and faster; saves a safetensors checkpoint."
+DOC = """Dependency-graph pruning (torch-pruning) keeps residual, depthwise and concatenated channels
+consistent; the classifier's outputs are never pruned. The output reloads from safetensors
+alone (no pickle) and chains into finetune, quantize, attack, bench and info. Parameters,
+MACs and the ratio reached are printed on stderr; stdout gets only the output path."""
+EXAMPLES = """rcomp prune model.safetensors --ratio 0.5 -o model.p50.safetensors
+rcomp prune model.safetensors --target-macs 0.25 --scope global --round-to 8
+rcomp prune model.safetensors --ratio 0.3 --method taylor --data digits --iterative 3
+rcomp prune robust.safetensors --ratio 0.5 --method hydra --data digits --adv-eps 0.1
+rcomp prune model.safetensors --ratio 0.5 | rcomp finetune --data digits --epochs 3"""
+
+
+@dataclass
+class Config:
+    ratio: float | None = O.opt(None, "--ratio", kind="fraction", help="Fraction of channels to remove, in (0, 1).")
+    method: str = O.opt("l1", "--method", kind="choice", choices=METHODS,
+                      help="Channel importance: l1 (filter L1 norm, the study's), l2, random, bn-scale (BatchNorm "
+                           "|gamma|), taylor (needs --data) or hydra (learned scores; needs --data).")
+    scope: str = O.opt("local", "--scope", kind="choice", choices=SCOPES,
+                     help="local: the same ratio in every layer; global: rank all channels together.")
+    round_to: int | None = O.opt(None, "--round-to", kind="int", min=1, max=4096,
+                               help="Keep channel counts a multiple of N (e.g. 8, for fast kernels).")
+    ignore: tuple[str, ...] = O.opt((), "--ignore", kind="names",
+                                  help="Comma-separated layers never pruned (module paths such as layer1.0.conv1); "
+                                       "the classifier's outputs are never pruned anyway.")
+    iterative: int = O.opt(1, "--iterative", kind="int", min=1, max=100,
+                         help="Reach the ratio in K equal steps, re-scoring channels after each.")
+    target_macs: float | None = O.opt(None, "--target-macs", kind="fraction",
+                                    help="Instead of --ratio: keep this fraction of the MACs (the ratio is searched).")
+    target_params: float | None = O.opt(None, "--target-params", kind="fraction",
+                                      help="Instead of --ratio: keep this fraction of the parameters.")
+    data: str | None = O.opt(None, "--data", help="Dataset whose training batches give the gradients for --method "
+                                                "taylor.")
+    data_dir: Path | None = O.data_dir_opt()
+    batches: int = O.opt(4, "--batches", kind="int", min=1, max=10000,
+                       help="Batches of --data used by --method taylor or hydra.")
+    batch_size: int = O.batch_opt(64, "Batch size for --method taylor or hydra.")
+    adv_eps: float | None = O.opt(None, "--adv-eps", kind="eps",
+                                help="Score channels on PGD adversarial examples at this L-inf eps (pixel units) "
+                                     "instead of clean images: robustness-aware pruning (taylor; hydra needs it).")
+    adv_steps: int = O.opt(5, "--adv-steps", kind="int", min=1, max=1000, help="PGD steps of those examples.")
+    score_steps: int = O.opt(100, "--score-steps", kind="int", min=1, max=10000,
+                           help="hydra: optimisation steps of the learned channel scores (Sehwag et al. 2020).")
+    output: Path | None = O.output_opt()
+    force: bool = O.force_opt()
+    device: str = O.device_opt("cpu")
+    seed: int = O.seed_opt()
+    json: bool = O.json_opt()
+    arch: str | None = O.arch_opt()
+    trust_factory: bool = O.trust_opt()
+
+    def check(self) -> None:
+        if sum(v is not None for v in (self.ratio, self.target_macs, self.target_params)) != 1:
+            raise RcompError("give exactly one of --ratio, --target-macs or --target-params, e.g. --ratio 0.5")
+        if self.method in NEEDS_DATA and not self.data:
+            raise RcompError(f"--method {self.method} needs gradients from data: add --data NAME (e.g. --data digits)")
+        if self.adv_eps is not None and self.method not in NEEDS_DATA:
+            raise RcompError(f"--adv-eps scores channels by gradients: use it with --method taylor or hydra, not "
+                             f"{self.method}")
+
+    @property
+    def suffix(self) -> str:
+        if self.ratio is not None:
+            return f"prune{self.ratio:g}"
+        return f"prune-macs{self.target_macs:g}" if self.target_macs is not None else \
+            f"prune-params{self.target_params:g}"
+
+
+def _taylor_batches(model, cfg: Config, log) -> list:
+    from rcomp.data.registry import check_fits, get_dataset, make_loader
+
+    ds = get_dataset(cfg.data, "train", model.meta.input, cfg.data_dir, seed=cfg.seed, log=log)
+    check_fits(ds, model.meta.num_classes, cfg.data)
+    out = []
+    for x, y in make_loader(ds, cfg.batch_size, shuffle=True, seed=cfg.seed):
+        out.append((x, y))
+        if len(out) >= cfg.batches:
+            break
+    return out
+
+
+def apply(model, cfg: Config, log=C.stderr_log, source: str = "model") -> C.StageResult:
+    """Prune ``model`` in memory and record the history entry on it."""
+    from rcomp.pruning import prune as prune_model
+    from rcomp.pruning.pruner import resolve_ignore
+
+    ignore_list = resolve_ignore(model.net, list(cfg.ignore))
+    batches = _taylor_batches(model, cfg, log) if cfg.method in NEEDS_DATA else None
+    if cfg.data and batches is None:
+        log(f"note: --data is used only by --method {'/'.join(NEEDS_DATA)}; {cfg.method} ignores it")
+    model, rep = prune_model(model, cfg.ratio, method=cfg.method, scope=cfg.scope, round_to=cfg.round_to,
+                             ignore=ignore_list, iterative=cfg.iterative, target_macs=cfg.target_macs,
+                             target_params=cfg.target_params, batches=batches, seed=cfg.seed, log=log,
+                             **({"adv_eps": cfg.adv_eps, "adv_steps": cfg.adv_steps} if cfg.adv_eps is not None else {}),
+                             **({"score_steps": cfg.score_steps} if cfg.method == "hydra" else {}))
+    log(f"pruned {source} ({model.meta.arch.name}) with {cfg.method} importance, {cfg.scope} scope"
+        + (f", {cfg.iterative} steps" if cfg.iterative > 1 else "") + (f", target {rep.target}" if rep.target else ""))
+    log(f"params {C.human(rep.params_before)} -> {C.human(rep.params_after)} ({rep.params_factor:.2f}x fewer), "
+        f"MACs {C.human(rep.macs_before)} -> {C.human(rep.macs_after)} ({rep.macs_factor:.2f}x fewer)")
+    log(f"channels removed: {rep.ratio_reached:.1%} (requested {rep.ratio_requested:.1%}); classifier "
+        f"{rep.classifier!r} kept; pruning took {rep.seconds:.2f} s")
+    taylor = cfg.method in NEEDS_DATA
+    params = {"ratio": cfg.ratio, "target_macs": cfg.target_macs, "target_params": cfg.target_params,
+              "method": cfg.method, "scope": cfg.scope, "round_to": cfg.round_to, "ignore": ignore_list or None,
+              "iterative": cfg.iterative, "seed": cfg.seed, "data": cfg.data if taylor else None,
+              "batches": cfg.batches if taylor else None,
+              **({"adv_eps": cfg.adv_eps, "adv_steps": cfg.adv_steps} if cfg.adv_eps is not None else {}),
+              **({"score_steps": cfg.score_steps} if cfg.method == "hydra" else {})}
+    metrics = {k: getattr(rep, k) for k in ("ratio_requested", "ratio_reached", "params_before", "params_after",
+                                             "macs_before", "macs_after")}
+    entry = C.record(model, "prune", params, getattr(model, "source_sha256", None), metrics)
+    return C.StageResult(model=model, report=rep.as_dict(), entry=entry)
+
+
+def run(cfg: Config, inputs: list, *, log=C.stderr_log, **_: Any) -> C.StageResult:
+    """Load -> prune -> record -> save."""
+    inp = C.check_input(inputs[0])
+    out = C.resolve_output(cfg.output, inp, cfg.suffix, cfg.force)
+    dev = C.resolve_device(cfg.device)
+    C.seed_everything(cfg.seed)
+    model = C.as_model(inp, dev, cfg.arch, cfg.trust_factory)
+    res = apply(model, cfg, log, source=str(inp))
+    res.model.to("cpu")
+    res.sha256 = C.save_output(res.model, out, cfg.force, (inp,))
+    res.output = out
+    log(f"wrote {out} (sha256 {res.sha256[:12]})")
+    res.report = {"path": str(out), "sha256": res.sha256, **res.report}
+    return res
