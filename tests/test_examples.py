@@ -32,6 +32,22 @@ def test_paper_recipes_run_tiny(tmp_path, cli, recipe):
     assert [h["command"] for h in pruned.meta.history][-3:] == ["finetune", "prune", "finetune"]
 
 
+@pytest.mark.slow
+def test_robust_pruning_recipe_runs_tiny(tmp_path, cli):
+    out = tmp_path / "out"
+    res = cli("run", EXAMPLES / "robust-pruning.yaml", "--out-dir", out, "--json", "--set", "epochs_base=1",
+              "--set", "n=16", "--set", "budgets=[2]", "--set", "pruned-hydra.score-steps=3",
+              "--set", "bench.queries=20", "--set", "bench.targets=1")
+    assert res.code == 0, res.stderr[-2000:]
+    stages = {s["stage"] for s in json.loads(res.stdout)["stages"]}
+    assert {"pruned-l1-ft-s2", "pruned-taylor-ft-s2", "pruned-hydra-ft-s2", "bench"} <= stages
+    model = load(out / "pruned-hydra-ft-s2.safetensors")
+    ft = model.meta.history[-1]
+    assert ft["metrics"]["steps"] == 2 and model.meta.history[-2]["params"]["method"] == "hydra"
+    bench = json.loads((out / "bench.json").read_text())
+    assert bench["models"][0]["mode"] == "cascade" and len(bench["models"]) == 7
+
+
 def _env() -> dict:
     env = dict(os.environ)
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")

@@ -520,8 +520,8 @@ CASES += [
 # ------------------------------------------------------------------------------------------------
 
 def _run(kind: str, target, b: Base):
-    from rcomp.models.convert import read_state_dict
     from rcomp.io.bounded import read_stdin_lines
+    from rcomp.models.convert import read_state_dict
     from rcomp.models.loading import load
     from rcomp.safeyaml import load_yaml_file
 

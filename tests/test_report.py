@@ -48,7 +48,7 @@ def test_verdict_known_both_ways():
     assert f["int4-ft-pgd"]["best_robust"] == 0.7979  # best within 50%
     assert f["late-ft-pgd"]["reached"] is False
     lines = {ln.split(":")[0][2:]: ln for ln in c["text"].splitlines() if ln.startswith("- ")}
-    assert "reaches 95%" in lines["pruned-ft-pgd"] and "10.0% of its training cost" in lines["pruned-ft-pgd"]
+    assert "reaches 95%" in lines["pruned-ft-pgd"] and "10.0% of the baseline's training cost" in lines["pruned-ft-pgd"]
     assert "does NOT reach" in lines["int4-ft-pgd"] and "0.7980" in lines["int4-ft-pgd"]
     assert "does NOT reach" in lines["late-ft-pgd"]
     assert "1 of 3 paths" in c["text"]
@@ -114,3 +114,23 @@ def test_older_recipe_single_points_are_judged_on_raw_numbers():
     rows = [_row("baseline-adv", 0.84), _row("pruned-ft-pgd", 0.7979), _row("int8-ft-pgd", 0.83)]
     f = {x["path"]: x["reached"] for x in conclude(rows)["findings"]}
     assert f == {"pruned-ft-pgd": False, "int8-ft-pgd": False}  # cost unknown: never claimed within 50%
+
+
+def test_costs_count_the_training_of_the_starting_model(tmp_path):
+    """A compressed model's cost includes the training of the model it came from; 'last only' does not."""
+    from conftest import make_checkpoint
+
+    import rcomp
+    from rcomp.recipes.report import checkpoint_costs
+
+    p = make_checkpoint(tmp_path / "m.safetensors")
+    m = rcomp.load(p)
+    m.meta.history += [
+        {"command": "finetune", "params": {"adv": "pgd", "steps": 7, "epochs": 15}, "metrics": {"steps": 180}},
+        {"command": "prune", "params": {"ratio": 0.5}, "metrics": {}},
+        {"command": "finetune", "params": {"adv": "pgd", "steps": 7, "steps_budget": 9}, "metrics": {"steps": 9}},
+    ]
+    rcomp.save(m, tmp_path / "c.safetensors")
+    rows = [{"stage": "c", "path": str(tmp_path / "c.safetensors")}]
+    assert checkpoint_costs(rows) == {"c": (180 + 9) * 8.0}
+    assert checkpoint_costs(rows, last_only=True) == {"c": 9 * 8.0}

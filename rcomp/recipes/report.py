@@ -313,7 +313,7 @@ def make_plot(rows: list[dict], costs: dict[str, float], path: Path) -> str:
     for i, r in enumerate(_inference_points(rows, costs, ref_cost)):
         right.scatter(bit_ops(r) / 1e9, r["worst_case_acc"], marker=markers[i % len(markers)], s=40, label=r["stage"])
     right.set(xscale="log", xlabel="inference cost: bit-operations per image (G; MACs x bits x bits)",
-              title="Robustness against inference cost (each path at its largest budget within the limit)")
+              title="Robustness against inference cost\n(each path at its largest budget within the limit)")
     for ax in (left, right):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=3, frameon=False)
