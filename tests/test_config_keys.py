@@ -80,7 +80,7 @@ def _config(tmp_path, doc) -> str:
 
 def test_bench_takes_attack_and_format_from_config(cli, tiny_ckpt, tmp_path):
     conf = _config(tmp_path, {"bench": {"attack": "pgd", "eps": 0.1, "steps": 2, "data": "digits", "n": 8,
-                                        "format": "json", "latency-batch": 0}})
+                                        "json": True, "latency-batch": 0}})
     res = cli("bench", tiny_ckpt, "--config", conf, "--device", "cpu")
     assert res.code == 0, res.stderr
     import json

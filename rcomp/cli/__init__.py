@@ -66,11 +66,7 @@ _register()
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: runs the app, turning errors into one line and an exit code."""
-    from typer._click.exceptions import ClickException
-    from typer.exceptions import Abort, Exit
-
-    from rcomp.signals import install_handlers, interrupted
-    from rcomp.text import printable
+    from rcomp.signals import install_handlers
 
     install_handlers()  # SIGTERM cleans up like Ctrl-C: no temporary file left, exit 143
     args = list(sys.argv[1:] if argv is None else argv)
@@ -79,40 +75,43 @@ def main(argv: list[str] | None = None) -> None:
     try:
         rv = app(args=args, prog_name="rcomp", standalone_mode=False)
         code = rv if isinstance(rv, int) else 0
-    except RcompError as exc:
-        if debug:
-            import traceback
-
-            traceback.print_exc()
-        print(f"rcomp: error: {_one_line(printable(str(exc), limit=None))}", file=sys.stderr)
-        code = exc.exit_code
-    except Exit as exc:
-        code = exc.exit_code
-    except Abort:
-        print("rcomp: interrupted; no output was written", file=sys.stderr)
-        code = 130
-    except KeyboardInterrupt as exc:  # Ctrl-C (130) or SIGTERM (143)
-        code = interrupted(exc)
-    except ClickException as exc:
-        if debug:
-            import traceback
-
-            traceback.print_exc()
-        print(f"rcomp: error: {_one_line(printable(exc.format_message(), limit=None))} "
-              f"(see rcomp {_command(args)}--help)", file=sys.stderr)
-        code = 2
     except BrokenPipeError:  # e.g. `rcomp info X | head`: the reader left, which is fine
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         code = 0
-    except Exception as exc:  # an unexpected failure: still one line, unless --debug
-        if debug:
-            raise
-        print(f"rcomp: error: an internal error ({type(exc).__name__}) stopped the command; nothing was written. "
-              "Rerun with --debug for a traceback and report it.", file=sys.stderr)
-        code = 2
+    except (Exception, KeyboardInterrupt) as exc:
+        if debug and not isinstance(exc, KeyboardInterrupt):
+            import traceback
+
+            traceback.print_exc()
+        code = _exit_code(exc, args)
     sys.stdout.flush()
     sys.exit(code)
+
+
+def _exit_code(exc: BaseException, args: list[str]) -> int:
+    """Say what went wrong in one line on stderr; return the exit code."""
+    from typer._click.exceptions import ClickException
+    from typer.exceptions import Abort, Exit
+
+    from rcomp.signals import interrupted
+    from rcomp.text import printable
+
+    if isinstance(exc, Exit):
+        return exc.exit_code
+    if isinstance(exc, KeyboardInterrupt):  # Ctrl-C (130) or SIGTERM (143)
+        return interrupted(exc)
+    if isinstance(exc, Abort):
+        print("rcomp: interrupted; no output was written", file=sys.stderr)
+        return 130
+    if isinstance(exc, RcompError):
+        msg, code = str(exc), exc.exit_code
+    elif isinstance(exc, ClickException):
+        msg, code = f"{exc.format_message()} (see rcomp {_command(args)}--help)", 2
+    else:  # an unexpected failure: still one line; --debug printed the traceback
+        msg, code = (f"an internal error ({type(exc).__name__}) stopped the command; nothing was written. "
+                     "Rerun with --debug for a traceback and report it."), 2
+    print(f"rcomp: error: {_one_line(printable(msg, limit=None))}", file=sys.stderr)
+    return code
 
 
 def _command(args: list[str]) -> str:

@@ -56,9 +56,11 @@ def print_records(records: list[dict], dry_run: bool) -> None:
         return
     print(tabulate([(r["stage"], r["status"], f"{r['seconds']:.1f}", r["output"]) for r in records],
                    headers=["stage", "status", "seconds", "output"], tablefmt="simple"))
-    for r in records:  # what the bench stages computed
-        if r.get("text") and r["command"] == "bench":
-            print(f"\n{r['stage']}:\n{r['text']}")
+    from rcomp.stages.bench import render
+
+    for r in records:  # what the bench stages computed, as a table whatever file format they wrote
+        if r.get("result"):
+            print(f"\n{r['stage']}:\n{render(r['result'], 'table')}")
 
 
 def run(cfg: RunOptions, inputs: list[Path]) -> None:
@@ -69,7 +71,7 @@ def run(cfg: RunOptions, inputs: list[Path]) -> None:
     records = run_recipe(rec, folder, dry_run=cfg.dry_run, log=log, allow_factories=frozenset(cfg.allow_factory))
     if cfg.json:
         emit_json({"recipe": rec.name, "out_dir": str(folder),
-                   "stages": [{k: v for k, v in r.items() if k != "text"} for r in records]})
+                   "stages": [{k: v for k, v in r.items() if k != "result"} for r in records]})
         return
     print_records(records, cfg.dry_run)
 

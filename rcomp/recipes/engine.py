@@ -384,5 +384,6 @@ def run_recipe(recipe: Recipe, out_dir: Path, *, dry_run: bool = False, log=prin
         res = _run_stage(st, log)
         seconds = time.perf_counter() - t0
         atomic_write_text(stamp, json.dumps({"fingerprint": fp, "seconds": seconds}))
-        records.append({**base, "status": "ran", "seconds": seconds, "text": res.text})
+        records.append({**base, "status": "ran", "seconds": seconds,
+                        **({"result": res.report} if st.command == "bench" else {})})
     return records

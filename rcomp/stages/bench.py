@@ -40,6 +40,7 @@ class Config(AttackOptions):
     split: str = O.opt("test", "--split", kind="choice", choices=("train", "test"), help="train or test.")
     n: int | None = O.n_opt()
     format: str = O.opt("table", "--format", kind="choice", choices=FORMATS, help="table, markdown, json or csv.")
+    json: bool = O.opt(False, "--json", kind="bool", help="Print results as JSON on stdout (--format json).")
     output: Path | None = O.opt(None, "-o", "--output", kind="path", help="Also write the results to this file.")
     fail_under: str | None = O.opt(None, "--fail-under",
                                  help="Exit 1 if any model falls below, e.g. clean=0.9,pgd=0.4,worst=0.35 (metrics: "
@@ -57,6 +58,10 @@ class Config(AttackOptions):
     force: bool = O.force_opt()
 
     def check(self) -> None:
+        if self.json:
+            if self.format not in ("table", "json"):
+                raise RcompError(f"--json and --format {self.format} disagree; give one of them")
+            self.format = "json"
         if not self.data:
             raise RcompError("give --data (e.g. --data digits)")
         if not self.attack and self.eps:
