@@ -37,11 +37,7 @@ class APGD(Attack):
                  loss: str = "ce", rho: float = 0.75, random_start: bool = True, targeted: bool = False,
                  seed: int | None = None):
         super().__init__(eps, norm, loss=loss, targeted=targeted, seed=seed)
-        self.steps = 100 if steps is None else int(steps)
-        if self.steps < 1:
-            raise RcompError(f"--steps must be at least 1, got {steps}")
-        if int(restarts) < 1:
-            raise RcompError(f"--restarts must be at least 1, got {restarts}")
+        self.steps, restarts = self.iterations(steps, 100, restarts)
         if not 0 < rho <= 1:
             raise RcompError(f"rho must be in (0, 1], got {rho}")
         self.restarts = int(restarts)

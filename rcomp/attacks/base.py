@@ -237,6 +237,17 @@ class Attack:
     def _extra_params(self) -> dict[str, Any]:
         return {}
 
+    @staticmethod
+    def iterations(steps: int | None, default: int, restarts: int) -> tuple[int, int]:
+        """``(steps, restarts)`` with the default filled in; both at least 1 (the one place this is checked
+        for attacks built in Python; the command line refuses such values when it parses them)."""
+        n = default if steps is None else int(steps)
+        if n < 1 or isinstance(steps, bool):
+            raise RcompError(f"--steps must be at least 1, got {steps}")
+        if int(restarts) < 1:
+            raise RcompError(f"--restarts must be at least 1, got {restarts}")
+        return n, int(restarts)
+
     def generator(self, device: torch.device, stream: int = 0) -> torch.Generator:
         """A generator for random stream ``stream`` of the current call, on ``device``.
 

@@ -43,12 +43,7 @@ class PGD(Attack):
                  random_start: bool = True, restarts: int = 1, loss: str | None = None, targeted: bool = False,
                  seed: int | None = None, keep_last: bool = False):
         super().__init__(eps, norm, loss=loss or self.default_loss, targeted=targeted, seed=seed)
-        self.steps = self.default_steps if steps is None else int(steps)
-        if self.steps < 1:
-            raise RcompError(f"--steps must be at least 1, got {steps}")
-        if int(restarts) < 1:
-            raise RcompError(f"--restarts must be at least 1, got {restarts}")
-        self.restarts = int(restarts)
+        self.steps, self.restarts = self.iterations(steps, self.default_steps, restarts)
         self.alpha = float(alpha) if alpha is not None else 2.5 * self.eps / self.steps
         if alpha is not None and not self.alpha > 0:
             raise RcompError(f"--alpha must be positive, got {alpha}")
