@@ -8,9 +8,10 @@ import shutil
 
 import pytest
 import torch
-from conftest import assert_one_line_error, make_checkpoint
 
 import rcomp
+
+from conftest import assert_one_line_error, make_checkpoint
 
 
 def _png_folder(root, size=(12, 10), per_class=6, classes=("cat", "dog")):

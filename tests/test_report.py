@@ -118,10 +118,10 @@ def test_older_recipe_single_points_are_judged_on_raw_numbers():
 
 def test_costs_count_the_training_of_the_starting_model(tmp_path):
     """A compressed model's cost includes the training of the model it came from; 'last only' does not."""
-    from conftest import make_checkpoint
-
     import rcomp
     from rcomp.recipes.report import checkpoint_costs
+
+    from conftest import make_checkpoint
 
     p = make_checkpoint(tmp_path / "m.safetensors")
     m = rcomp.load(p)
