@@ -72,6 +72,11 @@ def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("RCOMP_DEBUG", "") not in ("", "0")
     args = [a for a in args if a != "--debug"]
+    if not debug:  # library warnings (torchvision, PIL, torch.ao) are not the user's to act on
+        import warnings
+
+        for module in ("torch", "torchvision", "PIL", "torch_pruning", "safetensors"):
+            warnings.filterwarnings("ignore", module=rf"{module}(\..*)?$")
     try:
         rv = app(args=args, prog_name="rcomp", standalone_mode=False)
         code = rv if isinstance(rv, int) else 0
