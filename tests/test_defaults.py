@@ -153,3 +153,20 @@ def test_library_warnings_do_not_leak(tmp_path):
     debug = subprocess.run([*args[:-2], "-o", str(tmp_path / "h.safetensors"), "--debug"], capture_output=True,
                            text=True, timeout=120)
     assert "FutureWarning" in debug.stderr  # the check can fail: --debug shows them
+
+
+def test_budget_as_a_fraction_of_a_reference_runs_cost(cli, tmp_path):
+    """--budget-of REF --budget-fraction F trains the steps that cost F of REF's recorded training."""
+    ref = tmp_path / "ref.safetensors"
+    res = cli("finetune", "--arch", "convnet8", "--data", "digits", "--adv", "pgd", "--eps", "0.1", "--steps", "3",
+              "--epochs", "1", "-n", "256", "--batch-size", "64", "--eval-n", "0", "--device", "cpu", "-o", ref)
+    assert res.code == 0, res.stderr  # 4 steps x (1 + 3) = 16 passes
+    out = tmp_path / "ft.safetensors"
+    res = cli("finetune", ref, "--data", "digits", "--budget-of", ref, "--budget-fraction", "0.5", "--epochs", "5",
+              "-n", "256", "--batch-size", "64", "--eval-n", "0", "--device", "cpu", "-o", out)
+    assert res.code == 0, res.stderr
+    last = rcomp.load(out).meta.history[-1]
+    assert last["metrics"]["steps"] == 8 and last["params"]["budget_fraction"] == 0.5  # 8 standard steps = 8 passes
+    assert "budget: 8 steps" in res.stderr
+    bad = cli("finetune", ref, "--data", "digits", "--budget-fraction", "0.5", "-o", tmp_path / "x.safetensors")
+    assert_one_line_error(bad, "--budget-of")

@@ -12,7 +12,6 @@ from rcomp.recipes.report import (
     conclude,
     effective_size,
     path_of,
-    training_cost,
 )
 
 
@@ -94,6 +93,8 @@ def test_report_table_latency_batch_effective_size_and_embedded_plot(tmp_path):
 
 
 def test_training_cost_counts_passes():
+    from rcomp.train.budget import training_cost
+
     pgd = {"command": "finetune", "params": {"epochs": 15, "batch_size": 128, "adv": "pgd", "steps": 7}}
     assert training_cost(pgd) == 15 * 12 * 8           # 1437 images: 12 steps an epoch
     budget = {"params": {"epochs": 10, "batch_size": 128, "adv": "pgd", "steps": 7, "steps_budget": 45}}

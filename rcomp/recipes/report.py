@@ -17,17 +17,17 @@ older recipes, ``MODEL-ft-pgd`` (one point per path).
 from __future__ import annotations
 
 import json
-import math
 import re
 from pathlib import Path
 from typing import Any
+
+from rcomp.train.budget import history_cost
 
 #: a path reaches the baseline at this fraction of its worst-case robust accuracy
 TARGET_FRACTION = 0.95
 #: budgets are searched up to this fraction of the baseline's training cost
 MAX_BUDGET = 0.5
 #: the demo's digits training set (1,437 images): steps per epoch when a history gives epochs only
-DEFAULT_TRAIN_SIZE = 1437
 _BUDGET = re.compile(r"^(?P<path>.+)-s(?P<steps>\d+)$")
 REFERENCE = "baseline-adv"
 
@@ -48,27 +48,6 @@ def path_of(stage: str) -> tuple[str, int | None]:
 # ----------------------------------------------------------------------------- costs
 
 
-def training_cost(entry: dict, train_size: int = DEFAULT_TRAIN_SIZE) -> float | None:
-    """Forward+backward passes of one ``finetune`` history entry: steps x (1 + attack steps).
-
-    Steps are those recorded as taken (``steps_taken``), else the budget (``steps_budget``), else
-    ``epochs x ceil(train images / batch)``."""
-    params = entry.get("params") or {}
-    results = entry.get("results") or entry.get("metrics") or {}
-    steps = results.get("steps", results.get("steps_taken", params.get("steps_taken")))
-    if steps is None:
-        epochs, batch = params.get("epochs"), params.get("batch_size") or 128
-        n = params.get("n") or train_size
-        full = epochs * math.ceil(n / batch) if epochs else None
-        budget = params.get("steps_budget")
-        steps = min(x for x in (full, budget) if x is not None) if (full or budget) else None
-    if steps is None:
-        return None
-    adv = params.get("adv") or "none"
-    per_step = 1 if adv == "none" else 1 + (1 if adv == "fgsm" else int(params.get("steps") or 10))
-    return float(steps) * per_step
-
-
 def checkpoint_costs(rows: list[dict], last_only: bool = False) -> dict[str, float]:
     """``{stage: passes}`` of all the training in each checkpoint's history (header only): a compressed
     model's cost includes the training of the model it was made from. ``last_only``: the last run's."""
@@ -81,10 +60,11 @@ def checkpoint_costs(rows: list[dict], last_only: bool = False) -> dict[str, flo
             history = CheckpointMeta.from_metadata(read_header(r["path"]).metadata).history if r.get("path") else []
         except Exception:  # noqa: BLE001 - a cost we cannot read is shown as unknown
             continue
-        entries = [h for h in history if h.get("command") == "finetune"][-1 if last_only else 0:]
-        costs = [training_cost(e) for e in entries]
-        if costs and None not in costs:
-            out[r["stage"]] = sum(costs)
+        if last_only:
+            history = [h for h in history if h.get("command") == "finetune"][-1:]
+        cost = history_cost(history)
+        if cost is not None:
+            out[r["stage"]] = cost
     return out
 
 

@@ -49,6 +49,12 @@ class Config:
     steps_budget: int | None = O.opt(None, "--steps-budget", kind="int", min=1, max=10**9,
                                    help="Stop after exactly N optimizer steps (a training budget in cost, not "
                                         "epochs; at most --epochs epochs).")
+    budget_of: Path | None = O.opt(None, "--budget-of", kind="path",
+                                   help="A checkpoint whose recorded training cost --budget-fraction is a "
+                                        "fraction of (e.g. the adversarially trained baseline).")
+    budget_fraction: float | None = O.opt(None, "--budget-fraction", kind="float", min=0, min_open=True, max=100,
+                                          help="Train for this fraction of --budget-of's training cost, counted "
+                                               "in forward+backward passes (sets the step budget).")
     adv: str = O.opt("none", "--adv", kind="choice", choices=ADV_MODES,
                    help="none, fgsm (fast AT, Wong et al. 2020), pgd (Madry et al. 2018) or trades (Zhang et al. "
                         "2019).")
@@ -102,6 +108,10 @@ class Config:
     json: bool = O.json_opt()
 
     def check(self) -> None:
+        if (self.budget_of is None) != (self.budget_fraction is None):
+            raise RcompError("give --budget-of CKPT and --budget-fraction F together (e.g. --budget-fraction 0.2)")
+        if self.budget_of is not None and self.steps_budget is not None:
+            raise RcompError("give either --steps-budget or --budget-of/--budget-fraction, not both")
         if self.alpha is not None and self.alpha <= 0:
             raise RcompError(f"--alpha must be positive, got {self.alpha}")
         if self.adv != "none" and self.eps <= 0:
@@ -154,6 +164,20 @@ def _default_output(cfg: Config, source: Path | None) -> Path | None:
     return Path(name + ".safetensors")
 
 
+def steps_budget(cfg: Config, log=C.stderr_log) -> int | None:
+    """The step budget: given, or the steps that cost --budget-fraction of --budget-of's training."""
+    if cfg.budget_of is None:
+        return cfg.steps_budget
+    from rcomp.io.describe import describe
+    from rcomp.train.budget import steps_for_fraction
+
+    attack_steps = cfg.steps if cfg.steps is not None else 10
+    steps = steps_for_fraction(cfg.budget_fraction, describe(cfg.budget_of)["history"], cfg.adv, attack_steps,
+                               reference=str(cfg.budget_of))
+    log(f"budget: {steps} steps = {cfg.budget_fraction:g} of {cfg.budget_of}'s training cost")
+    return steps
+
+
 def train_config(cfg: Config, opt_name: str, device: str, state_path: Path | None):
     from rcomp.train import AdvConfig, TrainConfig
 
@@ -164,7 +188,7 @@ def train_config(cfg: Config, opt_name: str, device: str, state_path: Path | Non
         adv=AdvConfig(cfg.adv, cfg.eps, cfg.alpha, cfg.steps, cfg.norm, cfg.beta, beta_warmup=cfg.beta_warmup),
         augment=cfg.augment,
         val_split=cfg.val_split, seed=cfg.seed, device=device, save_every=cfg.save_every, state_path=state_path,
-        max_steps=cfg.steps_budget, allow_collapse=cfg.allow_collapse,
+        max_steps=steps_budget(cfg), allow_collapse=cfg.allow_collapse,
     ).validate()
 
 
@@ -213,7 +237,7 @@ def _log_start(cfg: Config, tcfg, source, n_images: int, dist, log) -> None:
     log(f"training {what} on {cfg.data} ({n_images} images) for {cfg.epochs} epochs, adv {cfg.adv}"
         + (f" eps {cfg.eps:.4g} {a.norm} steps {a.steps} alpha {a.alpha:.4g}" if cfg.adv != "none" else "")
         + f", {tcfg.optimizer} lr {tcfg.lr:g} {cfg.schedule}, batch {cfg.batch_size}"
-        + (f", budget {cfg.steps_budget} steps" if cfg.steps_budget else "")
+        + (f", budget {tcfg.max_steps} steps" if tcfg.max_steps else "")
         + (f" over {dist.world} processes" if dist.enabled else ""))
 
 
@@ -228,7 +252,8 @@ def _params(cfg: Config, tcfg, source, model, dist) -> dict[str, Any]:
             "warmup": cfg.warmup, "batch_size": cfg.batch_size, "augment": cfg.augment, "val_split": cfg.val_split,
             "n": cfg.n, "seed": cfg.seed, "processes": dist.world, "resumed": cfg.resume is not None,
             **({"eval_attack": cfg.eval_attack} if cfg.eval_attack != "pgd" else {}),
-            **({"steps_budget": cfg.steps_budget} if cfg.steps_budget else {})}
+            **({"steps_budget": tcfg.max_steps} if tcfg.max_steps else {}),
+            **({"budget_of": str(cfg.budget_of), "budget_fraction": cfg.budget_fraction} if cfg.budget_of else {})}
 
 
 def _cost_keys() -> tuple[str, ...]:
