@@ -224,3 +224,11 @@ def test_apgd_t_needs_four_classes_for_dlr():
         make_attack("apgd-t", 0.1, steps=2)(_tiny(classes=3), torch.rand(2, 1, 4, 4), torch.tensor([0, 1]))
     x_adv = make_attack("apgd-t", 0.1, steps=2, loss="ce")(_tiny(classes=3), torch.rand(2, 1, 4, 4), torch.tensor([0, 1]))
     assert x_adv.shape == (2, 1, 4, 4)
+
+
+def test_auto_uses_a_cheaper_square_and_says_so():
+    from rcomp.attacks import make_attack
+
+    auto = make_attack("auto", 0.1)
+    assert auto.stages["square"].queries == 1000 and make_attack("square", 0.1).queries == 5000
+    assert make_attack("auto", 0.1, queries=5000).stages["square"].queries == 5000

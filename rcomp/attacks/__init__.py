@@ -41,7 +41,7 @@ DESCRIPTIONS = {
     "apgd-t": "APGD on the targeted DLR loss against the 9 nearest classes in turn (Croce and Hein 2020); steps 100",
     "cw": "PGD on the Carlini-Wagner margin loss; steps 30, alpha 2.5*eps/steps",
     "square": "score-based black box, forward passes only (Andriushchenko et al. 2020); 5000 queries",
-    "auto": "AutoAttack's standard suite as a cascade: apgd-ce, apgd-t, square (Croce and Hein 2020)",
+    "auto": "AutoAttack's standard suite as a cascade: apgd-ce, apgd-t, square with 1000 queries (Croce and Hein 2020)",
 }
 
 __all__ = ["ATTACKS", "APGD", "APGDT", "CW", "DESCRIPTIONS", "FGSM", "LOSSES", "NORMS", "PGD", "SUITES", "Attack",

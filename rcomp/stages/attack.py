@@ -63,7 +63,8 @@ class AttackOptions:
                          help="Push each image towards a random other class (drawn with --seed) instead of away from "
                               "its label.")
     queries: int | None = O.opt(None, "--queries", kind="int", min=1, max=10**6,
-                                help="Square's query budget per point (square, auto; default 5000).")
+                                help="Square's query budget per point (default: 5000 for square, the reference; "
+                                     "1000 inside auto, where it measured the same figures at half the time).")
     targets: int | None = O.opt(None, "--targets", kind="int", min=1, max=1000,
                                 help="Target classes APGD-T tries, nearest by logit margin first (apgd-t, auto; "
                                      "default 9, at most classes - 1).")
