@@ -153,13 +153,15 @@ def _save(cfg: Config, path: Path, model, res, attacks, kept: list) -> None:
                   torch.cat([k[2] for k in kept]), info, (path,), cfg.force)
 
 
-def apply(model, cfg: Config, log=C.stderr_log, path: Path | None = None) -> C.StageResult:
-    """Attack ``model`` (loaded) on ``cfg.data``; the report is in the result. ``path`` names it."""
+def apply(model, cfg: Config, log=C.stderr_log, path: Path | None = None, attacks: dict | None = None
+          ) -> C.StageResult:
+    """Attack ``model`` (loaded) on ``cfg.data``; the report is in the result. ``path`` names it;
+    ``attacks`` are ``cfg.build(cfg.seed)`` when the caller built them already."""
     from rcomp.data.registry import check_fits, get_dataset, make_loader
     from rcomp.evaluation.robustness import evaluate
 
     C.seed_everything(cfg.seed)
-    attacks = cfg.build(cfg.seed)
+    attacks = attacks if attacks is not None else cfg.build(cfg.seed)
     dev = C.resolve_device(cfg.device)
     model.to(dev)
     name = path.name if path is not None else "model"
@@ -190,11 +192,11 @@ def run(cfg: Config, inputs: list, *, log=C.stderr_log, **_: Any) -> C.StageResu
     path = C.check_input(inputs[0])
     if cfg.from_file is not None:
         return _replay(cfg, path)
-    cfg.build(cfg.seed)  # refuse bad attack settings before loading anything
+    attacks = cfg.build(cfg.seed)  # refuse bad attack settings before loading anything
     if cfg.output is not None:
         check_output_path(Path(cfg.output), (path,), force=cfg.force)
     model = C.as_model(path, C.resolve_device(cfg.device), cfg.arch, cfg.trust_factory)
-    return apply(model, cfg, log, path)
+    return apply(model, cfg, log, path, attacks)
 
 
 def _replay(cfg: Config, path: Path) -> C.StageResult:
