@@ -232,3 +232,55 @@ def test_auto_uses_a_cheaper_square_and_says_so():
     auto = make_attack("auto", 0.1)
     assert auto.stages["square"].queries == 1000 and make_attack("square", 0.1).queries == 5000
     assert make_attack("auto", 0.1, queries=5000).stages["square"].queries == 5000
+
+
+class _Counting(nn.Module):
+    """Counts the images that go through forward+backward passes."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net, self.images = net, 0
+
+    def forward(self, x):
+        if x.requires_grad:
+            self.images += x.shape[0]
+        return self.net(x)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(norm=st.sampled_from(["linf", "l2"]), eps=st.floats(0.05, 0.6), batch=st.integers(2, 6),
+       seed=st.integers(0, 2**31), loss=st.sampled_from(["ce", "dlr"]))
+def test_apgd_drops_fooled_points_without_changing_any_example(norm, eps, batch, seed, loss):
+    """APGD attacks only the points not yet fooled: each point's example is the one it gets alone."""
+    from rcomp.attacks.auto import PointwiseAPGD
+
+    model = _tiny(seed % 7)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(batch, 1, 4, 4, generator=g)
+    y = torch.randint(0, 5, (batch,), generator=g)
+    counted = _Counting(model)
+    x_adv = PointwiseAPGD(eps, norm, steps=12, loss=loss, seed=seed)(counted, x, y)
+    alone = [PointwiseAPGD(eps, norm, steps=12, loss=loss, seed=seed)(model, x[i:i + 1], y[i:i + 1]) for i in range(batch)]
+    alone = torch.cat(alone)
+    # equal up to float noise (a batch of another size takes other kernels; it grows over 12 steps)
+    assert torch.allclose(x_adv, alone, atol=1e-3)
+    # no more passes than attacking every point for the full budget, fewer when some point was fooled early
+    assert counted.images <= batch * 13
+
+
+def test_apgd_stops_spending_passes_on_fooled_points():
+    """Half the batch is fooled by the first step: those points cost two passes, the rest the full budget."""
+    from rcomp.attacks.apgd import APGD
+
+    lin = nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    model = nn.Sequential(nn.Flatten(), lin).eval()
+    # points of class 0 near the boundary x0 == x1 (fooled at once) and far from it (never fooled)
+    x = torch.tensor([[0.51, 0.50], [0.52, 0.50], [1.0, 0.0], [0.95, 0.0]]).view(4, 1, 1, 2)
+    y = torch.zeros(4, dtype=torch.long)
+    counted = _Counting(model)
+    x_adv = APGD(0.05, steps=20, random_start=False)(counted, x, y)
+    fooled = model(x_adv).argmax(1) != y
+    assert fooled.tolist() == [True, True, False, False]
+    assert counted.images == 4 + 4 + 2 * 19  # the start and step 1 on all four, then 19 steps on two

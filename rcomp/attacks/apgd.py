@@ -73,11 +73,14 @@ class APGD(Attack):
 
     def _run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None,
              restart: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One run of APGD on ``x``: per point, the first iterate that fooled the model (and True),
+        else the highest-loss iterate (and False). A point leaves the batch as soon as it is fooled,
+        so it costs no further passes; every step is per point, so this changes no other point's
+        trajectory (the result is the same as attacking each point alone)."""
         n_iter = self.steps
         k = max(int(0.22 * n_iter), 1)  # iterations until the first checkpoint
         k_min = max(int(0.06 * n_iter), 1)
         k_decr = max(int(0.03 * n_iter), 1)
-        bs = x.shape[0]
 
         def b(mask: torch.Tensor) -> torch.Tensor:
             return mask.view(-1, *([1] * (x.dim() - 1)))
@@ -85,27 +88,34 @@ class APGD(Attack):
         x_adv = self._start(x, restart)
         loss, grad, logits = self.loss_and_grad(model, x_adv, y, target)
         found = self.succeeded(logits, y, target)
-        x_found = x_adv.clone()
+        out = x_adv.clone()  # per point: its fooling iterate, or (for the survivors, at the end) its best one
+        out_found = found.clone()
+        # the state of the points still being attacked, compacted; ``live`` holds their positions in x
+        live = (~found).nonzero().squeeze(1)
+        xs, ys, ts = x[live], y[live], None if target is None else target[live]
+        x_adv, loss, grad = x_adv[live], loss[live], grad[live]
         x_best, grad_best, loss_best = x_adv.clone(), grad.clone(), loss.clone()
-        history = [loss]  # history[i] = loss of iterate i (0: the start)
-        step = torch.full((bs,), 2.0 * self.eps, device=x.device)
+        history = [loss]  # history[i] = loss of iterate i of the current checkpoint window
+        step = torch.full((live.numel(),), 2.0 * self.eps, device=x.device)
         x_old = x_adv
         since_check = 0
         loss_best_last = loss_best.clone()
-        reduced_last = torch.ones(bs, dtype=torch.bool, device=x.device)
+        reduced_last = torch.ones(live.numel(), dtype=torch.bool, device=x.device)
         for i in range(n_iter):
+            if live.numel() == 0:  # every point fooled
+                break
             with torch.no_grad():
                 momentum = x_adv - x_old
                 x_old = x_adv
                 a = 0.75 if i > 0 else 1.0
-                z = project(x, x_adv + _bcast(step, x) * ascent_direction(grad, self.norm), self.eps, self.norm)
-                x_adv = project(x, x_adv + (z - x_adv) * a + momentum * (1 - a), self.eps, self.norm)
-            loss, grad, logits = self.loss_and_grad(model, x_adv, y, target)
-            new = self.succeeded(logits, y, target) & ~found
-            x_found = torch.where(b(new), x_adv, x_found)
-            found = found | new
-            if bool(found.all()):  # every point fooled: the result is x_found whatever comes next
-                break
+                z = project(xs, x_adv + _bcast(step, xs) * ascent_direction(grad, self.norm), self.eps, self.norm)
+                x_adv = project(xs, x_adv + (z - x_adv) * a + momentum * (1 - a), self.eps, self.norm)
+            loss, grad, logits = self.loss_and_grad(model, x_adv, ys, ts)
+            new = self.succeeded(logits, ys, ts)
+            any_new = bool(new.any())
+            if any_new:  # record the fooling iterates now (a checkpoint below may move x_adv)
+                out[live[new]] = x_adv[new]
+                out_found[live[new]] = True
             history.append(loss)
             better = loss > loss_best
             x_best = torch.where(b(better), x_adv, x_best)
@@ -126,4 +136,13 @@ class APGD(Attack):
                 k = max(k - k_decr, k_min)
                 since_check = 0
                 history = history[-1:]
-        return torch.where(b(found), x_found, x_best), found
+            if any_new:  # drop the fooled points from the batch
+                keep = ~new
+                live, xs, ys = live[keep], xs[keep], ys[keep]
+                ts = None if ts is None else ts[keep]
+                x_adv, x_old, grad, loss = x_adv[keep], x_old[keep], grad[keep], loss[keep]
+                x_best, grad_best, loss_best = x_best[keep], grad_best[keep], loss_best[keep]
+                step, loss_best_last, reduced_last = step[keep], loss_best_last[keep], reduced_last[keep]
+                history = [t[keep] for t in history]
+        out[live] = x_best
+        return out, out_found
