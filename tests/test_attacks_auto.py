@@ -284,3 +284,68 @@ def test_apgd_stops_spending_passes_on_fooled_points():
     fooled = model(x_adv).argmax(1) != y
     assert fooled.tolist() == [True, True, False, False]
     assert counted.images == 4 + 4 + 2 * 19  # the start and step 1 on all four, then 19 steps on two
+
+
+def _restarts_seen(monkeypatch) -> dict[str, list[int]]:
+    """Record the random stream of every APGD run, by attack name."""
+    from rcomp.attacks.apgd import APGD
+
+    seen: dict[str, list[int]] = {}
+    run = APGD._run
+
+    def spy(self, model, x, y, target, restart):
+        seen.setdefault(self.name, []).append(restart)
+        return run(self, model, x, y, target, restart)
+
+    monkeypatch.setattr(APGD, "_run", spy)
+    return seen
+
+
+def test_auto_tries_four_targets_and_more_restarts_on_surrogate_gradients(int8_digits, monkeypatch):
+    model, qm = int8_digits
+    assert make_attack("auto", 0.1).stages["apgd-t"].targets == 4
+    assert make_attack("apgd-t", 0.1).targets == 9  # the stand-alone attack keeps the reference
+    assert make_attack("auto", 0.1, targets=9).stages["apgd-t"].targets == 9
+    assert make_attack("auto", 0.1).stages["apgd-ce"].params()["restarts_on_surrogate_gradients"] == 3
+    x, y = _digits(model, 12)
+    for m, given, ce, t in [(model, None, [0], [0, 1, 2, 3]),  # exact gradients: 1 restart
+                            (qm, None, [0, 1, 2], [i + r * 1024 for i in range(4) for r in range(3)]),
+                            (model, 2, [0, 1], [i + r * 1024 for i in range(4) for r in range(2)]),
+                            (qm, 2, [0, 1], [i + r * 1024 for i in range(4) for r in range(2)])]:
+        seen = _restarts_seen(monkeypatch)
+        # eps so small that no point falls: every restart of every target runs
+        make_attack("auto", 1e-4, steps=2, queries=2, restarts=given, seed=0)(m, x, y)
+        assert sorted(seen["apgd"]) == ce and sorted(seen["apgd-t"]) == sorted(t), (m.gradient_source, given)
+
+
+def test_more_apgd_t_restarts_never_find_fewer_examples(trained_digits):
+    """Restart r of target i draws its own stream: 3 restarts repeat the 1-restart run, then add to it."""
+    from rcomp.models.loading import load
+    from rcomp.quant.ptq import quantize
+
+    model = load(trained_digits)
+    sim = quantize(model, [_digits(model, 64)[0]], bits=4, simulate=True)
+    x, y = _digits(sim, 48)
+    fooled = {}
+    for r in (1, 3):
+        adv = make_attack("apgd-t", 0.08, steps=6, targets=3, restarts=r, seed=1)(sim, x, y)
+        with torch.inference_mode():
+            fooled[r] = sim(adv).argmax(1) != y
+    assert bool((fooled[1] <= fooled[3]).all())
+
+
+def test_cli_says_when_auto_runs_more_restarts(int8_digits, tmp_path, cli):
+    from rcomp.models.loading import save
+
+    model, qm = int8_digits
+    for m, name in ((model, "float"), (qm, "int8")):
+        path = tmp_path / f"{name}.safetensors"
+        save(m, path)
+        res = cli("attack", path, "--data", "digits", "-n", "8", "--attack", "auto", "--eps", "0.1", "--steps", "2",
+                  "--queries", "3")
+        assert res.code == 0, res.stderr
+        said = "gradients are a surrogate (fake-quant twin of int8), so its APGD stages run 3 random restarts"
+        assert (said in res.stderr) == (name == "int8"), res.stderr
+        quiet = cli("attack", path, "--data", "digits", "-n", "8", "--attack", "auto", "--eps", "0.1", "--steps", "2",
+                    "--queries", "3", "--restarts", "1")
+        assert quiet.code == 0 and "surrogate" not in quiet.stderr

@@ -41,7 +41,8 @@ DESCRIPTIONS = {
     "apgd-t": "APGD on the targeted DLR loss against the 9 nearest classes in turn (Croce and Hein 2020); steps 100",
     "cw": "PGD on the Carlini-Wagner margin loss; steps 30, alpha 2.5*eps/steps",
     "square": "score-based black box, forward passes only (Andriushchenko et al. 2020); 5000 queries",
-    "auto": "AutoAttack's standard suite as a cascade: apgd-ce, apgd-t, square with 1000 queries (Croce and Hein 2020)",
+    "auto": "AutoAttack's standard suite as a cascade: apgd-ce, apgd-t (4 nearest classes), square with 1000 "
+            "queries; 3 restarts on surrogate gradients (Croce and Hein 2020)",
 }
 
 __all__ = ["ATTACKS", "APGD", "APGDT", "CW", "DESCRIPTIONS", "FGSM", "LOSSES", "NORMS", "PGD", "SUITES", "Attack",
@@ -49,20 +50,25 @@ __all__ = ["ATTACKS", "APGD", "APGDT", "CW", "DESCRIPTIONS", "FGSM", "LOSSES", "
 
 
 def make_attack(name: str, eps: float, norm: str = "linf", steps: int | None = None, alpha: float | None = None,
-                random_start: bool | None = None, restarts: int = 1, loss: str | None = None,
+                random_start: bool | None = None, restarts: int | None = None, loss: str | None = None,
                 targeted: bool = False, seed: int | None = None, **kw: Any) -> Attack:
     """Build attack (or suite) ``name`` with budget ``eps`` (pixel units) in ``norm``.
 
     ``None`` means the attack's own default: ``steps`` (pgd 10, cw 30, apgd and apgd-t 100; fgsm
     and square take none), ``alpha`` (pgd/cw ``2.5 * eps / steps``; fgsm ``eps``, or
     ``1.25 * eps`` with a random start; apgd adapts its own), ``random_start`` (on for pgd, cw,
-    apgd; off for fgsm), ``loss`` (``ce``; ``cw`` for cw and square; ``dlr`` for apgd-t).
+    apgd; off for fgsm), ``loss`` (``ce``; ``cw`` for cw and square; ``dlr`` for apgd-t),
+    ``restarts`` (1; for auto, 1 on exact gradients and 3 on surrogate ones, see
+    :mod:`rcomp.attacks.auto`).
     Attack-specific keywords go through ``kw``: ``targets`` (apgd-t, auto), ``queries`` and
     ``p_init`` (square; ``queries`` also for auto). Options an attack does not take are refused
     with an :class:`~rcomp.errors.RcompError`, as are unknown names, norms and losses.
     """
     key = _check_common(name, norm, loss, steps, restarts)
     kw = _check_specific(key, kw)
+    if key == "auto":
+        return _query_based(key, eps, norm, steps, alpha, random_start, restarts, loss, targeted, seed, kw)
+    restarts = 1 if restarts is None else restarts
     common = {"targeted": targeted, "seed": seed}
     if key == "fgsm":
         if steps not in (None, 1):
@@ -83,7 +89,7 @@ def make_attack(name: str, eps: float, norm: str = "linf", steps: int | None = N
                restarts=restarts, loss=loss, **common, **kw)
 
 
-def _check_common(name: str, norm: str, loss: str | None, steps: int | None, restarts: int) -> str:
+def _check_common(name: str, norm: str, loss: str | None, steps: int | None, restarts: int | None) -> str:
     key = str(name).strip().lower()
     known = [*ATTACKS, *SUITES]
     if key not in known:
@@ -111,7 +117,7 @@ def _check_specific(key: str, kw: dict[str, Any]) -> dict[str, Any]:
 
 
 def _query_based(key: str, eps: float, norm: str, steps: int | None, alpha: float | None, random_start: bool | None,
-                 restarts: int, loss: str | None, targeted: bool, seed: int | None, kw: dict[str, Any]) -> Attack:
+                 restarts: int | None, loss: str | None, targeted: bool, seed: int | None, kw: dict[str, Any]) -> Attack:
     """``square`` (random search, no steps or step size) and the ``auto`` suite."""
     if alpha is not None:
         raise RcompError(f"{key} takes no step size; drop --alpha")

@@ -35,23 +35,32 @@ class APGD(Attack):
 
     def __init__(self, eps: float, norm: str = "linf", *, steps: int | None = None, restarts: int = 1,
                  loss: str = "ce", rho: float = 0.75, random_start: bool = True, targeted: bool = False,
-                 seed: int | None = None):
+                 seed: int | None = None, surrogate_restarts: int | None = None):
         super().__init__(eps, norm, loss=loss, targeted=targeted, seed=seed)
         self.steps, restarts = self.iterations(steps, 100, restarts)
         if not 0 < rho <= 1:
             raise RcompError(f"rho must be in (0, 1], got {rho}")
         self.restarts = int(restarts)
+        #: restarts used instead of ``restarts`` when the model's gradients are a surrogate (None: the same)
+        self.surrogate_restarts = None if surrogate_restarts is None else self.iterations(None, 1, surrogate_restarts)[1]
         self.rho = float(rho)
         self.random_start_on = bool(random_start)
 
     def _extra_params(self) -> dict[str, Any]:
-        return {"steps": self.steps, "restarts": self.restarts, "rho": self.rho, "random_start": self.random_start_on,
-                "alpha": "adaptive (2 * eps, halved at checkpoints)"}
+        extra = {} if self.surrogate_restarts is None else {"restarts_on_surrogate_gradients": self.surrogate_restarts}
+        return {"steps": self.steps, "restarts": self.restarts, **extra, "rho": self.rho,
+                "random_start": self.random_start_on, "alpha": "adaptive (2 * eps, halved at checkpoints)"}
+
+    def runs(self) -> int:
+        """Restarts for the model now attacked: ``surrogate_restarts`` when its gradients are not exact."""
+        if self.surrogate_restarts is not None and self.gradient_source != "exact":
+            return self.surrogate_restarts
+        return self.restarts
 
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                 target: torch.Tensor | None) -> torch.Tensor:
         best, done = self._run(model, x, y, target, 0)
-        for r in range(1, self.restarts):
+        for r in range(1, self.runs()):
             idx = (~done).nonzero().squeeze(1)
             if idx.numel() == 0:
                 break

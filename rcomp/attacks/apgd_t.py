@@ -24,6 +24,8 @@ from rcomp.attacks.apgd import APGD
 from rcomp.attacks.pointwise import PointwiseStart
 from rcomp.errors import RcompError
 
+_STREAMS = 1024  # random streams per restart (more when a model has more classes)
+
 
 class APGDT(PointwiseStart, APGD):
     """Multi-target APGD (APGD-T). Defaults: ``steps=100``, ``targets=9`` (capped at
@@ -74,12 +76,14 @@ class APGDT(PointwiseStart, APGD):
         order = logits.scatter(1, y[:, None], float("-inf")).argsort(1, descending=True)[:, :k]
         best = x.clone()
         done = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        runs = self.runs()
         for i in range(k):
-            for r in range(self.restarts):
+            for r in range(runs):
                 idx = (~done).nonzero().squeeze(1)
                 if idx.numel() == 0:
                     return best
-                adv, ok = self._run(model, x[idx], y[idx], order[idx, i], i * self.restarts + r)
+                # restart r of target i draws stream i + r * 1024: more restarts repeat the runs with fewer
+                adv, ok = self._run(model, x[idx], y[idx], order[idx, i], i + r * max(k, _STREAMS))
                 keep = ok | (i == 0 and r == 0)
                 best[idx[keep]] = adv[keep]
                 done[idx] = ok

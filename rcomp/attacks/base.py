@@ -179,6 +179,7 @@ class Attack:
         self._gens: dict[str, torch.Generator] = {}
         self._calls = 0  # counts calls: each call draws its own random streams
         self._override: torch.Generator | None = None
+        self.gradient_source = "exact"
 
     # ----- public API --------------------------------------------------
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
@@ -199,6 +200,8 @@ class Attack:
         if x.dim() < 2 or x.shape[0] != y.shape[0]:
             raise RcompError(f"{self.name}: images {tuple(x.shape)} and labels {tuple(y.shape)} do not match")
         grad_model = model.gradient_model() if hasattr(model, "gradient_model") else model
+        #: the model's own account of its gradients ("exact" unless it says otherwise)
+        self.gradient_source = str(getattr(model, "gradient_source", "exact"))
         with torch.inference_mode(False), torch.enable_grad():
             x0 = x.detach().clone().float()
             y = y.detach().clone().long()

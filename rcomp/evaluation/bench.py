@@ -113,6 +113,7 @@ def bench(paths_or_models: Sequence, data: str, attacks: dict[str, Any], *, spli
     from rcomp.data.registry import check_fits, get_dataset, make_loader
     from rcomp.evaluation.cascade import expand_suites
     from rcomp.evaluation.cost import count_params, measure_latency
+    from rcomp.attacks.auto import surrogate_note
     from rcomp.evaluation.robustness import evaluate
 
     if not paths_or_models:
@@ -125,6 +126,9 @@ def bench(paths_or_models: Sequence, data: str, attacks: dict[str, Any], *, spli
         name = path.name if path is not None else f"model{i}"
         if log:
             log(f"[{i + 1}/{len(paths_or_models)}] {name}: {model.meta.arch.name}, gradient {model.gradient_source}")
+            note = surrogate_note(attacks, model.gradient_source)
+            if note:
+                log(note)
         ds = get_dataset(data, split, model.meta.input, data_dir)
         check_fits(ds, model.meta.num_classes, data)
         loader = make_loader(ds, batch_size, n=n)

@@ -54,8 +54,10 @@ class AttackOptions:
     random_start: bool | None = O.opt(None, "--random-start", kind="bool", secondary="--no-random-start",
                                     help="Start from a random point of the ball (default: on for pgd, cw, apgd; off "
                                          "for fgsm).")
-    restarts: int = O.opt(1, "--restarts", kind="int", min=1, max=100,
-                        help="Random restarts; later ones attack only the points not yet fooled.")
+    restarts: int | None = O.opt(None, "--restarts", kind="int", min=1, max=100,
+                               help="Random restarts; later ones attack only the points not yet fooled (default 1; "
+                                    "auto: 1, or 3 when the model's gradients are a surrogate, as for quantized "
+                                    "models).")
     loss: str | None = O.opt(None, "--loss", kind="choice", choices=LOSSES,
                            help="Loss to maximise: ce, dlr (difference of logits ratio) or cw (margin); default ce "
                                 "(cw for cw).")
@@ -66,8 +68,9 @@ class AttackOptions:
                                 help="Square's query budget per point (default: 5000 for square, the reference; "
                                      "1000 inside auto, where it measured the same figures at half the time).")
     targets: int | None = O.opt(None, "--targets", kind="int", min=1, max=1000,
-                                help="Target classes APGD-T tries, nearest by logit margin first (apgd-t, auto; "
-                                     "default 9, at most classes - 1).")
+                                help="Target classes APGD-T tries, nearest by logit margin first (default: 9 for "
+                                     "apgd-t, the reference; 4 inside auto, where the farther ones found nothing more; "
+                                     "at most classes - 1).")
     cascade: bool = O.opt(False, "--cascade", kind="bool",
                         help="Run the listed attacks as a cascade: each attacks only the points still robust after "
                              "the ones before it (cheaper; per-attack figures are then not independent).")
@@ -158,6 +161,7 @@ def apply(model, cfg: Config, log=C.stderr_log, path: Path | None = None, attack
     """Attack ``model`` (loaded) on ``cfg.data``; the report is in the result. ``path`` names it;
     ``attacks`` are ``cfg.build(cfg.seed)`` when the caller built them already."""
     from rcomp.data.registry import check_fits, get_dataset, make_loader
+    from rcomp.attacks.auto import surrogate_note
     from rcomp.evaluation.robustness import evaluate
 
     C.seed_everything(cfg.seed)
@@ -170,6 +174,9 @@ def apply(model, cfg: Config, log=C.stderr_log, path: Path | None = None, attack
     loader = make_loader(ds, cfg.batch_size, n=cfg.n)
     log(f"attacking {name} ({model.meta.arch.name}, gradients: {model.gradient_source}) on {cfg.data} "
         f"{cfg.split}, {min(cfg.n or len(ds), len(ds))} points, device {dev}, seed {cfg.seed}")
+    note = surrogate_note(attacks, model.gradient_source)
+    if note:
+        log(note)
     kept: list = []
 
     def keep(x, y, advs):
