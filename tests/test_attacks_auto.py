@@ -308,14 +308,14 @@ def test_auto_tries_four_targets_and_more_restarts_on_surrogate_gradients(int8_d
     assert make_attack("auto", 0.1, targets=9).stages["apgd-t"].targets == 9
     assert make_attack("auto", 0.1).stages["apgd-ce"].params()["restarts_on_surrogate_gradients"] == 3
     x, y = _digits(model, 12)
-    for m, given, ce, t in [(model, None, [0], [0, 1, 2, 3]),  # exact gradients: 1 restart
+    for m, asked, ce, t in [(model, None, [0], [0, 1, 2, 3]),  # exact gradients: 1 restart
                             (qm, None, [0, 1, 2], [i + r * 1024 for i in range(4) for r in range(3)]),
                             (model, 2, [0, 1], [i + r * 1024 for i in range(4) for r in range(2)]),
                             (qm, 2, [0, 1], [i + r * 1024 for i in range(4) for r in range(2)])]:
         seen = _restarts_seen(monkeypatch)
         # eps so small that no point falls: every restart of every target runs
-        make_attack("auto", 1e-4, steps=2, queries=2, restarts=given, seed=0)(m, x, y)
-        assert sorted(seen["apgd"]) == ce and sorted(seen["apgd-t"]) == sorted(t), (m.gradient_source, given)
+        make_attack("auto", 1e-4, steps=2, queries=2, restarts=asked, seed=0)(m, x, y)
+        assert sorted(seen["apgd"]) == ce and sorted(seen["apgd-t"]) == sorted(t), (m.gradient_source, asked)
 
 
 def test_more_apgd_t_restarts_never_find_fewer_examples(trained_digits):

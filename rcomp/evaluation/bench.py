@@ -110,10 +110,10 @@ def bench(paths_or_models: Sequence, data: str, attacks: dict[str, Any], *, spli
     """
     import torch
 
+    from rcomp.attacks.auto import surrogate_note
     from rcomp.data.registry import check_fits, get_dataset, make_loader
     from rcomp.evaluation.cascade import expand_suites
     from rcomp.evaluation.cost import count_params, measure_latency
-    from rcomp.attacks.auto import surrogate_note
     from rcomp.evaluation.robustness import evaluate
 
     if not paths_or_models:

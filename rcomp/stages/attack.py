@@ -160,8 +160,8 @@ def apply(model, cfg: Config, log=C.stderr_log, path: Path | None = None, attack
           ) -> C.StageResult:
     """Attack ``model`` (loaded) on ``cfg.data``; the report is in the result. ``path`` names it;
     ``attacks`` are ``cfg.build(cfg.seed)`` when the caller built them already."""
-    from rcomp.data.registry import check_fits, get_dataset, make_loader
     from rcomp.attacks.auto import surrogate_note
+    from rcomp.data.registry import check_fits, get_dataset, make_loader
     from rcomp.evaluation.robustness import evaluate
 
     C.seed_everything(cfg.seed)
