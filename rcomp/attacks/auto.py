@@ -12,14 +12,15 @@ rcomp's stages and defaults:
   nearest first, early exit per point. The minimum-margin attack (Gao et al., ICML 2022) showed
   the nearest classes carry nearly all of APGD-T's success; on the five digits models of
   ``benchmarks/bench_autoattack.py`` (standard, PGD-trained, pruned, simulated int4, real int8;
-  4 seeds on the first two) targets 5-9 fooled no point the first four missed on exact gradients,
-  and 4 targets cost 45-55% of 9;
+  seeds 0-3 on the first two) targets 5-9 fooled no point the first four missed on exact
+  gradients, and on points that resist 4 targets cost 4/9 of 9;
 * **surrogate gradients** (a simulated low-bit model's straight-through rounding, an int8
   model's fake-quant twin): both APGD stages run :data:`SURROGATE_RESTARTS` random restarts
   instead of 1, unless ``restarts`` is given. On a piecewise-constant model a point's fate
-  depends on its random start: on the simulated int4 model, the same points fell to rcomp's and
-  torchattacks' APGD-T in about one seed of six each, and 3 restarts of 4 targets beat 1 restart
-  of 9 targets on every seed measured. The run says so on stderr, and the parameters record it;
+  depends on its random start: on the simulated int4 model the points by which ``auto`` trailed
+  torchattacks fell to either library's APGD-T in only a few of 12 seeds, and 3 restarts of 4
+  targets read 0.5-2.0 points lower than 1 restart of 9 targets on every seed measured (0-3).
+  The run says so on stderr, and the parameters record it;
 * ``square``: :class:`~rcomp.attacks.square.Square`, **1000 queries** (the reference is 5000;
   ``queries=5000`` restores it), ``p_init`` 0.8, on the real model's forward pass only. On the four
   digits models of ``benchmarks/bench_autoattack.py`` Square after APGD-T fooled no further point at
