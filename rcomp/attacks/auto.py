@@ -12,8 +12,8 @@ rcomp's stages and defaults:
   nearest first, early exit per point. The minimum-margin attack (Gao et al., ICML 2022) showed
   the nearest classes carry nearly all of APGD-T's success; on the five digits models of
   ``benchmarks/bench_autoattack.py`` (standard, PGD-trained, pruned, simulated int4, real int8;
-  seeds 0-3 on the first two) targets 5-9 fooled no point the first four missed on exact
-  gradients, and on points that resist 4 targets cost 4/9 of 9;
+  seeds 0-3 on the standard model, 0-1 on the others) targets 5-9 fooled no point the first four
+  missed on exact gradients, and on points that resist 4 targets cost 4/9 of 9;
 * **surrogate gradients** (a simulated low-bit model's straight-through rounding, an int8
   model's fake-quant twin): both APGD stages run :data:`SURROGATE_RESTARTS` random restarts
   instead of 1, unless ``restarts`` is given. On a piecewise-constant model a point's fate
