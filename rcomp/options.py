@@ -280,7 +280,7 @@ def _parse_at(o: Option, raw: Any, where: str) -> Any:
 
 def user_factory_from_file(value: Any) -> str | None:
     """``file_check`` for options naming an architecture: a ``package.module:factory`` runs user code."""
-    if ":" in str(value):
+    if ":" in str(value) and not str(value).startswith("timm:"):  # timm:NAME is a known source, not user code
         return ("a user factory runs code, so only the command line may name it "
                 "(recipes: pass --allow-factory with the same name to rcomp run)")
     return None

@@ -68,4 +68,4 @@ class ArchSpec:
 
     @property
     def is_user_factory(self) -> bool:
-        return ":" in self.name
+        return ":" in self.name and not self.name.startswith("timm:")

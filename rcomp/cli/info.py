@@ -78,13 +78,17 @@ def _fmt(v):
 def _list_models(as_json: bool) -> None:
     from rcomp.models.builtin import BUILTINS
     from rcomp.models.registry import torchvision_names
+    from rcomp.models.timm_source import EXTRA, installed_version, names
 
     if as_json:
-        emit_json({"builtin": sorted(BUILTINS), "torchvision": torchvision_names()})
+        emit_json({"builtin": sorted(BUILTINS), "torchvision": torchvision_names(), "timm": names()})
         return
     for name, (_, desc, shape) in sorted(BUILTINS.items()):
         print(f"{name:16s} {desc} [default input {'x'.join(map(str, shape))}]")
     print("torchvision:     " + ", ".join(torchvision_names()))
+    version = installed_version()
+    print("timm:            timm:NAME, any model timm.list_models() names, built without downloading weights "
+          + (f"(timm {version})" if version else f"(needs the optional extra: {EXTRA})"))
     print("user factory:    package.module:factory (imported only when named on the command line)")
 
 

@@ -4,6 +4,7 @@ Three kinds of names:
 
 * built-ins: ``convnet8``, ``resnet18-cifar``, ``mlp``;
 * any torchvision classification model by its torchvision name (``resnet18``, ``mobilenet_v2``...);
+* any timm model as ``timm:NAME`` (the optional extra ``rcomp[timm]``; :mod:`rcomp.models.timm_source`);
 * a user's own model as ``package.module:factory`` (called as ``factory(**kwargs)`` with
   ``num_classes`` added when the factory accepts it).
 
@@ -49,11 +50,16 @@ def default_input_shape(name: str) -> tuple[int, int, int]:
 
     if name in BUILTINS:
         return BUILTINS[name][2]
+    if name.startswith("timm:"):  # timm's pretrained config (rcomp.models.timm_source)
+        from rcomp.models.timm_source import pretrained_input
+
+        found = pretrained_input(name)
+        return found[0] if found else (3, 224, 224)
     return (3, 224, 224)
 
 
 def is_user_factory(name: str) -> bool:
-    return ":" in name
+    return ":" in name and not name.startswith("timm:")
 
 
 def _check_user_factory(name: str, allow: str | None, trust: bool) -> None:
@@ -75,6 +81,10 @@ def build_net(arch: ArchSpec, spec: InputSpec, num_classes: int, *, allow_factor
     from rcomp.models.builtin import BUILTINS
 
     name, kwargs = arch.name, dict(arch.kwargs)
+    if name.startswith("timm:"):  # a known source, like torchvision: imports timm only
+        from rcomp.models.timm_source import build
+
+        return build(name, spec, num_classes, kwargs)
     if name in BUILTINS:
         fn = BUILTINS[name][0]
         try:

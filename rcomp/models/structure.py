@@ -19,7 +19,10 @@ from rcomp.text import printable
 SHAPE_ATTRS = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features",
                "normalized_shape", "num_channels", "num_groups", "embed_dim")
 
-_reference_cache: dict[str, dict[str, dict[str, Any]]] = {}
+#: Pseudo-attribute: ``{tensor name: shape}`` of resized tensors of a module without shape attributes.
+TENSOR_SHAPES = "tensor_shapes"
+
+_reference_cache: dict[str, tuple] = {}
 
 
 def shape_attrs(net) -> dict[str, dict[str, Any]]:
@@ -75,7 +78,22 @@ def _skip_meta_inplace():
     return SkipInplace()
 
 
-def _reference_attrs(meta) -> dict[str, dict[str, Any]]:
+def free_shapes(net) -> dict[str, dict[str, list[int]]]:
+    """Shapes of the tensors held directly by modules without shape attributes (e.g. a ConvNeXt
+    block's layer-scale ``gamma``), which pruning may shrink too."""
+    out: dict[str, dict[str, list[int]]] = {}
+    attrs = shape_attrs(net)
+    for name, mod in net.named_modules():
+        if name in attrs:
+            continue
+        shapes = {p: list(t.shape) for p, t in list(mod._parameters.items()) + list(mod._buffers.items())
+                  if t is not None}
+        if shapes:
+            out[name] = shapes
+    return out
+
+
+def _reference_attrs(meta) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, list[int]]]]:
     from rcomp.models.registry import build_net
 
     key = json.dumps([meta.arch.name, meta.arch.kwargs, meta.input.shape, meta.num_classes], sort_keys=True)
@@ -83,15 +101,21 @@ def _reference_attrs(meta) -> dict[str, dict[str, Any]]:
         net = build_skeleton(meta, trust_factory=True)
         if net is None:
             net = build_net(meta.arch, meta.input, meta.num_classes, trust_factory=True)
-        _reference_cache[key] = shape_attrs(net)
+        _reference_cache[key] = (shape_attrs(net), free_shapes(net))
     return _reference_cache[key]
 
 
 def structure_diff(model) -> dict[str, dict[str, Any]]:
-    """Shape attributes of the modules of ``model.net`` that differ from a fresh build."""
-    ref = _reference_attrs(model.meta)
+    """Shape attributes of the modules of ``model.net`` that differ from a fresh build (and, under
+    ``tensor_shapes``, the changed shapes of tensors held by modules without shape attributes)."""
+    ref, ref_free = _reference_attrs(model.meta)
     cur = shape_attrs(model.net)
-    return {name: attrs for name, attrs in cur.items() if ref.get(name) != attrs}
+    out = {name: attrs for name, attrs in cur.items() if ref.get(name) != attrs}
+    for name, shapes in free_shapes(model.net).items():
+        changed = {p: s for p, s in shapes.items() if ref_free.get(name, {}).get(p) != s}
+        if changed:
+            out.setdefault(name, {})[TENSOR_SHAPES] = changed
+    return out
 
 
 def _valid_value(v: Any) -> bool:
@@ -113,6 +137,9 @@ def apply_structure(net, structure: dict[str, Any], where: str = "checkpoint") -
         if not isinstance(attrs, dict):
             raise RcompError(f"{where}: compression state for {printable(repr(name), 80)} is malformed")
         for a, v in attrs.items():
+            if a == TENSOR_SHAPES:
+                _check_tensor_shapes(modules[name], name, v, where)
+                continue
             if a not in SHAPE_ATTRS or not hasattr(modules[name], a):
                 raise RcompError(f"{where}: compression state sets unknown attribute {printable(repr(a), 40)} "
                                  f"on {printable(repr(name), 80)}")
@@ -121,6 +148,21 @@ def apply_structure(net, structure: dict[str, Any], where: str = "checkpoint") -
                                  f"the invalid value {printable(repr(v), 40)}")
             setattr(modules[name], a, tuple(v) if isinstance(v, list) else v)
     return set(structure)
+
+
+def _check_tensor_shapes(mod, name: str, shapes: Any, where: str) -> None:
+    """``tensor_shapes`` names tensors the module holds, with valid shapes of the same rank; the
+    tensors themselves are resized from the file when it is loaded (nothing is allocated here)."""
+    own = {**mod._parameters, **mod._buffers}
+    if not isinstance(shapes, dict) or not shapes:
+        raise RcompError(f"{where}: compression state for {printable(repr(name), 80)} is malformed")
+    for p, shape in shapes.items():
+        if own.get(p) is None:
+            raise RcompError(f"{where}: compression state resizes tensor {printable(repr(p), 40)} of "
+                             f"{printable(repr(name), 80)}, which the architecture does not have")
+        if not (isinstance(shape, list) and _valid_value(shape) and len(shape) == own[p].dim()):
+            raise RcompError(f"{where}: compression state gives {printable(name, 80)}.{printable(p, 40)} "
+                             f"the invalid shape {printable(repr(shape), 40)}")
 
 
 def implied_shapes(mod) -> dict[str, tuple[int, ...]]:
@@ -151,7 +193,9 @@ def check_structure_shapes(net, structure: dict[str, Any], shapes: dict[str, tup
     """Refuse structure metadata that contradicts the shapes of the tensors in the file."""
     modules = dict(net.named_modules())
     for name in structure:
-        for pname, want in implied_shapes(modules[name]).items():
+        implied = implied_shapes(modules[name])
+        implied.update({p: tuple(s) for p, s in structure[name].get(TENSOR_SHAPES, {}).items()})
+        for pname, want in implied.items():
             if pname == "groups":
                 raise RcompError(f"{where}: the pruned structure of {printable(name, 80)} has channels not "
                                  f"divisible by its {want[0]} groups; the file is damaged or edited")

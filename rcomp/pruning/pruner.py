@@ -269,6 +269,18 @@ def _blocker(net: nn.Module, arch: str) -> str | None:
     return None
 
 
+def _attention_blocker(net: nn.Module, arch: str) -> str | None:
+    """A one-line refusal for networks with multi-head self-attention blocks (timm ViTs and the like):
+    torch-pruning 1.6.1 prunes their channels without keeping whole heads, and the attention's reshape
+    of qkv into heads x head_dim then fails (or silently computes something else)."""
+    for name, mod in net.named_modules():
+        if isinstance(getattr(mod, "num_heads", None), int) and not isinstance(mod, nn.MultiheadAttention):
+            return (f"rcomp cannot prune {arch} structurally: its attention layer {name!r} ({type(mod).__name__}) "
+                    f"splits channels into {mod.num_heads} heads, and channel pruning without handling the heads "
+                    "breaks its qkv reshape; quantize it instead (rcomp quantize) or prune a convolutional model")
+    return None
+
+
 def _validate(ratio, method, scope, round_to, iterative, target_macs, target_params, batches, net, arch):
     given = [v for v in (ratio, target_macs, target_params) if v is not None]
     if len(given) != 1:
@@ -331,6 +343,9 @@ def prune(model, ratio: float | None = None, *, method: str = "l1", scope: str =
     if model.is_quantized:
         raise RcompError("the model is quantized; prune the float checkpoint first, then quantize")
     net = model.net
+    blocked = _attention_blocker(net, arch)
+    if blocked:
+        raise RcompError(blocked)
     batches = list(batches) if batches is not None else None
     _validate(ratio, method, scope, round_to, iterative, target_macs, target_params, batches, net, arch)
     adv = _adversarial(method, adv_eps, adv_steps, score_steps)

@@ -18,11 +18,14 @@ DOC = """State dicts are read with torch.load(weights_only=True), never full pic
 `model.` key prefixes are stripped; a key or shape mismatch is reported by name. The input
 normalisation used is always printed: for torchvision models at their native 3x224x224 it defaults to
 ImageNet's; at any other input shape give --mean/--std or --normalize imagenet|none. With --data, the
-converted model's clean accuracy is measured and a near-chance result is reported as an error."""
+converted model's clean accuracy is measured and a near-chance result is reported as an error. For
+timm models (--arch timm:NAME, the rcomp[timm] extra) the input size, mean and std default to the
+model's pretrained config inside timm (nothing is downloaded); --input-shape/--mean/--std win."""
 EXAMPLES = """rcomp convert resnet18.pth --arch resnet18 --num-classes 1000 -o resnet18.safetensors
 rcomp convert cifar_weights.safetensors --arch resnet18-cifar --mean 0.4914,0.4822,0.4465 \\
   --std 0.2470,0.2435,0.2616 --dataset cifar10
-rcomp convert r18.pth --arch resnet18 --input-shape 3,32,32 --normalize none --data cifar10"""
+rcomp convert r18.pth --arch resnet18 --input-shape 3,32,32 --normalize none --data cifar10
+rcomp convert model.safetensors --arch timm:convnext_atto -o convnext_atto.rcomp.safetensors"""
 
 
 @dataclass
@@ -64,6 +67,13 @@ def _normalisation(cfg: Config, shape) -> tuple[list[float] | None, list[float] 
 
     if cfg.mean is not None:
         return list(cfg.mean), list(cfg.std), "given"
+    if cfg.arch.startswith("timm:") and cfg.normalize is None:  # timm ships each model's pretrained config
+        from rcomp.models.timm_source import pretrained_input
+
+        found = pretrained_input(cfg.arch)
+        if found is not None and len(found[1]) == shape[0]:
+            return found[1], found[2], (f"from timm's pretrained config for {found[3]}; give --normalize none or "
+                                        "--mean/--std if the weights were trained otherwise")
     is_tv = cfg.arch not in BUILTINS and ":" not in cfg.arch
     norm = cfg.normalize
     if norm is None and is_tv and shape[0] == 3:
@@ -106,6 +116,9 @@ def convert(cfg: Config, src: Path, log=C.stderr_log) -> C.StageResult:
     if not src.is_file():
         raise RcompError(f"{src} does not exist or is not a file; check the path")
     shape = cfg.input_shape or default_input_shape(cfg.arch)
+    if cfg.input_shape is None and cfg.arch.startswith("timm:"):
+        log(f"input size {'x'.join(map(str, shape))} from timm's pretrained config for {cfg.arch} "
+            "(give --input-shape C,H,W to change it)")
     mean, std, note = _normalisation(cfg, shape)
     kwargs = dict(cfg.arch_kwargs or {})
     model = convert_state_dict(src, cfg.arch, cfg.num_classes, shape, mean, std, kwargs, dataset=cfg.dataset)
