@@ -180,12 +180,11 @@ def test_a_checkpoint_naming_timm_weirdness_is_refused(dense, tmp_path, arch, ne
 
 
 def test_model_name_never_raises_anything_but_rcomp_errors():
+    import timm
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
     from rcomp.models.timm_source import model_name
-
-    import timm
 
     known = set(timm.list_models())
 
@@ -291,6 +290,9 @@ def test_prune_cli_on_a_timm_model(dense, tmp_path):
 def test_attention_models_are_refused_for_pruning_before_any_work(dense, tmp_path):
     res = run_cli("prune", dense["vit_tiny_patch16_224"], "--ratio", "0.5", "-o", tmp_path / "v.safetensors")
     assert_one_line_error(res, "attention", "heads", "qkv reshape", "quantize it instead")
+    res = run_cli("prune", dense["vit_tiny_patch16_224"], "--ratio", "0.5", "--method", "taylor", "--data",
+                  "cifar10", "--data-dir", tmp_path / "nothing-here", "-o", tmp_path / "v.safetensors")
+    assert_one_line_error(res, "attention")  # refused before the data is even looked at
     assert not (tmp_path / "v.safetensors").exists()
 
 
@@ -324,11 +326,11 @@ def test_quantize_reloads_identical(name, bits, simulate, pruned, tmp_path):
 def test_finetune_from_arch_and_from_a_pruned_checkpoint(pruned, tmp_path):
     out = tmp_path / "t.safetensors"
     res = run_cli("finetune", "--arch", "timm:mobilenetv3_small_100", "--data", "digits", "--input-shape", "3,32,32",
-                  "--steps-budget", "2", "--batch-size", "16", "-o", out)
+                  "--steps-budget", "2", "--batch-size", "16", "--eval-n", "32", "-o", out)
     assert res.code == 0, res.stderr
     out2 = tmp_path / "t2.safetensors"
     res = run_cli("finetune", pruned["mobilenetv3_small_100"][0], "--data", "digits", "--adv", "fgsm", "--eps", "0.1",
-                  "--steps-budget", "2", "--batch-size", "16", "-o", out2)
+                  "--steps-budget", "2", "--batch-size", "16", "--eval-n", "32", "-o", out2)
     assert res.code == 0, res.stderr
     from rcomp.models.loading import load
 

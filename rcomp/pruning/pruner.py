@@ -269,6 +269,13 @@ def _blocker(net: nn.Module, arch: str) -> str | None:
     return None
 
 
+def check_prunable(net: nn.Module, arch: str) -> None:
+    """Refuse, before any work, networks this pruner is known to break: see :func:`_attention_blocker`."""
+    blocked = _attention_blocker(net, arch)
+    if blocked:
+        raise RcompError(blocked)
+
+
 def _attention_blocker(net: nn.Module, arch: str) -> str | None:
     """A one-line refusal for networks with multi-head self-attention blocks (timm ViTs and the like):
     torch-pruning 1.6.1 prunes their channels without keeping whole heads, and the attention's reshape
@@ -343,9 +350,7 @@ def prune(model, ratio: float | None = None, *, method: str = "l1", scope: str =
     if model.is_quantized:
         raise RcompError("the model is quantized; prune the float checkpoint first, then quantize")
     net = model.net
-    blocked = _attention_blocker(net, arch)
-    if blocked:
-        raise RcompError(blocked)
+    check_prunable(net, arch)
     batches = list(batches) if batches is not None else None
     _validate(ratio, method, scope, round_to, iterative, target_macs, target_params, batches, net, arch)
     adv = _adversarial(method, adv_eps, adv_steps, score_steps)

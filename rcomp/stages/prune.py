@@ -98,8 +98,9 @@ def _taylor_batches(model, cfg: Config, log) -> list:
 def apply(model, cfg: Config, log=C.stderr_log, source: str = "model") -> C.StageResult:
     """Prune ``model`` in memory and record the history entry on it."""
     from rcomp.pruning import prune as prune_model
-    from rcomp.pruning.pruner import resolve_ignore
+    from rcomp.pruning.pruner import check_prunable, resolve_ignore
 
+    check_prunable(model.net, model.meta.arch.name)  # before any data is loaded
     ignore_list = resolve_ignore(model.net, list(cfg.ignore))
     batches = _taylor_batches(model, cfg, log) if cfg.method in NEEDS_DATA else None
     if cfg.data and batches is None:
