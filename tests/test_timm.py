@@ -153,6 +153,14 @@ def test_loader_keywords_are_refused(kw):
         build_model("timm:resnet18", 10, SHAPE, kwargs=kw)
 
 
+@pytest.mark.parametrize("kw", [{"act_layer": "no_such_activation"}, {"depth": 3}])
+def test_bad_arguments_are_one_line(kw, tmp_path):
+    res = run_cli("finetune", "--arch", "timm:resnet18", "--arch-kwargs", json.dumps(kw), "--data", "digits",
+                  "--input-shape", "3,32,32", "--steps-budget", "1", "-o", tmp_path / "m.safetensors")
+    assert_one_line_error(res, "timm")
+    assert not (tmp_path / "m.safetensors").exists()
+
+
 def _edit_arch(src: Path, dst: Path, arch: dict) -> Path:
     data = src.read_bytes()
     (n,) = struct.unpack("<Q", data[:8])
@@ -401,3 +409,22 @@ def test_convert_user_options_win(tmp_path):
     assert "from timm's pretrained config for resnet18" in res.stderr  # mean/std: timm's; the size: the user's
     model = load(tmp_path / "r2.safetensors")
     assert model.meta.input.shape == SHAPE and model.meta.input.mean == [0.485, 0.456, 0.406]
+
+
+@pytest.mark.slow
+def test_a_recipe_may_name_a_timm_model(tmp_path):
+    """timm:NAME is a known source, not user code: recipes (files) may name it, unlike pkg.mod:fn."""
+    recipe = tmp_path / "r.yaml"
+    body = """stages:
+  - name: base
+    command: finetune
+    options: {{arch: "{arch}", data: digits, input-shape: "3,32,32", steps-budget: 1, batch-size: 8, eval-n: 0}}
+"""
+    recipe.write_text(body.format(arch="evil.mod:fn"))
+    assert_one_line_error(run_cli("run", recipe, "--out-dir", tmp_path / "o1"), "user factory")
+    recipe.write_text(body.format(arch="timm:mobilenetv3_small_100"))
+    res = run_cli("run", recipe, "--out-dir", tmp_path / "o2", "--json")
+    assert res.code == 0, res.stderr
+    from rcomp.models.loading import load
+
+    assert load(tmp_path / "o2" / "base.safetensors").meta.arch.name == "timm:mobilenetv3_small_100"

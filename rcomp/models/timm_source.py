@@ -128,7 +128,7 @@ def build(name: str, spec, num_classes: int, kwargs: dict[str, Any]):
     try:
         return timm.create_model(bare, pretrained=False, num_classes=num_classes, in_chans=spec.channels,
                                  **extra, **kwargs)
-    except (TypeError, ValueError, AssertionError, RuntimeError) as exc:
+    except (TypeError, ValueError, AssertionError, RuntimeError, KeyError, AttributeError, NotImplementedError) as exc:
         text = str(exc).strip()
         first = printable(text.splitlines()[0] if text else type(exc).__name__, 160)
         raise RcompError(f"cannot build timm model {printable(bare, 80)} at input "
