@@ -31,6 +31,8 @@ def shape_attrs(net) -> dict[str, dict[str, Any]]:
     for name, mod in net.named_modules():
         attrs = {}
         for a in SHAPE_ATTRS:
+            if isinstance(getattr(type(mod), a, None), property):
+                continue  # derived from a submodule (timm's ConvNormAct.in_channels): that one records it
             v = getattr(mod, a, None)
             if isinstance(v, bool):
                 continue
@@ -140,7 +142,8 @@ def apply_structure(net, structure: dict[str, Any], where: str = "checkpoint") -
             if a == TENSOR_SHAPES:
                 _check_tensor_shapes(modules[name], name, v, where)
                 continue
-            if a not in SHAPE_ATTRS or not hasattr(modules[name], a):
+            if a not in SHAPE_ATTRS or not hasattr(modules[name], a) or isinstance(
+                    getattr(type(modules[name]), a, None), property):
                 raise RcompError(f"{where}: compression state sets unknown attribute {printable(repr(a), 40)} "
                                  f"on {printable(repr(name), 80)}")
             if not _valid_value(v):
