@@ -25,6 +25,8 @@ from rcomp.errors import RcompError  # noqa: E402
 
 from conftest import assert_one_line_error, run_cli  # noqa: E402
 
+pytestmark = pytest.mark.filterwarnings("ignore:Unwrapped parameters detected")  # convnext's gamma: pruned right
+
 MODELS = ["resnet18", "mobilenetv3_small_100", "efficientnet_b0", "convnext_atto"]
 SHAPE = (3, 32, 32)
 
