@@ -103,7 +103,7 @@ def test_choices_declared_match_the_library():
     assert set(attack.ATTACK_NAMES) == set(ATTACKS) | set(SUITES)
     assert set(prune.METHODS) == set(METHODS) and set(prune.SCOPES) == set(SCOPES)
     assert set(prune.NEEDS_DATA) == set(DATA_METHODS)
-    assert set(quantize.BACKENDS) == set(BACKENDS)
+    assert set(quantize.BACKENDS) == set(BACKENDS) | {"onnxruntime"}  # ONNX Runtime: rcomp.stages.export
     assert set(finetune.ADV_MODES) == set(MODES)
     assert set(finetune.OPTIMIZERS) == set(OPTIMIZERS) and set(finetune.SCHEDULES) == set(SCHEDULES)
 

@@ -72,6 +72,10 @@ def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("RCOMP_DEBUG", "") not in ("", "0")
     args = [a for a in args if a != "--debug"]
+    if next((a for a in args if not a.startswith("-")), "") == "bench" and "torch" not in sys.modules:
+        # busy-waiting OpenMP threads skew latency on a loaded machine (eager batch 1: 1316 ms -> 64 ms with
+        # PASSIVE, docs/export.md); the policy must be set before torch loads, and bench reports it
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if not debug:  # library warnings (torchvision, PIL, torch.ao) are not the user's to act on
         import warnings
 

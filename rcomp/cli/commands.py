@@ -13,7 +13,7 @@ from rcomp.stages import STAGES, get_stage
 
 #: how each stage takes its positional inputs (see rcomp.cli.build.INPUT_HELP)
 INPUTS = {"convert": "source", "prune": "one", "quantize": "one", "finetune": "optional", "attack": "one",
-          "bench": "many"}
+          "bench": "many", "export": "one"}
 
 
 def _print_checkpoint(name: str, cfg: Any, res) -> None:

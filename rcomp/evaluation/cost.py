@@ -8,7 +8,10 @@ import torch
 
 
 def count_params(model) -> int:
-    """Parameters of the network (normalisation buffers excluded); int8 models count their packed weights."""
+    """Parameters of the network (normalisation buffers excluded); int8 models count their packed weights;
+    an ONNX model (rcomp.onnx.runtime.OnnxClassifier) the weights stored in its file."""
+    if getattr(model, "is_onnx", False):
+        return int(model.param_count or 0)
     net = model.net if hasattr(model, "net") else model
     n = sum(p.numel() for p in net.parameters())
     if n == 0:  # real int8 modules keep their weights in packed params, not parameters
@@ -91,8 +94,13 @@ def count_macs(model, input_shape: tuple[int, int, int]) -> int:
 
     The same definition for float, pruned, fake-quant and real int8 models (torch.ao's quantized
     Conv2d/Linear expose the same shape attributes), so figures compare across a bench table.
-    Running the forward pass also checks that the network still runs.
+    Running the forward pass also checks that the network still runs. An ONNX model reports the MACs of
+    the checkpoint it was exported from (recorded at export), or raises when none were recorded.
     """
+    if getattr(model, "is_onnx", False):
+        if model.macs is None:
+            raise ValueError("this ONNX file records no MACs")
+        return int(model.macs)
     net = model.net if hasattr(model, "net") else model
     total = 0
     hooks = []

@@ -126,6 +126,10 @@ def load(path: str | Path, device: str = "cpu", *, factory: str | None = None, t
     from rcomp.io.header import sha256_file
 
     path = Path(path)
+    if path.name.lower().endswith(".onnx"):  # an ONNX file written by rcomp export (rcomp.onnx.runtime)
+        from rcomp.onnx.runtime import load_onnx
+
+        return load_onnx(path, device)
     where = printable(str(path))
     header = read_header(path)
     meta = CheckpointMeta.from_metadata(header.metadata, where=where)

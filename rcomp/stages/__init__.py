@@ -14,7 +14,7 @@ from types import ModuleType
 from typing import Any
 
 #: stage name -> module under rcomp.stages
-STAGES = ("convert", "prune", "quantize", "finetune", "attack", "bench")
+STAGES = ("convert", "prune", "quantize", "finetune", "attack", "bench", "export")
 
 
 @dataclass(frozen=True)

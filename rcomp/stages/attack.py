@@ -74,6 +74,10 @@ class AttackOptions:
     cascade: bool = O.opt(False, "--cascade", kind="bool",
                         help="Run the listed attacks as a cascade: each attacks only the points still robust after "
                              "the ones before it (cheaper; per-attack figures are then not independent).")
+    surrogate: Path | None = O.opt(None, "--surrogate", kind="path",
+                                   help="For .onnx models (no gradients): the checkpoint gradient attacks run on, their "
+                                        "examples scored on the ONNX model (default: the source checkpoint the file "
+                                        "records, if it is at its recorded path with its recorded sha256).")
 
     def check_attacks(self) -> None:
         if self.attack and not self.eps:
@@ -196,13 +200,14 @@ def run(cfg: Config, inputs: list, *, log=C.stderr_log, **_: Any) -> C.StageResu
     """Attack (or replay) the checkpoint and return the report; writes only the examples file of -o."""
     from rcomp.io.atomic import check_output_path
 
-    path = C.check_input(inputs[0])
+    path = C.check_input(inputs[0], onnx=True)
     if cfg.from_file is not None:
         return _replay(cfg, path)
     attacks = cfg.build(cfg.seed)  # refuse bad attack settings before loading anything
     if cfg.output is not None:
         check_output_path(Path(cfg.output), (path,), force=cfg.force)
-    model = C.as_model(path, C.resolve_device(cfg.device), cfg.arch, cfg.trust_factory)
+    model = C.as_model(path, C.resolve_device(cfg.device), cfg.arch, cfg.trust_factory, cfg.surrogate, log)
+    C.check_gradients(model, attacks, path.name, log)
     return apply(model, cfg, log, path, attacks)
 
 

@@ -137,7 +137,7 @@ def render(result: dict[str, Any], fmt: str) -> str:
                              if p != "attack")
         for k, a in result["attacks"].items())
     foot = (f"data {result['data']} {result['split']}, n={result['n']}, device {result['device']}, "
-            f"{result['threads']} threads; latency = median ms per batch (ms@B) of 10 repeats after 3 warm-up "
+            f"{result['threads']} threads (wait policy {result.get('thread_policy', '-')}); latency = median ms per batch (ms@B) of 10 repeats after 3 warm-up "
             "under inference_mode (the JSON has the spread)")
     if attacks:
         foot += f"\nattacks: {attacks}\nworst = correct clean and under every attack"
@@ -165,24 +165,51 @@ def unique_names(items: list) -> list[str]:
     return names
 
 
+def _load_onnx(paths: list, attacks: dict, cfg: Config, log) -> list:
+    """ONNX files loaded up front (with their gradient surrogates), so gradient attacks without one are
+    refused before any model is evaluated; checkpoints stay paths."""
+    from rcomp.onnx.runtime import is_onnx_path
+
+    out = []
+    for p in paths:
+        if is_onnx_path(p):
+            model = C.load_model(Path(p), C.resolve_device(cfg.device), surrogate=cfg.surrogate, log=log)
+            C.check_gradients(model, expand(attacks), Path(p).name, log)
+            p = model
+        out.append(p)
+    if cfg.surrogate is not None and not any(is_onnx_path(p) for p in paths):
+        raise RcompError("--surrogate is for .onnx models (they have no gradients); none was given, so drop it")
+    return out
+
+
+def expand(attacks: dict) -> dict:
+    from rcomp.evaluation.cascade import expand_suites
+
+    return expand_suites(attacks)
+
+
 def run(cfg: Config, inputs: list, *, log=C.stderr_log, **_: Any) -> C.StageResult:
     """Benchmark the checkpoints (paths or loaded models); writes only the ``-o`` copy of the results."""
     from rcomp.evaluation.bench import bench, check_thresholds, parse_fail_under
     from rcomp.io.atomic import atomic_write_text, check_output_path
 
-    paths = [C.check_input(p) if isinstance(p, (str, Path)) else p for p in inputs]
+    paths = [C.check_input(p, onnx=True) if isinstance(p, (str, Path)) else p for p in inputs]
     if cfg.output is not None:
         check_output_path(Path(cfg.output), tuple(p for p in paths if isinstance(p, Path)), force=cfg.force)
     C.seed_everything(cfg.seed)
     attacks = cfg.build(cfg.seed) if cfg.attack else {}
+    models = _load_onnx(paths, attacks, cfg, log)
     thresholds = parse_fail_under(cfg.fail_under, list(attacks))
     dev = C.resolve_device(cfg.device)
     batches = (1, cfg.latency_batch) if cfg.latency_batch > 1 else (1,)
-    result = bench(paths, cfg.data, attacks, split=cfg.split, n=cfg.n, batch_size=cfg.batch_size, device=dev,
+    result = bench(models, cfg.data, attacks, split=cfg.split, n=cfg.n, batch_size=cfg.batch_size, device=dev,
                    data_dir=cfg.data_dir, latency_batches=batches, arch=cfg.arch, trust_factory=cfg.trust_factory,
                    progress=True, log=log, cascade=cfg.cascade)
     for m, name in zip(result["models"], unique_names(paths), strict=True):
         m["name"] = name
+    from rcomp.onnx.runtime import thread_policy
+
+    result["thread_policy"] = thread_policy()
     text = render(result, cfg.format)
     if cfg.output is not None:
         atomic_write_text(Path(cfg.output), text + "\n", exclusive=not cfg.force)

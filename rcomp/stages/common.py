@@ -94,26 +94,57 @@ def resolve_output(output: Path | None, inp: Path | None, suffix: str, force: bo
     return check_output_path(Path(output), (inp,) if inp is not None else (), force=force)
 
 
-def check_input(path: Path) -> Path:
+def check_input(path: Path, onnx: bool = False) -> Path:
     """Refuse an input that is not an rcomp checkpoint before anything else (e.g. a PyTorch file that
-    needs ``rcomp convert``), so the user hears about the real problem first."""
+    needs ``rcomp convert``), so the user hears about the real problem first. ``onnx``: the command
+    also takes ONNX files written by ``rcomp export`` (attack, bench, quantize)."""
     from rcomp.io.header import read_header
 
+    if str(path).lower().endswith(".onnx"):
+        if not onnx:
+            from rcomp.text import printable
+
+            raise RcompError(f"{printable(str(path))} is an ONNX file; this command works on rcomp checkpoints "
+                             "(.safetensors): run it on the checkpoint the file was exported from, then export again")
+        from rcomp.io.bounded import check_regular
+
+        check_regular(Path(path), "ONNX file")
+        return Path(path)
     read_header(Path(path))
     return Path(path)
 
 
-def load_model(path: Path, device: str = "cpu", arch: str | None = None, trust: bool = False):
+def load_model(path: Path, device: str = "cpu", arch: str | None = None, trust: bool = False,
+               surrogate: Path | None = None, log: Log | None = None):
+    """A checkpoint as a Classifier, or an ONNX file as an :class:`~rcomp.onnx.runtime.OnnxClassifier`
+    (its gradient surrogate: ``surrogate``, or the source checkpoint it records; ``log`` hears which)."""
     from rcomp.models.loading import load
 
+    if str(path).lower().endswith(".onnx"):
+        from rcomp.onnx.runtime import load_onnx
+
+        return load_onnx(path, device, surrogate=surrogate, log=log)
+    if surrogate is not None:
+        raise RcompError("--surrogate is for ONNX models (they have no gradients); a checkpoint is attacked with "
+                         "its own gradients, so drop --surrogate")
     return load(path, device=device, factory=arch, trust_factory=trust)
 
 
-def as_model(model_or_path: Any, device: str = "cpu", arch: str | None = None, trust: bool = False):
-    """A loaded model, given one or a checkpoint path."""
+def as_model(model_or_path: Any, device: str = "cpu", arch: str | None = None, trust: bool = False,
+             surrogate: Path | None = None, log: Log | None = None):
+    """A loaded model, given one or a checkpoint (or ONNX file) path."""
     if isinstance(model_or_path, (str, Path)):
-        return load_model(Path(model_or_path), device, arch, trust)
+        return load_model(Path(model_or_path), device, arch, trust, surrogate, log)
     return model_or_path
+
+
+def check_gradients(model, attacks: dict, name: str, log: Log | None = None) -> None:
+    """Refuse gradient attacks on an ONNX model without a gradient surrogate, before anything runs."""
+    if not getattr(model, "is_onnx", False):
+        return
+    from rcomp.onnx.runtime import refuse_gradient_attacks
+
+    refuse_gradient_attacks(model, attacks, name, log)
 
 
 def record(model, command: str, params: dict[str, Any], input_sha256: str | None,

@@ -10,7 +10,7 @@ from rcomp import options as O
 from rcomp.errors import RcompError
 from rcomp.stages import common as C
 
-BACKENDS = ("x86", "fbgemm", "qnnpack")
+BACKENDS = ("x86", "fbgemm", "qnnpack", "onnxruntime")  # onnxruntime: rcomp.stages.export
 SUPPORTED = "supported: real int8: --bits 8; simulated: --simulate --bits 2..16"
 
 SUMMARY = "Quantize a checkpoint: real int8 (default) or a simulated low-bit fake-quant model."
@@ -27,7 +27,8 @@ The output stores only plain tensors (integer weights, scales, zero points, rang
 reloads to identical outputs. Pruned checkpoints quantize too. Prints the output path."""
 EXAMPLES = """rcomp quantize model.safetensors --data digits -o model.int8.safetensors
 rcomp quantize model.safetensors --simulate --bits 4 --data digits
-rcomp prune model.safetensors --ratio 0.5 | rcomp quantize --data digits"""
+rcomp prune model.safetensors --ratio 0.5 | rcomp quantize --data digits
+rcomp quantize model.onnx --backend onnxruntime --data digits -o model.int8.onnx"""
 
 
 @dataclass
@@ -37,7 +38,8 @@ class Config:
     simulate: bool = O.opt(False, "--simulate", kind="bool",
                          help="Fake-quant model (fp32 compute carrying the rounding of --bits) instead of real int8.")
     backend: str = O.opt("x86", "--backend", kind="choice", choices=BACKENDS,
-                       help="Quantized engine: x86, fbgemm or qnnpack.")
+                       help="Quantized engine: x86, fbgemm or qnnpack (torch.ao); onnxruntime: static QDQ int8 of "
+                            "an ONNX file (a checkpoint is exported first), written as .onnx.")
     data: str | None = O.opt(None, "--data", help="Calibration dataset (default: the dataset the checkpoint records; "
                                                 "required when it records none).")
     data_dir: Path | None = O.data_dir_opt()
@@ -110,7 +112,13 @@ def apply(model, cfg: Config, log=C.stderr_log, source: str = "model") -> C.Stag
 
 def run(cfg: Config, inputs: list, *, log=C.stderr_log, **_: Any) -> C.StageResult:
     """Load -> quantize -> record -> save."""
-    path = C.check_input(inputs[0])
+    path = C.check_input(inputs[0], onnx=True)
+    if cfg.backend == "onnxruntime" or str(path).lower().endswith(".onnx"):
+        if cfg.backend != "onnxruntime":
+            raise RcompError(f"{path.name} is an ONNX file: quantize it with --backend onnxruntime")
+        from rcomp.stages.export import quantize_onnx
+
+        return quantize_onnx(cfg, path, log)
     out = C.resolve_output(cfg.output, path, cfg.suffix, cfg.force)
     C.seed_everything(cfg.seed)
     model = C.as_model(path, "cpu", cfg.arch, cfg.trust_factory)

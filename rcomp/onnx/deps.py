@@ -1,0 +1,25 @@
+"""The optional ONNX extra, checked in one place: one line naming what to install."""
+
+from __future__ import annotations
+
+import importlib
+
+from rcomp.errors import RcompError
+
+EXTRA = "pip install 'rcomp[onnx]'"
+#: module -> what it is needed for
+NEEDED = {"onnx": "reading and writing ONNX files", "onnxruntime": "running them",
+          "onnxscript": "the torch.export-based exporter"}
+
+
+def require(what: str, modules: tuple[str, ...] = ("onnx", "onnxruntime")):
+    """Import ``modules`` or refuse in one line: ``WHAT needs onnx, onnxruntime (not installed): pip install ...``."""
+    missing = []
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise RcompError(f"{what} needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not "
+                         f"installed; install the ONNX extra: {EXTRA}")

@@ -1,0 +1,301 @@
+"""An exported ONNX file as a model rcomp can measure: :class:`OnnxClassifier`.
+
+The adapter runs ONNX Runtime in ``forward`` (CPU execution provider, no autograd) and carries
+``.meta`` (a :class:`~rcomp.io.format.CheckpointMeta`) rebuilt from the file's ``metadata_props``,
+so the evaluation loop, latency timing, Square (forward passes only) and replays of saved
+examples run on the shipped file itself.
+
+Gradients: an ONNX model has none. Gradient attacks run on a *surrogate* -- the source checkpoint
+named in the file's metadata (used only when the user names it with ``--surrogate``, or when it
+exists at the recorded path with the recorded sha256), or any checkpoint given with
+``--surrogate`` -- and their examples are scored on the ONNX model (transfer). Without one,
+``gradient_source`` reads ``none (black-box on the exported model)`` and gradient attacks are
+refused before anything runs (:func:`refuse_gradient_attacks`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from rcomp.errors import RcompError
+from rcomp.io.format import PREFIX, CheckpointMeta
+from rcomp.text import printable
+
+#: metadata_props key (besides the checkpoint's own ``rcomp.*`` keys) holding the export record
+ONNX_KEY = f"{PREFIX}onnx"
+#: ONNX files are read whole; protobuf itself caps a file without external data at 2 GiB
+MAX_ONNX_BYTES = 2 * 1024**3
+BLACK_BOX = "none (black-box on the exported model)"
+
+
+def is_onnx_path(path: Any) -> bool:
+    return isinstance(path, (str, Path)) and str(path).lower().endswith(".onnx")
+
+
+def thread_policy() -> str:
+    """How threads wait, as bench reports it: OMP_WAIT_POLICY (torch) and ORT spinning follow it."""
+    return os.environ.get("OMP_WAIT_POLICY", "").upper() or "default (active spin-wait)"
+
+
+def make_session(data: bytes, where: str = "ONNX model"):
+    """An ONNX Runtime CPU session using as many intra-op threads as torch; no spinning when
+    ``OMP_WAIT_POLICY=PASSIVE`` (busy-waiting threads skew timings on a loaded machine)."""
+    from rcomp.onnx.deps import require
+
+    require("running an ONNX model")
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = max(1, torch.get_num_threads())
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    try:
+        return ort.InferenceSession(data, sess_options=so, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's own errors; one line for the user
+        raise RcompError(f"onnxruntime cannot run {where} ({type(exc).__name__}: "
+                         f"{printable(str(exc).splitlines()[0] if str(exc) else '', 160)}); "
+                         "re-export it with rcomp export") from None
+
+
+class OnnxClassifier(nn.Module):
+    """ONNX Runtime behind the Classifier interface: [0, 1] images (N, C, H, W) in, logits out.
+
+    ``forward`` has no autograd: attacks that need gradients use :meth:`gradient_model`, the
+    attached surrogate. The module holds no parameters; ``param_count`` and ``macs`` come from
+    the file (initializers) and the export record.
+    """
+
+    is_onnx = True
+
+    def __init__(self, data: bytes, meta: CheckpointMeta, info: dict[str, Any], where: str = "ONNX model",
+                 param_count: int | None = None):
+        super().__init__()
+        self.meta = meta
+        self.onnx_info = info
+        self._session = make_session(data, where)
+        self._input = self._session.get_inputs()[0].name
+        self._output = self._session.get_outputs()[0].name
+        self._surrogate: list[nn.Module] = []
+        self.surrogate_note: str | None = None
+        #: why no surrogate was attached (said with the refusal of gradient attacks, or on stderr)
+        self.no_surrogate_reason: str | None = None
+        self.param_count = param_count
+        self.macs = (meta.stats or {}).get("macs")
+        self.source_path: Path | None = None
+        self.source_sha256: str | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        arr = x.detach().to("cpu", torch.float32).contiguous().numpy()
+        out = self._session.run([self._output], {self._input: arr})[0]
+        return torch.from_numpy(out).to(x.device)
+
+    # ----- the Classifier interface -----------------------------------------
+    def set_gradient_model(self, surrogate: nn.Module | None, note: str | None = None) -> None:
+        self._surrogate = [surrogate] if surrogate is not None else []
+        self.surrogate_note = note if surrogate is not None else None
+
+    def gradient_model(self) -> nn.Module:
+        if not self._surrogate:
+            raise RcompError("an ONNX model has no gradients; give --surrogate CKPT (e.g. the checkpoint it was "
+                             "exported from) or use a gradient-free attack (--attack square)")
+        sur = self._surrogate[0]
+        return sur.gradient_model() if hasattr(sur, "gradient_model") else sur
+
+    @property
+    def has_surrogate(self) -> bool:
+        return bool(self._surrogate)
+
+    @property
+    def gradient_source(self) -> str:
+        return self.surrogate_note if self._surrogate and self.surrogate_note else BLACK_BOX
+
+    @property
+    def is_quantized(self) -> bool:
+        return bool(self.meta.compression.get("quantization"))
+
+    def num_parameters(self) -> int:
+        return int(self.param_count or 0)
+
+
+# ----- reading a file -----------------------------------------------------------
+
+def read_model(path: Path):
+    """``(bytes, ModelProto, metadata_props dict)`` of an ONNX file, bounded; refuses what is not one."""
+    from rcomp.io.bounded import read_bounded
+    from rcomp.onnx.deps import require
+
+    require("reading an ONNX file")
+    import onnx
+
+    shown = printable(str(path))
+    data = read_bounded(path, MAX_ONNX_BYTES, what="ONNX file")
+    try:
+        proto = onnx.load_from_string(data)
+    except Exception:  # noqa: BLE001 - protobuf's decode errors
+        raise RcompError(f"{shown} is not an ONNX model (it does not parse); give a file written by rcomp export") \
+            from None
+    if not proto.graph.input or not proto.graph.output:
+        raise RcompError(f"{shown} is an ONNX file without graph inputs or outputs; give a file written by rcomp export")
+    return data, proto, {p.key: p.value for p in proto.metadata_props}
+
+
+def meta_of(props: dict[str, str], where: str) -> tuple[CheckpointMeta, dict[str, Any]]:
+    """The checkpoint metadata and the export record stored in an ONNX file's ``metadata_props``."""
+    if f"{PREFIX}format" not in props:
+        raise RcompError(f"{where} is an ONNX file without rcomp metadata (input spec, classes); export the model "
+                         "with rcomp export CKPT -o model.onnx")
+    meta = CheckpointMeta.from_metadata(props, where=where)
+    raw = meta.extra.pop("onnx", None)
+    try:
+        info = json.loads(raw) if raw else {}
+    except (json.JSONDecodeError, RecursionError):
+        info = None
+    if not isinstance(info, dict):
+        raise RcompError(f"{where} has malformed metadata field {ONNX_KEY} (not a JSON object)")
+    return meta, info
+
+
+def _graph_checks(proto, meta: CheckpointMeta, where: str) -> None:
+    """The graph takes (N, C, H, W) of the recorded input spec and gives (N, classes) logits."""
+    def dims(v):
+        return [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+
+    inits = {i.name for i in proto.graph.initializer}
+    inputs = [i for i in proto.graph.input if i.name not in inits]
+    if len(inputs) != 1 or len(proto.graph.output) != 1:
+        raise RcompError(f"{where} has {len(inputs)} inputs and {len(proto.graph.output)} outputs; rcomp runs "
+                         "classifiers with one image input and one logits output")
+    got, want = dims(inputs[0]), [None, *meta.input.shape]
+    if len(got) != 4 or any(g is not None and g != w for g, w in zip(got[1:], want[1:], strict=True)):
+        raise RcompError(f"{where}: its graph input has shape {got} but its metadata says images of "
+                         f"{'x'.join(map(str, meta.input.shape))}; re-export it with rcomp export")
+    out = dims(proto.graph.output[0])
+    if len(out) != 2 or (out[1] is not None and out[1] != meta.num_classes):
+        raise RcompError(f"{where}: its graph output has shape {out} but its metadata says {meta.num_classes} "
+                         "classes; re-export it with rcomp export")
+
+
+def param_count(proto) -> int:
+    """Weights stored in the file (float and integer initializers; scales and zero points excluded)."""
+    from onnx import TensorProto
+
+    n = 0
+    for t in proto.graph.initializer:
+        if t.data_type in (TensorProto.FLOAT, TensorProto.INT8, TensorProto.UINT8, TensorProto.FLOAT16) \
+                and len(t.dims) >= 2:
+            size = 1
+            for d in t.dims:
+                size *= d
+            n += size
+        elif t.data_type == TensorProto.FLOAT and len(t.dims) == 1 and not t.name.endswith(("scale", "zero_point")):
+            n += t.dims[0]
+    return n
+
+
+def load_onnx(path: str | Path, device: str = "cpu", *, surrogate: str | Path | None = None, log=None,
+              use_source: bool = True) -> OnnxClassifier:
+    """Load an ONNX file written by rcomp as an :class:`OnnxClassifier`; attach a gradient surrogate:
+    ``surrogate`` (a checkpoint path the user named), else the recorded source checkpoint if it exists
+    at its recorded path (or beside the ONNX file) with the recorded sha256. ``log`` hears which."""
+    from rcomp.io.header import sha256_file
+
+    path = Path(path)
+    where = printable(str(path))
+    data, proto, props = read_model(path)
+    meta, info = meta_of(props, where)
+    _graph_checks(proto, meta, where)
+    model = OnnxClassifier(data, meta, info, where=where, param_count=param_count(proto))
+    model.source_path = path
+    model.source_sha256 = sha256_file(path)
+    model.eval()
+    attach_surrogate(model, surrogate, device, log=log, use_source=use_source)
+    return model
+
+
+def _source_candidates(model: OnnxClassifier) -> list[Path]:
+    src = (model.onnx_info.get("source") or {})
+    p = src.get("path")
+    if not isinstance(p, str) or not p:
+        return []
+    cands = [Path(p)]
+    if model.source_path is not None:
+        cands.append(Path(model.source_path).parent / Path(p).name)
+    return cands
+
+
+def attach_surrogate(model: OnnxClassifier, surrogate: str | Path | None, device: str = "cpu", *, log=None,
+                     use_source: bool = True) -> None:
+    """Attach the checkpoint whose gradients attacks use (see :func:`load_onnx`); say which, or why none."""
+    from rcomp.io.header import sha256_file
+    from rcomp.models.loading import load
+
+    say = log or (lambda _m: None)
+    src = model.onnx_info.get("source") or {}
+    want_sha = src.get("sha256") if isinstance(src.get("sha256"), str) else None
+    if surrogate is not None:
+        sur = load(Path(surrogate), device=device)
+        _check_compatible(model, sur, Path(surrogate))
+        same = " (the source checkpoint: sha256 matches the export record)" if sur.source_sha256 == want_sha else ""
+        model.set_gradient_model(sur, f"surrogate {printable(Path(surrogate).name)} (--surrogate, sha256 "
+                                      f"{sur.source_sha256[:12]}), scored on the exported model")
+        say(f"gradient attacks run on --surrogate {printable(str(surrogate))}{same} and are scored on the "
+            "ONNX model (transfer)")
+        return
+    if not use_source:
+        return
+    for cand in _source_candidates(model):
+        if not cand.is_file():
+            continue
+        if want_sha is None or sha256_file(cand) != want_sha:
+            say(f"source checkpoint {printable(str(cand))} exists but its sha256 differs from the export record; "
+                "not used as a gradient surrogate (name it with --surrogate to use it anyway)")
+            continue
+        try:
+            sur = load(cand, device=device)
+            _check_compatible(model, sur, cand)
+        except RcompError as exc:
+            say(f"source checkpoint {printable(str(cand))} not used as a gradient surrogate: {exc}")
+            continue
+        model.set_gradient_model(sur, f"surrogate {printable(cand.name)} (source checkpoint, sha256 "
+                                      f"{want_sha[:12]}), scored on the exported model")
+        say(f"gradient attacks run on the source checkpoint {printable(str(cand))} (sha256 matches the export "
+            "record) and are scored on the ONNX model (transfer)")
+        return
+    if src.get("path"):
+        model.no_surrogate_reason = (f"its source checkpoint {printable(str(src.get('path')))} is not there with the "
+                                     "recorded sha256")
+
+
+def _check_compatible(model: OnnxClassifier, sur, path: Path) -> None:
+    if tuple(sur.meta.input.shape) != tuple(model.meta.input.shape) or sur.meta.num_classes != model.meta.num_classes:
+        raise RcompError(f"surrogate {printable(str(path))} takes {'x'.join(map(str, sur.meta.input.shape))} images "
+                         f"with {sur.meta.num_classes} classes but the ONNX model takes "
+                         f"{'x'.join(map(str, model.meta.input.shape))} with {model.meta.num_classes}; give a "
+                         "checkpoint for the same task")
+
+
+def refuse_gradient_attacks(model, attacks: dict[str, Any], name: str, log=None) -> None:
+    """Refuse, before anything runs, gradient attacks on an ONNX model that has no surrogate."""
+    if not getattr(model, "is_onnx", False) or model.has_surrogate:
+        return
+    grad = []
+    for key, a in attacks.items():
+        stages = getattr(a, "stages", None) or {key: a}
+        grad += [k for k, s in stages.items() if getattr(s, "uses_gradients", True)]
+    why = f" ({model.no_surrogate_reason})" if model.no_surrogate_reason else ""
+    if grad:
+        raise RcompError(f"{printable(name)} is an ONNX model without gradients and no surrogate{why}, so gradient "
+                         f"attacks ({', '.join(sorted(set(grad)))}) cannot run on it; give --surrogate CKPT (the "
+                         "checkpoint it was exported from: their examples are then scored on the ONNX model) or use "
+                         "--attack square (black box)")
+    if attacks and log is not None:
+        log(f"{printable(name)}: no gradient surrogate{why}; black-box attacks only (--surrogate CKPT adds transfer "
+            "attacks)")
