@@ -189,6 +189,8 @@ def param_count(proto) -> int:
 
     n = 0
     for t in proto.graph.initializer:
+        if "normalize" in t.name:  # the mean and std buffers, not weights
+            continue
         if t.data_type in (TensorProto.FLOAT, TensorProto.INT8, TensorProto.UINT8, TensorProto.FLOAT16) \
                 and len(t.dims) >= 2:
             size = 1
@@ -227,7 +229,9 @@ def _source_candidates(model: OnnxClassifier) -> list[Path]:
         return []
     cands = [Path(p)]
     if model.source_path is not None:
-        cands.append(Path(model.source_path).parent / Path(p).name)
+        beside = Path(model.source_path).parent / Path(p).name
+        if beside.resolve() != Path(p).resolve():
+            cands.append(beside)
     return cands
 
 
@@ -251,27 +255,28 @@ def attach_surrogate(model: OnnxClassifier, surrogate: str | Path | None, device
         return
     if not use_source:
         return
+    reasons = []
     for cand in _source_candidates(model):
         if not cand.is_file():
             continue
         if want_sha is None or sha256_file(cand) != want_sha:
-            say(f"source checkpoint {printable(str(cand))} exists but its sha256 differs from the export record; "
-                "not used as a gradient surrogate (name it with --surrogate to use it anyway)")
+            reasons.append(f"{printable(str(cand))} has another sha256 than the export record")
             continue
         try:
             sur = load(cand, device=device)
             _check_compatible(model, sur, cand)
         except RcompError as exc:
-            say(f"source checkpoint {printable(str(cand))} not used as a gradient surrogate: {exc}")
+            reasons.append(f"{printable(str(cand))} did not load: {exc}")
             continue
         model.set_gradient_model(sur, f"surrogate {printable(cand.name)} (source checkpoint, sha256 "
                                       f"{want_sha[:12]}), scored on the exported model")
         say(f"gradient attacks run on the source checkpoint {printable(str(cand))} (sha256 matches the export "
             "record) and are scored on the ONNX model (transfer)")
         return
-    if src.get("path"):
-        model.no_surrogate_reason = (f"its source checkpoint {printable(str(src.get('path')))} is not there with the "
-                                     "recorded sha256")
+    if reasons:
+        model.no_surrogate_reason = "its source checkpoint " + "; ".join(reasons)
+    elif src.get("path"):
+        model.no_surrogate_reason = f"its source checkpoint {printable(str(src.get('path')))} is not there"
 
 
 def _check_compatible(model: OnnxClassifier, sur, path: Path) -> None:

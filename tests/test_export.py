@@ -1,0 +1,309 @@
+"""`rcomp export`, `rcomp quantize --backend onnxruntime`, and attack/bench on .onnx files (convnet8, digits)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import assert_one_line_error, make_checkpoint, run_cli
+
+pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+
+def _sha(p: Path) -> str:
+    return hashlib.sha256(Path(p).read_bytes()).hexdigest()
+
+
+def _props(p: Path) -> dict:
+    from rcomp.onnx.runtime import read_model
+
+    return read_model(Path(p))[2]
+
+
+def _export(src: Path, out: Path, *args) -> Path:
+    res = run_cli("export", src, "-o", out, "--exporter", "legacy", *args)
+    assert res.code == 0, res.stderr
+    assert res.stdout.strip() == str(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def exported(trained_digits, tmp_path_factory):
+    """(checkpoint, its legacy export) in their own folder."""
+    d = tmp_path_factory.mktemp("onnx")
+    ckpt = d / "m.safetensors"
+    shutil.copy(trained_digits, ckpt)
+    return ckpt, _export(ckpt, d / "m.onnx")
+
+
+@pytest.fixture(scope="module")
+def quantized(exported):
+    ckpt, onnx_path = exported
+    out = onnx_path.with_name("m.int8.onnx")
+    res = run_cli("quantize", onnx_path, "--backend", "onnxruntime", "--data", "digits", "--calib-n", "128",
+                  "--eval-n", "360", "-o", out, "--json")
+    assert res.code == 0, res.stderr
+    return out, json.loads(res.stdout), res.stderr
+
+
+# ----- export -------------------------------------------------------------------
+
+def test_export_metadata_parity_and_dynamic_batch(exported):
+    import torch
+
+    from rcomp.models.loading import load
+    from rcomp.onnx.runtime import load_onnx
+
+    ckpt, onnx_path = exported
+    props = _props(onnx_path)
+    info = json.loads(props["rcomp.onnx"])
+    assert info["source"]["sha256"] == _sha(ckpt) and info["source"]["path"] == str(ckpt.resolve())
+    assert info["opset"] == 18 and info["exporter"] == "legacy"
+    par = info["parity"]
+    assert par["n"] == 256 and par["top1_agreement"] == 1.0 and par["max_abs_diff"] < 1e-4
+    assert "digits test images" in par["inputs"]
+    spec = json.loads(props["rcomp.input"])
+    assert (spec["channels"], spec["height"], spec["width"]) == (1, 8, 8)
+    assert json.loads(props["rcomp.classes"])["num_classes"] == 10
+    hist = json.loads(props["rcomp.history"])
+    assert hist[-1]["command"] == "export" and hist[-1]["input_sha256"] == _sha(ckpt)
+    model, om = load(ckpt), load_onnx(onnx_path, use_source=False)
+    for b in (1, 3, 64):  # the batch axis is dynamic
+        x = torch.rand(b, 1, 8, 8, generator=torch.Generator().manual_seed(b))
+        with torch.inference_mode():
+            assert (om(x) - model(x)).abs().max() < 1e-4
+    assert om.gradient_source == "none (black-box on the exported model)"
+
+
+@settings(max_examples=8, deadline=None)
+@given(batch=st.integers(1, 17), seed=st.integers(0, 2**31 - 1))
+def test_onnx_model_matches_the_checkpoint_on_any_batch(exported, batch, seed):
+    import torch
+
+    from rcomp.models.loading import load
+    from rcomp.onnx.runtime import load_onnx
+
+    ckpt, onnx_path = exported
+    x = torch.rand(batch, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
+    with torch.inference_mode():
+        a, b = load(ckpt)(x), load_onnx(onnx_path, use_source=False)(x)
+    assert a.shape == b.shape == (batch, 10)
+    assert torch.equal(a.argmax(1), b.argmax(1)) or (a - b).abs().max() < 1e-4
+
+
+def test_export_pruned_and_simulated_models_exactly(trained_digits, tmp_path):
+    import torch
+
+    from rcomp.models.loading import load
+    from rcomp.onnx.runtime import load_onnx
+
+    pruned = tmp_path / "p.safetensors"
+    assert run_cli("prune", trained_digits, "--ratio", "0.5", "-o", pruned).code == 0
+    sim = tmp_path / "s4.safetensors"
+    assert run_cli("quantize", trained_digits, "--simulate", "--bits", "4", "--calib-n", "64", "--eval-n", "0",
+                   "-o", sim).code == 0
+    x = torch.rand(50, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    for src in (pruned, sim):
+        out = _export(src, tmp_path / f"{src.stem}.onnx")
+        with torch.inference_mode():
+            diff = (load(src)(x) - load_onnx(out, use_source=False)(x)).abs().max()
+        assert diff < 1e-4, (src.name, float(diff))
+        assert json.loads(_props(out)["rcomp.onnx"])["parity"]["top1_agreement"] == 1.0
+    q = json.loads(_props(tmp_path / "s4.onnx")["rcomp.compression"])["quantization"]
+    assert q["mode"] == "simulated" and q["bits"] == 4
+
+
+@pytest.mark.slow
+def test_export_with_the_default_dynamo_exporter(trained_digits, tmp_path):
+    out = tmp_path / "d.onnx"
+    res = run_cli("export", trained_digits, "-o", out, "--parity-n", "64")
+    assert res.code == 0, res.stderr
+    assert "dynamo exporter, opset 18" in res.stderr
+    par = json.loads(_props(out)["rcomp.onnx"])["parity"]
+    assert par["top1_agreement"] == 1.0 and par["max_abs_diff"] < 1e-4
+
+
+def test_export_without_data_uses_random_inputs_and_says_so(tiny_ckpt, tmp_path):
+    out = tmp_path / "t.onnx"
+    res = run_cli("export", tiny_ckpt, "-o", out, "--exporter", "legacy", "--parity-n", "40")
+    assert res.code == 0, res.stderr
+    assert "40 seeded random [0, 1] inputs" in res.stderr
+    assert "random" in json.loads(_props(out)["rcomp.onnx"])["parity"]["inputs"]
+
+
+def test_export_refuses_torch_ao_int8_with_the_fix(trained_digits, tmp_path):
+    q = tmp_path / "q.safetensors"
+    assert run_cli("quantize", trained_digits, "--calib-n", "64", "--eval-n", "0", "-o", q).code == 0
+    res = run_cli("export", q, "-o", tmp_path / "q.onnx", "--exporter", "legacy")
+    assert_one_line_error(res, "torch.ao int8", "rcomp quantize model.onnx --backend onnxruntime")
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_export_below_agreement_exits_1_and_writes_nothing(trained_digits, tmp_path, monkeypatch):
+    """A wrong graph (weights scrambled before export, as a faulty exporter would) is never published."""
+    import copy
+
+    import torch
+
+    import rcomp.onnx.export as E
+
+    real = E.exportable
+
+    def scrambled(model):
+        m = copy.deepcopy(real(model))
+        with torch.no_grad():
+            for p in m.parameters():
+                p.copy_(p[torch.randperm(p.shape[0], generator=torch.Generator().manual_seed(0))])
+        return m
+
+    monkeypatch.setattr(E, "exportable", scrambled)
+    out = tmp_path / "bad.onnx"
+    res = run_cli("export", trained_digits, "-o", out, "--exporter", "legacy")
+    assert res.code == 1, res.stderr
+    assert "agrees with" in res.stderr and "nothing was written" in res.stderr
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_export_output_rules(exported, tmp_path):
+    ckpt, onnx_path = exported
+    assert_one_line_error(run_cli("export", ckpt, "-o", onnx_path, "--exporter", "legacy"), "already exists")
+    assert_one_line_error(run_cli("export", ckpt, "-o", tmp_path / "x.safetensors"), "must end in .onnx")
+    before = onnx_path.read_bytes()
+    res = run_cli("export", ckpt, "-o", onnx_path, "--exporter", "legacy", "--force")
+    assert res.code == 0 and onnx_path.read_bytes() == before  # same bytes: deterministic export
+    assert_one_line_error(run_cli("prune", onnx_path, "--ratio", "0.5"), "is an ONNX file")
+
+
+def test_export_without_the_extra_names_it(trained_digits, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    res = run_cli("export", trained_digits, "-o", tmp_path / "m.onnx")
+    assert_one_line_error(res, "onnxruntime", "pip install 'rcomp[onnx]'")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_help_does_not_import_onnx():
+    code = ("import sys; from rcomp.cli import app; import typer.main; typer.main.get_command(app); "
+            "print(sorted(m for m in ('onnx', 'onnxruntime', 'onnxscript', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+# ----- ONNX Runtime int8 -----------------------------------------------------------
+
+@pytest.mark.parametrize("flags,machine,want", [
+    ({"avx2", "fma"}, "x86_64", "u8s8-reduce-range"),
+    ({"avx2", "avx512f", "avx512_vnni"}, "x86_64", "u8s8"),
+    ({"avx2", "avx_vnni"}, "x86_64", "u8s8"),
+    (set(), "aarch64", "s8s8"),
+])
+def test_activation_type_follows_the_cpu(flags, machine, want):
+    from rcomp.onnx.ortquant import choose_activation
+
+    got, reason = choose_activation(flags, machine)
+    assert got == want and reason
+
+
+def test_ort_int8_keeps_accuracy_and_records_its_choice(quantized, exported):
+    from rcomp.onnx.ortquant import choose_activation
+    from rcomp.onnx.runtime import read_model
+
+    out, rep, err = quantized
+    act, _ = choose_activation()
+    assert f"activation type {act}" in err
+    assert rep["accuracy_float"] > 0.85 and abs(rep["accuracy"] - rep["accuracy_float"]) <= 0.02
+    assert rep["top1_agreement"] >= 0.97 and rep["eval_n"] == 360
+    _, proto, props = read_model(out)
+    assert any(n.op_type == "QuantizeLinear" for n in proto.graph.node)
+    q = json.loads(props["rcomp.compression"])["quantization"]
+    assert q["mode"] == "onnxruntime-qdq" and q["activation_type"] == act and q["calib_n"] == 128
+    info = json.loads(props["rcomp.onnx"])
+    assert info["source"]["sha256"] == _sha(exported[0])  # the float checkpoint stays the transfer source
+    assert info["quantized_from"]["sha256"] == _sha(exported[1])
+    assert out.stat().st_size < exported[1].stat().st_size / 2
+
+
+def test_quantize_onnx_needs_the_onnxruntime_backend(exported):
+    assert_one_line_error(run_cli("quantize", exported[1], "--data", "digits"), "--backend onnxruntime")
+
+
+# ----- attack and bench on the exported file --------------------------------------------
+
+@pytest.fixture
+def orphan(exported, tmp_path):
+    """An ONNX export whose source checkpoint is gone."""
+    ckpt = tmp_path / "gone.safetensors"
+    shutil.copy(exported[0], ckpt)
+    out = _export(ckpt, tmp_path / "gone.onnx", "--parity-n", "32")
+    ckpt.unlink()
+    return out
+
+
+def test_gradient_attacks_on_onnx_need_a_surrogate(orphan):
+    res = run_cli("attack", orphan, "--data", "digits", "-n", "16", "--attack", "pgd", "--eps", "0.1")
+    assert_one_line_error(res, "without gradients", "--surrogate", "gone.safetensors")
+    res = run_cli("bench", orphan, "--data", "digits", "-n", "16", "--attack", "auto", "--eps", "0.1")
+    assert_one_line_error(res, "apgd-ce", "--surrogate")
+
+
+def test_square_runs_on_the_onnx_model_itself(orphan):
+    res = run_cli("attack", orphan, "--data", "digits", "-n", "48", "--attack", "square", "--eps", "0.1",
+                  "--queries", "50", "--json")
+    assert res.code == 0, res.stderr
+    d = json.loads(res.stdout)
+    assert d["gradient_source"] == "none (black-box on the exported model)"
+    assert d["robust_acc"]["square"] < d["clean_acc"]
+
+
+def test_transfer_from_the_source_checkpoint_matches_white_box(exported):
+    """PGD through the source checkpoint, scored on its fp32 export, gives the checkpoint's own PGD figure
+    (the two compute the same function up to 1e-5)."""
+    ckpt, onnx_path = exported
+    args = ("--data", "digits", "-n", "64", "--attack", "pgd", "--steps", "5", "--eps", "0.1", "--json")
+    on_ckpt = json.loads(run_cli("attack", ckpt, *args).stdout)
+    res = run_cli("attack", onnx_path, *args)
+    assert res.code == 0, res.stderr
+    on_onnx = json.loads(res.stdout)
+    assert "source checkpoint" in on_onnx["gradient_source"] and "m.safetensors" in on_onnx["gradient_source"]
+    assert on_onnx["clean_acc"] == on_ckpt["clean_acc"]
+    assert abs(on_onnx["robust_acc"]["pgd"] - on_ckpt["robust_acc"]["pgd"]) <= 2 / 64
+    assert on_onnx["robust_acc"]["pgd"] < on_onnx["clean_acc"] - 0.1
+
+
+def test_source_with_another_sha256_is_not_used_but_surrogate_is(exported, tmp_path):
+    ckpt, _ = exported
+    src = tmp_path / "src.safetensors"
+    shutil.copy(ckpt, src)
+    out = _export(src, tmp_path / "src.onnx", "--parity-n", "32")
+    src.unlink()
+    make_checkpoint(src, seed=5)  # a different model now sits at the recorded path
+    args = ("--data", "digits", "-n", "16", "--attack", "fgsm", "--eps", "0.1")
+    assert_one_line_error(run_cli("attack", out, *args), "--surrogate")
+    res = run_cli("attack", out, *args, "--surrogate", ckpt, "--json")
+    assert res.code == 0, res.stderr
+    assert "--surrogate" in json.loads(res.stdout)["gradient_source"]
+    assert_one_line_error(run_cli("attack", ckpt, *args, "--surrogate", ckpt), "--surrogate is for ONNX")
+
+
+def test_bench_puts_checkpoint_and_exports_side_by_side(exported, quantized):
+    ckpt, onnx_path = exported
+    res = run_cli("bench", ckpt, onnx_path, quantized[0], "--data", "digits", "-n", "64", "--attack", "square",
+                  "--eps", "0.1", "--queries", "30", "--latency-batch", "8", "--format", "json")
+    assert res.code == 0, res.stderr
+    d = json.loads(res.stdout)
+    a, b, c = d["models"]
+    assert [m["name"] for m in d["models"]] == ["m.safetensors", "m.onnx", "m.int8.onnx"]
+    assert a["clean_acc"] == b["clean_acc"] and a["macs"] == b["macs"] == c["macs"] > 0
+    assert a["params"] == b["params"] > 0
+    assert b["gradient_source"].startswith("surrogate m.safetensors")
+    assert c["quantization"]["backend"] == "onnxruntime" and abs(c["clean_acc"] - a["clean_acc"]) <= 0.05
+    assert set(b["latency_ms"]) == {"1", "8"} and all(v > 0 for v in b["latency_ms"].values())
+    assert "thread_policy" in d
