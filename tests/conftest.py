@@ -12,6 +12,71 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("SOURCE_DATE_EPOCH", "1700000000")  # history timestamps: reproducible bytes
+os.environ["RCOMP_SHOW_WARNINGS"] = "1"  # maintainers see the deprecations the CLI spares users (see below)
+
+
+# ----- deprecations raised by rcomp's own calls fail the test (unless allow-listed) --------------------
+
+_RCOMP_DIR = str(Path(__file__).resolve().parent.parent / "rcomp") + os.sep
+
+
+def _is_deprecation(category, message) -> bool:
+    return issubclass(category, (DeprecationWarning, PendingDeprecationWarning, FutureWarning)) or (
+        issubclass(category, UserWarning) and "deprecat" in str(message).lower())
+
+
+@contextlib.contextmanager
+def _deprecations_from_rcomp():
+    """Collect deprecation warnings emitted while rcomp code is on the stack and no allow-list entry
+    (rcomp.deprecations.ALLOWED) names them; every other warning goes on to pytest as usual."""
+    import traceback
+    import warnings
+
+    from rcomp.deprecations import allowed
+
+    found: list[str] = []
+    with warnings.catch_warnings():
+        for cat in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
+            warnings.simplefilter("always", cat)
+        forward = warnings._showwarnmsg_impl  # pytest's recorder, while it records
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if _is_deprecation(category, message):
+                stack = traceback.extract_stack()[:-1]
+                if any(f.filename.startswith(_RCOMP_DIR) for f in stack) and allowed(str(message)) is None:
+                    rc = next(f for f in reversed(stack) if f.filename.startswith(_RCOMP_DIR))
+                    found.append(f"{category.__name__} via {rc.filename[len(_RCOMP_DIR) - 6:]}:{rc.lineno}: "
+                                 f"{str(message).splitlines()[0][:200]}")
+                    return
+                if allowed(str(message)) is not None:
+                    return
+            forward(warnings.WarningMessage(message, category, filename, lineno, file, line))
+
+        warnings.showwarning = show
+        yield found
+
+
+def _check_deprecations(found: list[str], when: str) -> None:
+    if found:
+        pytest.fail(f"{when}: deprecation warning(s) raised by rcomp's own calls and not in the allow-list "
+                    "(rcomp.deprecations.ALLOWED; add one with its removal plan, or stop the call):\n  "
+                    + "\n  ".join(dict.fromkeys(found)), pytrace=False)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    with _deprecations_from_rcomp() as found:
+        res = yield
+    _check_deprecations(found, "setup")
+    return res
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    with _deprecations_from_rcomp() as found:
+        res = yield
+    _check_deprecations(found, "test")
+    return res
 
 
 @dataclass

@@ -307,3 +307,20 @@ def test_bench_puts_checkpoint_and_exports_side_by_side(exported, quantized):
     assert c["quantization"]["backend"] == "onnxruntime" and abs(c["clean_acc"] - a["clean_acc"]) <= 0.05
     assert set(b["latency_ms"]) == {"1", "8"} and all(v > 0 for v in b["latency_ms"].values())
     assert "thread_policy" in d
+
+
+@pytest.mark.slow
+def test_ship_onnx_example_runs(tmp_path):
+    """examples/ship-onnx.sh at tiny sizes: the README's path to a shipped file never rots."""
+    import os
+
+    env = dict(os.environ)
+    env.update(PATH=str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""), OMP_NUM_THREADS="1",
+               EPOCHS="1", N="32")
+    script = Path(__file__).resolve().parent.parent / "examples" / "ship-onnx.sh"
+    res = subprocess.run(["bash", str(script), str(tmp_path / "w")], capture_output=True, text=True, env=env,
+                         timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for name in ("robust.safetensors", "robust.onnx", "robust.int8.onnx"):
+        assert name in res.stdout
+    assert "surrogate robust.safetensors" in res.stdout

@@ -76,13 +76,22 @@ def main(argv: list[str] | None = None) -> None:
         # busy-waiting OpenMP threads skew latency on a loaded machine (eager batch 1: 1316 ms -> 64 ms with
         # PASSIVE, docs/export.md); the policy must be set before torch loads, and bench reports it
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    if not debug:  # library warnings (torchvision, PIL, torch.ao) are not the user's to act on
-        import warnings
+    import warnings
 
-        for module in ("torch", "torchvision", "PIL", "torch_pruning", "safetensors"):
-            warnings.filterwarnings("ignore", module=rf"{module}(\..*)?$")
+    from rcomp.deprecations import spare_users, users_spared
+
+    spare_users(not debug)
     try:
-        rv = app(args=args, prog_name="rcomp", standalone_mode=False)
+        with warnings.catch_warnings():  # scoped: an in-process caller (the tests) keeps its own filters
+            if users_spared():  # library warnings (torchvision, PIL, torch.ao deprecations) are not the user's to act on
+                for module in ("torch", "torchvision", "PIL", "torch_pruning", "safetensors", "onnx", "onnxruntime"):
+                    warnings.filterwarnings("ignore", module=rf"{module}(\..*)?$")
+                warnings.simplefilter("ignore", DeprecationWarning)
+                warnings.simplefilter("ignore", FutureWarning)
+            try:
+                rv = app(args=args, prog_name="rcomp", standalone_mode=False)
+            finally:
+                spare_users(False)
         code = rv if isinstance(rv, int) else 0
     except BrokenPipeError:  # e.g. `rcomp info X | head`: the reader left, which is fine
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -42,12 +42,17 @@ REAL_BITS = (8,)
 
 @contextlib.contextmanager
 def silenced():
-    """Hide torch.ao's deprecation and advisory warnings for the duration of rcomp's call."""
+    """Hide torch.ao's advisory warnings for the duration of rcomp's call; its deprecations only when the
+    command line spares users (never in the API or the tests: see :mod:`rcomp.deprecations`)."""
+    from rcomp.deprecations import users_spared
+
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        warnings.simplefilter("ignore", FutureWarning)
-        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.ao.*")
-        warnings.filterwarnings("ignore", category=UserWarning, message=r".*(quantiz|observer|Fake).*")
+        if users_spared():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", FutureWarning)
+        not_deprecation = r"(?!.*deprecat)"
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.ao.*", message=not_deprecation)
+        warnings.filterwarnings("ignore", category=UserWarning, message=not_deprecation + r".*(quantiz|observer|Fake).*")
         yield
 
 

@@ -1,0 +1,253 @@
+"""Does the file you ship behave like the model rcomp measured? ONNX export, ONNX Runtime int8, speed, robustness.
+
+In one run (OMP_WAIT_POLICY=PASSIVE, set before torch loads; 1 thread for torch and ONNX Runtime):
+
+1. parity: resnet18-cifar (seeded init) dense and pruned 0.5 (l1), exported with the dynamo exporter
+   (--exporter legacy: faster), ONNX Runtime against rcomp on 3x32x32 digits test images: top-1
+   agreement and max abs diff. Target: 100% and < 1e-4.
+2. ONNX Runtime int8 accuracy against ONNX fp32 on digits (convnet8 trained 8 epochs) and on an image
+   folder (the digits images written as 16x16 PNGs in class folders, convnet8 trained on it).
+   Target: within 0.5 points.
+3. speed at batch 64 against eager fp32 (resnet18-cifar dense): ORT fp32, ORT int8 (the activation type
+   rcomp picks for this CPU, and S8S8), torch.ao int8; interleaved rounds, medians and spread, CPU named.
+   Target: ORT int8 >= 3.5x on AVX2.
+4. robustness at eps 0.1 of the exported int8 file (convnet8 digits): per-example worst of Square on the
+   file and PGD/APGD transfer from the source checkpoint (`rcomp attack FILE --attack auto`, gradients
+   from the source checkpoint), against `rcomp attack --attack auto` on the torch.ao int8 checkpoint.
+   Target: within 1 point, or the difference explained.
+
+--quick: fewer images, rounds and queries. Speed figures from a loaded machine cannot be trusted.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: no busy-waiting threads
+
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from common import main, row, setup_threads  # noqa: E402
+
+CMD = "python benchmarks/bench_export.py"
+
+
+def _cpu() -> str:
+    name = "unknown CPU"
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    from rcomp.onnx.ortquant import cpu_flags
+
+    f = cpu_flags()
+    isa = "AVX512-VNNI" if "avx512_vnni" in f else "AVX-VNNI" if "avx_vnni" in f else \
+        "AVX512" if "avx512f" in f else "AVX2" if "avx2" in f else "no AVX2"
+    return f"{name} ({isa})"
+
+
+def _cli(*args) -> tuple[int, str, str]:
+    from tests.conftest import run_cli
+
+    r = run_cli(*args)
+    return r.code, r.stdout, r.stderr
+
+
+def _train(arch: str, data: str, shape, path: Path, epochs: int, data_dir=None) -> Path:
+    import torch
+    import torch.nn.functional as F
+
+    from rcomp.data.registry import DATASETS, get_dataset, make_loader
+    from rcomp.models.loading import save
+    from rcomp.models.registry import build_model
+
+    info = DATASETS["digits"]
+    torch.manual_seed(0)
+    mean, std = (list(info.mean), list(info.std)) if shape[0] == 1 else ([0.0] * shape[0], [1.0] * shape[0])
+    model = build_model(arch, 10, shape, mean, std, dataset=data)
+    ds = get_dataset(data, "train", model.meta.input, data_dir)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(epochs):
+        for x, y in make_loader(ds, 64, shuffle=True, seed=0):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    model.eval()
+    save(model, path, force=True)
+    return path
+
+
+def _image_folder(root: Path) -> Path:
+    """The digits images as 16x16 greyscale PNGs in train/ and test/ class folders."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(d.target))
+    for k, i in enumerate(order):
+        split = "test" if k < 360 else "train"
+        folder = root / split / f"c{d.target[i]}"
+        folder.mkdir(parents=True, exist_ok=True)
+        img = (d.images[i] / 16.0 * 255).astype("uint8")
+        Image.fromarray(img).resize((16, 16), Image.NEAREST).save(folder / f"{i}.png")
+    return root
+
+
+def _parity(work: Path, quick: bool, exporter: str) -> list[dict]:
+    import json
+
+    import torch
+
+    from rcomp.models.loading import save
+    from rcomp.models.registry import build_model
+    from rcomp.onnx.runtime import read_model
+
+    torch.manual_seed(0)
+    dense = work / "r18.safetensors"
+    m = build_model("resnet18-cifar", 10, (3, 32, 32), [0.0] * 3, [1.0] * 3, dataset="digits")
+    save(m.eval(), dense, force=True)
+    pruned = work / "r18.p50.safetensors"
+    assert _cli("prune", dense, "--ratio", "0.5", "-o", pruned, "--force")[0] == 0
+    rows = []
+    for name, src in (("dense", dense), ("pruned 0.5", pruned)):
+        out = src.with_suffix(".onnx")
+        t0 = time.perf_counter()
+        code, _, err = _cli("export", src, "-o", out, "--force", "--exporter", exporter, "--data", "digits",
+                            "--parity-n", "128" if quick else "360")
+        secs = time.perf_counter() - t0
+        if code != 0:
+            rows.append(row(f"resnet18-cifar {name}: export", err.strip().splitlines()[-1][:120], "exports", False))
+            continue
+        par = json.loads(read_model(out)[2]["rcomp.onnx"])["parity"]
+        cmd = f"rcomp export {src.name} --exporter {exporter} --data digits"
+        rows.append(row(f"resnet18-cifar {name}: top-1 agreement ({par['n']} digits images, {exporter}, "
+                        f"{secs:.0f} s)", par["top1_agreement"], "1.0", par["top1_agreement"] == 1.0, cmd))
+        rows.append(row(f"resnet18-cifar {name}: max abs logit diff", par["max_abs_diff"], "< 1e-4",
+                        par["max_abs_diff"] < 1e-4, cmd))
+    return rows
+
+
+def _int8_accuracy(work: Path, quick: bool) -> tuple[list[dict], Path]:
+    import json
+
+    rows = []
+    ckpt = _train("convnet8", "digits", (1, 8, 8), work / "c8.safetensors", 4 if quick else 8)
+    folder = _image_folder(work / "folder")
+    fck = _train("convnet8", "imagefolder", (1, 16, 16), work / "c8f.safetensors", 4 if quick else 8, folder)
+    for label, src, data, extra in (("digits", ckpt, "digits", ()),
+                                    ("image folder (digits as 16x16 PNGs)", fck, "imagefolder",
+                                     ("--data-dir", folder))):
+        onnx_path = src.with_suffix(".onnx")
+        code, _, err = _cli("export", src, "-o", onnx_path, "--force", "--exporter", "legacy", "--data", data, *extra)
+        assert code == 0, err
+        code, out, err = _cli("quantize", onnx_path, "--backend", "onnxruntime", "--data", data, "--force", "--json",
+                              "-o", src.with_suffix(".int8.onnx"), *extra)
+        if code != 0:
+            rows.append(row(f"ORT int8 {label}", err.strip().splitlines()[-1][:120], "runs", False))
+            continue
+        rep = json.loads(out)
+        drop = 100 * (rep["accuracy_float"] - rep["accuracy"])
+        rows.append(row(f"ORT int8 {label}: accuracy fp32 -> int8 ({rep['eval_n']} test images, "
+                        f"{rep['quantization']['activation_type']})",
+                        f"{rep['accuracy_float']:.4f} -> {rep['accuracy']:.4f} (agreement "
+                        f"{rep['top1_agreement']:.4f})", "drop <= 0.5 points", drop <= 0.5,
+                        f"rcomp quantize {onnx_path.name} --backend onnxruntime --data {data}"))
+    return rows, ckpt
+
+
+def _speed(work: Path, quick: bool) -> list[dict]:
+    import torch
+
+    from rcomp.models.loading import load
+    from rcomp.onnx import export as E
+    from rcomp.onnx import ortquant as Q
+    from rcomp.onnx.runtime import OnnxClassifier
+    from rcomp.quant.ptq import quantize
+
+    setup_threads(1)
+    dense = load(work / "r18.safetensors")
+    raw = (work / "r18.onnx").read_bytes() if (work / "r18.onnx").exists() else E.to_onnx(dense, "legacy")
+    g = torch.Generator().manual_seed(0)
+    calib = [torch.rand(32, 3, 32, 32, generator=g) for _ in range(4)]
+    chosen, _ = Q.choose_activation()
+    variants = {"eager fp32": dense, "ORT fp32": OnnxClassifier(raw, dense.meta, {})}
+    for act in dict.fromkeys((chosen, "s8s8")):
+        variants[f"ORT int8 {act}"] = OnnxClassifier(Q.quantize_static(raw, calib, act), dense.meta, {})
+    variants["torch.ao int8 (x86)"] = quantize(dense, calib, bits=8)
+    x = torch.rand(64, 3, 32, 32, generator=g)
+    rounds = 5 if quick else 15
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    with torch.inference_mode():
+        for m in variants.values():
+            m(x)
+        for _ in range(rounds):  # interleaved: load changes hit every variant alike
+            for k, m in variants.items():
+                c0 = time.process_time()
+                m(x)
+                times[k].append((time.process_time() - c0) * 1000)
+    base = statistics.median(times["eager fp32"])
+    rows = []
+    for k, t in times.items():
+        med = statistics.median(t)
+        spread = f"median {med:.1f} ms CPU time, min {min(t):.1f}, max {max(t):.1f}, {rounds} rounds"
+        target = ">= 3.5x" if k == f"ORT int8 {chosen}" else None
+        rows.append(row(f"batch 64 speed vs eager fp32: {k} ({spread})", round(base / med, 2), target,
+                        (base / med >= 3.5) if target else None))
+    return rows
+
+
+def _robustness(work: Path, ckpt: Path, quick: bool) -> list[dict]:
+    import json
+
+    n = "60" if quick else "200"
+    int8 = work / "c8.int8.safetensors"
+    assert _cli("quantize", ckpt, "--data", "digits", "-o", int8, "--force")[0] == 0
+    code, out, err = _cli("attack", int8, "--data", "digits", "-n", n, "--attack", "auto", "--eps", "0.1", "--json")
+    assert code == 0, err
+    ref = json.loads(out)
+    onnx_int8 = ckpt.with_suffix(".int8.onnx")
+    code, out, err = _cli("attack", onnx_int8, "--data", "digits", "-n", n, "--attack", "auto", "--eps", "0.1",
+                          "--json")
+    assert code == 0, err
+    got = json.loads(out)
+    diff = 100 * (got["worst_case_acc"] - ref["worst_case_acc"])
+    return [
+        row(f"torch.ao int8 checkpoint: rcomp attack --attack auto, eps 0.1, n={n} (clean {ref['clean_acc']:.3f})",
+            ref["worst_case_acc"], None, None, f"rcomp attack {int8.name} --data digits --attack auto --eps 0.1"),
+        row(f"ORT int8 file: worst of APGD transfer from the source checkpoint and Square on the file (clean "
+            f"{got['clean_acc']:.3f}; {got['gradient_source']})", got["worst_case_acc"], None, None,
+            f"rcomp attack {onnx_int8.name} --data digits --attack auto --eps 0.1"),
+        row("difference (file - torch.ao int8 checkpoint), points", round(diff, 2), "within 1 point",
+            abs(diff) <= 1.0),
+    ]
+
+
+def run(quick: bool = False) -> list[dict]:
+    exporter = "legacy" if "--legacy" in sys.argv else "dynamo"
+    with tempfile.TemporaryDirectory(prefix="rcomp-bench-export-") as tmp:
+        work = Path(tmp)
+        rows = [row("CPU", _cpu()), row("thread policy", f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, "
+                                                          "1 thread (torch and ONNX Runtime)")]
+        rows += _parity(work, quick, exporter)
+        acc, ckpt = _int8_accuracy(work, quick)
+        rows += acc
+        rows += _speed(work, quick)
+        rows += _robustness(work, ckpt, quick)
+    return rows
+
+
+if __name__ == "__main__":
+    main(run)
