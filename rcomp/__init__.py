@@ -43,6 +43,7 @@ _API = {
     "finetune": ("rcomp.api", "finetune"),
     "attack": ("rcomp.api", "attack"),
     "bench": ("rcomp.api", "bench"),
+    "export": ("rcomp.api", "export"),
 }
 
 __all__ = ["__version__", *_API]

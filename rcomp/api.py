@@ -88,6 +88,15 @@ def bench(models: list, *, log: Log = stderr_log, **options: Any) -> dict[str, A
     return res.report
 
 
+def export(checkpoint: str | Path, *, log: Log = stderr_log, **options: Any) -> dict[str, Any]:
+    """Export the checkpoint file ``checkpoint`` to ONNX (``output=...onnx``); returns the report (path,
+    sha256, parity). Raises :class:`~rcomp.errors.ThresholdError` and writes nothing when ONNX Runtime
+    disagrees with the checkpoint."""
+    from rcomp.stages import export as stage
+
+    return stage.run(_config("export", options), [Path(checkpoint)], log=log).report
+
+
 def convert(src: str | Path, *, log: Log = stderr_log, **options: Any):
     """Read plain weights ``src`` as architecture ``arch``; returns the model (save it with rcomp.save)."""
     from rcomp.stages import convert as stage

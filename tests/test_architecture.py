@@ -120,7 +120,7 @@ def test_every_option_is_declared_once_with_help():
         assert names == {o.name for o in options_of(st.config)}, name
 
 
-@pytest.mark.parametrize("stage", ["convert", "prune", "quantize", "finetune", "attack", "bench"])
+@pytest.mark.parametrize("stage", ["convert", "prune", "quantize", "finetune", "attack", "bench", "export"])
 def test_defaults_build_a_config_or_say_what_is_missing(stage):
     """Every stage config builds from its defaults, or refuses with one RcompError naming an option."""
     from rcomp.errors import RcompError

@@ -324,3 +324,11 @@ def test_ship_onnx_example_runs(tmp_path):
     for name in ("robust.safetensors", "robust.onnx", "robust.int8.onnx"):
         assert name in res.stdout
     assert "surrogate robust.safetensors" in res.stdout
+
+
+def test_python_api_export(exported, tmp_path):
+    import rcomp
+
+    rep = rcomp.export(exported[0], output=tmp_path / "api.onnx", exporter="legacy", parity_n=32, log=lambda _m: None)
+    assert rep["path"] == str(tmp_path / "api.onnx") and rep["parity"]["top1_agreement"] == 1.0
+    assert rep["sha256"] == _sha(tmp_path / "api.onnx")

@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> None:
                     warnings.filterwarnings("ignore", module=rf"{module}(\..*)?$")
                 warnings.simplefilter("ignore", DeprecationWarning)
                 warnings.simplefilter("ignore", FutureWarning)
+            elif debug:  # --debug: show deprecations (Python's defaults show them only for __main__)
+                warnings.simplefilter("default", DeprecationWarning)
             try:
                 rv = app(args=args, prog_name="rcomp", standalone_mode=False)
             finally:
