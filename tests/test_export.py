@@ -231,6 +231,18 @@ def test_ort_int8_keeps_accuracy_and_records_its_choice(quantized, exported):
     assert out.stat().st_size < exported[1].stat().st_size / 2
 
 
+def test_info_describes_an_onnx_file_without_torch(quantized, exported):
+    res = run_cli("info", quantized[0], "--json")
+    assert res.code == 0, res.stderr
+    d = json.loads(res.stdout)
+    assert d["quantization"]["mode"] == "onnxruntime-qdq" and d["onnx"]["opset"] == 18
+    assert d["onnx"]["source"]["sha256"] == _sha(exported[0])
+    assert [h["command"] for h in d["history"]][-2:] == ["export", "quantize"]
+    from rcomp.models.loading import load
+
+    assert d["params"] == load(exported[0]).num_parameters()
+
+
 def test_quantize_onnx_needs_the_onnxruntime_backend(exported):
     assert_one_line_error(run_cli("quantize", exported[1], "--data", "digits"), "--backend onnxruntime")
 

@@ -48,7 +48,9 @@ def _print_human(d: dict[str, Any]) -> None:
         ("parameters", f"{d['params']:,}"),
         ("file size", f"{d['size_bytes']:,} bytes"),
         ("sha256", d["sha256"]),
-        ("format", f"rcomp checkpoint v{d['format_version']}"),
+        ("format", f"rcomp checkpoint v{d['format_version']}" if "onnx" not in d else
+         f"ONNX opset {d['onnx'].get('opset')} ({p(d['onnx'].get('exporter', '-'))} exporter), exported from "
+         f"{p((d['onnx'].get('source') or {}).get('path', '-'))}"),
     ]
     if d["quantization"]:
         rows.append(("quantization", _kv(d["quantization"])))
@@ -109,7 +111,12 @@ def info(cfg: InfoOptions, inputs: list[Path]) -> None:
         return _list_models(cfg.json)
     if cfg.datasets:
         return _list_datasets(cfg.json)
-    d = describe(inputs[0])
+    if str(inputs[0]).lower().endswith(".onnx"):  # a file written by rcomp export
+        from rcomp.onnx.fileio import describe_onnx
+
+        d = describe_onnx(inputs[0])
+    else:
+        d = describe(inputs[0])
     if cfg.json:
         emit_json(d)
     else:
