@@ -32,7 +32,6 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import main, row, setup_threads  # noqa: E402
 
@@ -57,10 +56,20 @@ def _cpu() -> str:
 
 
 def _cli(*args) -> tuple[int, str, str]:
-    from tests.conftest import run_cli
+    """``rcomp ARGS`` in this process: (exit code, stdout, stderr)."""
+    import contextlib
+    import io
 
-    r = run_cli(*args)
-    return r.code, r.stdout, r.stderr
+    from rcomp.cli import main as rcomp_main
+
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rcomp_main([str(a) for a in args])
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 0
+    return code, out.getvalue(), err.getvalue()
 
 
 def _train(arch: str, data: str, shape, path: Path, epochs: int, data_dir=None) -> Path:
@@ -224,7 +233,20 @@ def _robustness(work: Path, ckpt: Path, quick: bool) -> list[dict]:
     assert code == 0, err
     got = json.loads(out)
     diff = 100 * (got["worst_case_acc"] - ref["worst_case_acc"])
+    # a closer surrogate: the simulated int8 (fake-quant) model of the same float checkpoint
+    sim = work / "c8.sim8.safetensors"
+    assert _cli("quantize", ckpt, "--simulate", "--bits", "8", "--data", "digits", "-o", sim, "--force")[0] == 0
+    code, out, err = _cli("attack", onnx_int8, "--data", "digits", "-n", n, "--attack", "auto", "--eps", "0.1",
+                          "--surrogate", sim, "--json")
+    assert code == 0, err
+    got_sim = json.loads(out)
+    diff_sim = 100 * (got_sim["worst_case_acc"] - ref["worst_case_acc"])
     return [
+        row("ORT int8 file, gradients from --surrogate simulated int8 (fake-quant) checkpoint: worst case",
+            got_sim["worst_case_acc"], None, None,
+            f"rcomp attack {onnx_int8.name} --data digits --attack auto --eps 0.1 --surrogate {sim.name}"),
+        row("difference (file with fake-quant surrogate - torch.ao int8 checkpoint), points", round(diff_sim, 2),
+            "within 1 point", abs(diff_sim) <= 1.0),
         row(f"torch.ao int8 checkpoint: rcomp attack --attack auto, eps 0.1, n={n} (clean {ref['clean_acc']:.3f})",
             ref["worst_case_acc"], None, None, f"rcomp attack {int8.name} --data digits --attack auto --eps 0.1"),
         row(f"ORT int8 file: worst of APGD transfer from the source checkpoint and Square on the file (clean "

@@ -187,6 +187,10 @@ def attach_surrogate(model: OnnxClassifier, surrogate: str | Path | None, device
     for cand in _source_candidates(model):
         if not cand.is_file():
             continue
+        size = src.get("size_bytes")
+        if isinstance(size, int) and cand.stat().st_size != size:  # no hashing of a large file the metadata names
+            reasons.append(f"{printable(str(cand))} has another size than the export record")
+            continue
         if want_sha is None or sha256_file(cand) != want_sha:
             reasons.append(f"{printable(str(cand))} has another sha256 than the export record")
             continue

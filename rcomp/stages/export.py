@@ -115,7 +115,8 @@ def export_bytes(model, cfg: Config, source: Path, log=C.stderr_log) -> tuple[by
         meta.stats["macs"] = count_macs(model, tuple(model.meta.input.shape))
     except Exception:  # noqa: BLE001 - a model the counter cannot run keeps its other figures
         pass
-    info = {"source": {"path": str(Path(source).resolve()), "sha256": sha}, "exporter": cfg.exporter,
+    info = {"source": {"path": str(Path(source).resolve()), "sha256": sha, "size_bytes": Path(source).stat().st_size},
+            "exporter": cfg.exporter,
             "opset": cfg.opset, "input": E.INPUT_NAME, "output": E.OUTPUT_NAME, "parity": par}
     data = E.with_metadata(raw, E.metadata_props(meta, info))
     report = {"exporter": cfg.exporter, "opset": cfg.opset, "export_seconds": round(seconds, 2), "parity": par,
