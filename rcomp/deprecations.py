@@ -4,7 +4,8 @@ Maintainers see every deprecation: the test suite fails on a DeprecationWarning 
 (or a warning whose text says "deprecated") raised while rcomp code is on the stack, unless
 :data:`ALLOWED` names it with its removal plan (tests/conftest.py). Users of the command line are
 spared them (they cannot act on them) unless they pass ``--debug`` or set ``RCOMP_SHOW_WARNINGS=1``;
-the Python API shows them.
+the Python API shows them. The test suite turns :func:`maintainer_mode` on in its own process (not
+through the environment, so the CLI subprocesses the tests start still behave as for users).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ ALLOWED: tuple[Allowed, ...] = (
 )
 
 _spare_users = False
+_maintainers = False
 
 
 def allowed(text: str) -> Allowed | None:
@@ -55,5 +57,11 @@ def spare_users(value: bool) -> None:
     _spare_users = bool(value)
 
 
+def maintainer_mode(value: bool = True) -> None:
+    """Set by the test suite (in its own process only): never spare, so the tests see every deprecation."""
+    global _maintainers
+    _maintainers = bool(value)
+
+
 def users_spared() -> bool:
-    return _spare_users and os.environ.get("RCOMP_SHOW_WARNINGS", "") in ("", "0")
+    return _spare_users and not _maintainers and os.environ.get("RCOMP_SHOW_WARNINGS", "") in ("", "0")

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("SOURCE_DATE_EPOCH", "1700000000")  # history timestamps: reproducible bytes
-os.environ["RCOMP_SHOW_WARNINGS"] = "1"  # maintainers see the deprecations the CLI spares users (see below)
 
 
 # ----- deprecations raised by rcomp's own calls fail the test (unless allow-listed) --------------------
@@ -23,6 +22,16 @@ _RCOMP_DIR = str(Path(__file__).resolve().parent.parent / "rcomp") + os.sep
 def _is_deprecation(category, message) -> bool:
     return issubclass(category, (DeprecationWarning, PendingDeprecationWarning, FutureWarning)) or (
         issubclass(category, UserWarning) and "deprecat" in str(message).lower())
+
+
+def _maintainers_see_deprecations() -> None:
+    """The in-process CLI (run_cli) spares no deprecation here; CLI subprocesses still spare users."""
+    from rcomp.deprecations import maintainer_mode
+
+    maintainer_mode(True)
+
+
+_maintainers_see_deprecations()
 
 
 @contextlib.contextmanager
