@@ -344,3 +344,18 @@ def test_python_api_export(exported, tmp_path):
     rep = rcomp.export(exported[0], output=tmp_path / "api.onnx", exporter="legacy", parity_n=32, log=lambda _m: None)
     assert rep["path"] == str(tmp_path / "api.onnx") and rep["parity"]["top1_agreement"] == 1.0
     assert rep["sha256"] == _sha(tmp_path / "api.onnx")
+
+
+@pytest.mark.slow
+def test_quantize_a_checkpoint_with_onnxruntime_exports_first(trained_digits, tmp_path):
+    ckpt = tmp_path / "c.safetensors"
+    shutil.copy(trained_digits, ckpt)
+    res = run_cli("quantize", ckpt, "--backend", "onnxruntime", "--calib-n", "64", "--eval-n", "100")
+    assert res.code == 0, res.stderr
+    out = tmp_path / "c.int8.onnx"
+    assert res.stdout.strip() == str(out) and "exporting it to ONNX first" in res.stderr
+    props = _props(out)
+    assert [h["command"] for h in json.loads(props["rcomp.history"])][-2:] == ["export", "quantize"]
+    info = json.loads(props["rcomp.onnx"])
+    assert info["source"]["sha256"] == _sha(ckpt) == info["quantized_from"]["sha256"]
+    assert not (tmp_path / "c.onnx").exists()  # the fp32 export stays in memory
