@@ -359,3 +359,19 @@ def test_quantize_a_checkpoint_with_onnxruntime_exports_first(trained_digits, tm
     info = json.loads(props["rcomp.onnx"])
     assert info["source"]["sha256"] == _sha(ckpt) == info["quantized_from"]["sha256"]
     assert not (tmp_path / "c.onnx").exists()  # the fp32 export stays in memory
+
+
+def test_foreign_or_broken_onnx_files_are_refused_in_one_line(exported, tmp_path):
+    from rcomp.onnx.export import with_metadata
+
+    foreign = tmp_path / "foreign.onnx"
+    foreign.write_bytes(with_metadata(exported[1].read_bytes(), {}))
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"\x00not an onnx model" * 10)
+    lying = tmp_path / "lying.onnx"
+    props = _props(exported[1])
+    props["rcomp.classes"] = json.dumps({"num_classes": 7, "names": None})
+    lying.write_bytes(with_metadata(exported[1].read_bytes(), props))
+    for path, needle in ((foreign, "without rcomp metadata"), (garbage, "not an ONNX model"), (lying, "7 classes")):
+        for cmd in (("attack", path, "--data", "digits", "--attack", "square", "--eps", "0.1"), ("info", path)):
+            assert_one_line_error(run_cli(*cmd), needle)
