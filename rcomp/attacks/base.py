@@ -217,7 +217,7 @@ class Attack:
                 else:
                     target = None
                 x_adv = self.perturb(grad_model, x0, y, target)
-            return project(x0, x_adv.detach(), self.eps, self.norm).detach()
+            return project(x0, x_adv.detach(), self.radius(), self.norm).detach()
 
     def reset(self) -> None:
         """Rewind the random streams: the next calls draw what the first calls drew."""
@@ -233,6 +233,11 @@ class Attack:
         return f"{type(self).__name__}({args})"
 
     # ----- for subclasses ----------------------------------------------
+    def radius(self) -> float:
+        """The ball every result is projected onto: ``eps`` for every evaluation attack. Only a training
+        adversary that deliberately leaves the eps ball (:class:`~rcomp.attacks.fgsm.NFGSM`) widens it."""
+        return self.eps
+
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                 target: torch.Tensor | None) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -3,6 +3,10 @@
 Goodfellow, Shlens and Szegedy, "Explaining and Harnessing Adversarial Examples", ICLR 2015.
 With ``random_start=True`` it is the "FGSM with random initialisation" of Wong, Rice and Kolter,
 "Fast is better than free: revisiting adversarial training", ICLR 2020 (step 1.25 * eps).
+
+:class:`NFGSM` is N-FGSM, de Jorge, Bibi, Volpi, Sanyal, Torr, Rogez and Dokania, "Make Some Noise:
+Reliable and Efficient Single-Step Adversarial Training", NeurIPS 2022: a *training* adversary
+whose examples leave the eps ball on purpose (not registered for ``rcomp attack``).
 """
 
 from __future__ import annotations
@@ -46,3 +50,46 @@ class FGSM(Attack):
 
     def _extra_params(self) -> dict[str, Any]:
         return {"steps": 1, "alpha": self.alpha, "random_start": self.random_start_on, "restarts": 1}
+
+
+class NFGSM(FGSM):
+    """N-FGSM (de Jorge et al., NeurIPS 2022), L-inf only: ``x + eta`` with ``eta`` uniform in
+    ``[-k eps, k eps]`` (``noise`` = k, default 2), clamped to [0, 1]; one signed-gradient step of
+    ``alpha`` (default eps) from there; clamped to [0, 1] and NOT projected back onto the eps ball
+    (the paper's point: no clipping, so the perturbation can reach ``k eps + alpha``, 3 eps by
+    default). One forward and one backward pass, like FGSM.
+
+    This is a training adversary: :meth:`radius` is ``k eps + alpha``, so its examples break the
+    eps-ball guarantee of evaluation attacks; it is not in :data:`rcomp.attacks.ATTACKS`.
+    """
+
+    name = "n-fgsm"
+    paper = "de Jorge et al. 2022"
+
+    def __init__(self, eps: float, norm: str = "linf", *, alpha: float | None = None, noise: float = 2.0,
+                 seed: int | None = None):
+        if norm != "linf":
+            raise RcompError("n-fgsm is defined for --norm linf only; use --adv fgsm or pgd with --norm l2")
+        super().__init__(eps, norm, alpha=_nfgsm_alpha(alpha, eps), random_start=False, seed=seed)
+        if not noise >= 0:
+            raise RcompError(f"n-fgsm's noise multiplier must be >= 0, got {noise}")
+        self.noise = float(noise)
+
+    def radius(self) -> float:
+        return self.noise * self.eps + self.alpha
+
+    def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                target: torch.Tensor | None) -> torch.Tensor:
+        g = self.generator(x.device, stream=1)
+        eta = (torch.rand(x.shape, generator=g, device=g.device).to(x.device) * 2 - 1) * (self.noise * self.eps)
+        x_noisy = (x + eta).clamp(0.0, 1.0)
+        _, grad, _ = self.loss_and_grad(model, x_noisy, y, target)
+        return (x_noisy + self.alpha * ascent_direction(grad, "linf")).clamp(0.0, 1.0)
+
+    def _extra_params(self) -> dict[str, Any]:
+        return {"steps": 1, "alpha": self.alpha, "noise": self.noise, "projection": "none", "restarts": 1}
+
+
+def _nfgsm_alpha(alpha: float | None, eps: float) -> float:
+    """N-FGSM's step: ``alpha`` if given, else eps (the paper's default)."""
+    return float(alpha) if alpha is not None else float(eps)

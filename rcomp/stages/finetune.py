@@ -12,7 +12,7 @@ from rcomp import options as O
 from rcomp.errors import RcompError
 from rcomp.stages import common as C
 
-ADV_MODES = ("none", "fgsm", "pgd", "trades")
+ADV_MODES = ("none", "fgsm", "n-fgsm", "pgd", "trades")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("const", "step", "cosine", "onecycle")
 DEFAULT_LR = {"sgd": 0.01, "adam": 3e-3, "adamw": 3e-3}
@@ -22,7 +22,9 @@ DOC = """From CKPT it fine-tunes (pruned models stay pruned, quantized ones trai
 fake-quant twin and keep their format); with --arch and no CKPT it trains from scratch.
 Defaults: SGD lr 0.01 momentum 0.9 constant schedule for a checkpoint (the study's recipe),
 Adam lr 3e-3 for --arch; batch 128; PGD 10 steps of 2.5 eps/steps; FGSM from a random
-start with step 1.25 eps. The same --seed gives bit-identical output on CPU. Under
+start with step 1.25 eps; N-FGSM noise 2 eps, step eps, no projection. Single-step runs (fgsm,
+n-fgsm) are watched for catastrophic overfitting: PGD-5 on a fixed batch each epoch; on a
+collapse the best weights are restored and the run exits 1 (--allow-collapse writes them). The same --seed gives bit-identical output on CPU. Under
 `torchrun --nproc-per-node N -m rcomp finetune ...` it trains with DistributedDataParallel
 (gloo on CPU, nccl on GPU); --batch-size stays the global batch; only rank 0 writes."""
 EXAMPLES = """rcomp finetune --arch convnet8 --data digits --epochs 20 --batch-size 64 -o dense.safetensors
@@ -56,12 +58,24 @@ class Config:
                                           help="Train for this fraction of --budget-of's training cost, counted "
                                                "in forward+backward passes (sets the step budget).")
     adv: str = O.opt("none", "--adv", kind="choice", choices=ADV_MODES,
-                   help="none, fgsm (fast AT, Wong et al. 2020), pgd (Madry et al. 2018) or trades (Zhang et al. "
-                        "2019).")
+                   help="none, fgsm (fast AT, Wong et al. 2020), n-fgsm (de Jorge et al. 2022: noise uniform in "
+                        "[-2 eps, 2 eps], step eps, no projection to the eps ball), pgd (Madry et al. 2018) or "
+                        "trades (Zhang et al. 2019). Cost a step in passes: none 1, fgsm/n-fgsm 2, pgd 1+steps, "
+                        "trades 2+steps.")
     eps: float = O.opt(8 / 255, "--eps", kind="eps", help="Attack budget in [0,1] pixel units, e.g. 8/255 (CIFAR) or "
                                                          "0.1 (MNIST-like). [default: 8/255]")
     alpha: float | None = O.opt(None, "--alpha", kind="eps", help="Attack step size (default: 1.25 eps for fgsm, "
+                                                                "eps for fgsm --no-random-start and n-fgsm, "
                                                                 "2.5 eps / steps for pgd and trades).")
+    random_start: bool = O.opt(True, "--random-start", kind="bool", secondary="--no-random-start",
+                               help="fgsm: start from a uniform point of the eps ball (Wong et al. 2020); "
+                                    "--no-random-start is plain FGSM training, prone to catastrophic overfitting.")
+    noise: float = O.opt(2.0, "--noise", kind="float", min=0, max=100,
+                         help="n-fgsm: noise uniform in [-K eps, K eps] (de Jorge et al. 2022: K = 2).")
+    grad_align: float = O.opt(0.0, "--grad-align", kind="float", min=0, max=10**6,
+                              help="GradAlign weight lambda (Andriushchenko & Flammarion 2020) for fgsm/n-fgsm: adds "
+                                   "lambda * (1 - cos(grad at x, grad at x + uniform noise in the eps ball)); "
+                                   "double backprop, 4 more passes a step (0: off).")
     steps: int | None = O.opt(None, "--steps", kind="int", min=1, max=1000,
                             help="Attack steps for pgd/trades (default 10).")
     norm: str = O.opt("linf", "--norm", kind="choice", choices=("linf", "l2"), help="Threat model: linf or l2.")
@@ -99,7 +113,9 @@ class Config:
                               help="Continue from a state written by --save-every (give the same options).")
     allow_collapse: bool = O.opt(False, "--allow-collapse", kind="bool",
                                help="Write the model even when training collapsed (accuracy at chance or a loss "
-                                    "that stopped moving); by default such a run exits 1 and writes nothing.")
+                                    "that stopped moving) or overfitted catastrophically (fgsm/n-fgsm: then the "
+                                    "best weights by PGD accuracy are written); by default such a run exits 1 and "
+                                    "writes nothing.")
     output: Path | None = O.output_opt()
     force: bool = O.force_opt()
     device: str = O.device_opt("auto")
@@ -116,6 +132,11 @@ class Config:
             raise RcompError(f"--alpha must be positive, got {self.alpha}")
         if self.adv != "none" and self.eps <= 0:
             raise RcompError(f"--adv {self.adv} needs a positive --eps, e.g. --eps 8/255")
+        if self.grad_align and self.adv not in ("fgsm", "n-fgsm"):
+            raise RcompError(f"--grad-align regularises single-step training; use it with --adv fgsm or n-fgsm, "
+                             f"not {self.adv}")
+        if self.adv == "n-fgsm" and self.norm != "linf":
+            raise RcompError("--adv n-fgsm is defined for --norm linf only; use fgsm or pgd with --norm l2")
 
 
 def build(cfg: Config, log=C.stderr_log):
@@ -171,10 +192,13 @@ def steps_budget(cfg: Config, log=C.stderr_log) -> int | None:
     from rcomp.io.describe import describe
     from rcomp.train.budget import steps_for_fraction
 
+    from rcomp.train.budget import passes_per_step
+
     attack_steps = cfg.steps if cfg.steps is not None else 10
     steps = steps_for_fraction(cfg.budget_fraction, describe(cfg.budget_of)["history"], cfg.adv, attack_steps,
-                               reference=str(cfg.budget_of))
-    log(f"budget: {steps} steps = {cfg.budget_fraction:g} of {cfg.budget_of}'s training cost")
+                               reference=str(cfg.budget_of), grad_align=cfg.grad_align)
+    per = passes_per_step(cfg.adv, attack_steps, cfg.grad_align)
+    log(f"budget: {steps} steps x {per} passes = {cfg.budget_fraction:g} of {cfg.budget_of}'s training cost")
     return steps
 
 
@@ -185,7 +209,8 @@ def train_config(cfg: Config, opt_name: str, device: str, state_path: Path | Non
         epochs=cfg.epochs, batch_size=cfg.batch_size, optimizer=opt_name,
         lr=cfg.lr if cfg.lr is not None else DEFAULT_LR[opt_name], momentum=cfg.momentum,
         weight_decay=cfg.weight_decay, schedule=cfg.schedule, warmup=cfg.warmup,
-        adv=AdvConfig(cfg.adv, cfg.eps, cfg.alpha, cfg.steps, cfg.norm, cfg.beta, beta_warmup=cfg.beta_warmup),
+        adv=AdvConfig(cfg.adv, cfg.eps, cfg.alpha, cfg.steps, cfg.norm, cfg.beta, beta_warmup=cfg.beta_warmup,
+                      random_start=cfg.random_start, noise=cfg.noise, grad_align=cfg.grad_align),
         augment=cfg.augment,
         val_split=cfg.val_split, seed=cfg.seed, device=device, save_every=cfg.save_every, state_path=state_path,
         max_steps=steps_budget(cfg), allow_collapse=cfg.allow_collapse,
@@ -247,7 +272,10 @@ def _params(cfg: Config, tcfg, source, model, dist) -> dict[str, Any]:
             "epochs": cfg.epochs, "adv": cfg.adv, "eps": cfg.eps if adv else None,
             "alpha": tcfg.adv.alpha if adv else None, "steps": tcfg.adv.steps if adv else None, "norm": cfg.norm,
             "beta": cfg.beta if cfg.adv == "trades" else None,
-            **({"beta_warmup": cfg.beta_warmup} if cfg.beta_warmup else {}), "optimizer": tcfg.optimizer, "lr": tcfg.lr,
+            **({"beta_warmup": cfg.beta_warmup} if cfg.beta_warmup else {}),
+            **({"random_start": False} if cfg.adv == "fgsm" and not cfg.random_start else {}),
+            **({"noise": cfg.noise} if cfg.adv == "n-fgsm" else {}),
+            **({"grad_align": cfg.grad_align} if cfg.grad_align else {}), "optimizer": tcfg.optimizer, "lr": tcfg.lr,
             "momentum": cfg.momentum, "weight_decay": cfg.weight_decay, "schedule": cfg.schedule,
             "warmup": cfg.warmup, "batch_size": cfg.batch_size, "augment": cfg.augment, "val_split": cfg.val_split,
             "n": cfg.n, "seed": cfg.seed, "processes": dist.world, "resumed": cfg.resume is not None,
@@ -291,6 +319,8 @@ def apply(model, cfg: Config, *, source: Path | None = None, dist=None, dev: str
     if model.meta.dataset is None:
         model.meta.dataset = cfg.data
     cost = {k: metrics[k] for k in _cost_keys() if k in metrics}
+    if "overfit_guard" in metrics:
+        cost["overfit_guard"] = metrics["overfit_guard"]
     entry = C.record(model, "finetune", _params(cfg, tcfg, source, model, dist),
                    getattr(model, "source_sha256", None) if source else None,
                    {"epochs": metrics["epochs"], **cost, **test})

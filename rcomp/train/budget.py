@@ -1,8 +1,22 @@
 """Training cost counted in forward+backward passes, read from a checkpoint's history.
 
-A training step costs ``1 + attack steps`` passes (standard 1, FGSM 2, PGD-7 8): the budget of a
-fine-tuning run can then be stated as a fraction of another run's cost (``finetune --budget-of CKPT
---budget-fraction F``), and the demo report states every budget that way. Pure Python.
+One pass is one forward and one backward pass over the batch. A training step costs
+(:func:`passes_per_step`):
+
+* ``none``: 1;
+* ``fgsm`` and ``n-fgsm``: 2 (the attack's gradient, then the training pass);
+* ``pgd`` with S steps: 1 + S (PGD-7: 8);
+* ``trades`` with S steps: 2 + S (S attack steps; the training pass runs clean and adversarial
+  images together, a batch twice the size: 2). earlier versions counted 1 + S;
+* ``--grad-align``: 4 more (1 for the input gradient at x; 1 for the one at x + eta built with
+  ``create_graph``; about 2 for backpropagating through that gradient, double backpropagation
+  costing about two forward+backward passes). So fgsm/n-fgsm with GradAlign: 6.
+
+Not counted: forward passes without a backward (the clean logits that give the training accuracy,
+TRADES' clean prediction), validation and the catastrophic-overfitting guard's PGD checks (recorded
+separately in the history as ``guard_passes``). The budget of a fine-tuning run can then be stated as
+a fraction of another run's cost (``finetune --budget-of CKPT --budget-fraction F``), and the demo
+report states every budget that way. Pure Python.
 """
 
 from __future__ import annotations
@@ -15,9 +29,24 @@ from rcomp.errors import RcompError
 DEFAULT_TRAIN_SIZE = 1437
 
 
-def passes_per_step(adv: str | None, attack_steps: int | None) -> int:
+#: extra passes a step of GradAlign costs (see the module docstring)
+GRAD_ALIGN_PASSES = 4
+
+
+def passes_per_step(adv: str | None, attack_steps: int | None, grad_align: float | None = 0.0) -> int:
+    """Forward+backward passes of one training step (see the module docstring)."""
     adv = adv or "none"
-    return 1 if adv == "none" else 1 + (1 if adv == "fgsm" else int(attack_steps or 10))
+    if adv == "none":
+        base = 1
+    elif adv in ("fgsm", "n-fgsm"):
+        base = 2
+    elif adv == "pgd":
+        base = 1 + int(attack_steps or 10)
+    elif adv == "trades":
+        base = 2 + int(attack_steps or 10)
+    else:
+        raise RcompError(f"no pass count for --adv {adv!r}; the checkpoint was written by a newer rcomp")
+    return base + (GRAD_ALIGN_PASSES if grad_align else 0)
 
 
 def training_cost(entry: dict, train_size: int = DEFAULT_TRAIN_SIZE) -> float | None:
@@ -35,7 +64,7 @@ def training_cost(entry: dict, train_size: int = DEFAULT_TRAIN_SIZE) -> float | 
         steps = min(x for x in (full, budget) if x is not None) if (full or budget) else None
     if steps is None:
         return None
-    return float(steps) * passes_per_step(params.get("adv"), params.get("steps"))
+    return float(steps) * passes_per_step(params.get("adv"), params.get("steps"), params.get("grad_align"))
 
 
 def history_cost(history: list[dict]) -> float | None:
@@ -45,9 +74,10 @@ def history_cost(history: list[dict]) -> float | None:
 
 
 def steps_for_fraction(fraction: float, reference_history: list[dict], adv: str, attack_steps: int | None,
-                       reference: str = "the reference") -> int:
-    """Optimizer steps that cost ``fraction`` of the reference's training, at this run's cost per step."""
+                       reference: str = "the reference", grad_align: float | None = 0.0) -> int:
+    """Optimizer steps that cost ``fraction`` of the reference's training, at this run's cost per step
+    (rounded to the nearest step, at least 1)."""
     ref = history_cost(reference_history)
     if not ref:
         raise RcompError(f"{reference} records no training to take a fraction of; give --steps-budget instead")
-    return max(1, round(fraction * ref / passes_per_step(adv, attack_steps)))
+    return max(1, round(fraction * ref / passes_per_step(adv, attack_steps, grad_align)))

@@ -92,3 +92,114 @@ class CollapseMonitor:
                 f"training collapsed: clean training accuracy fell from {self.start_acc:.3f} to {acc:.3f} in epoch "
                 f"{row['epoch']}, chance level ({self.chance:.3f}), with loss {row['loss']}; nothing was written; {FIX}, "
                 "or allow it with --allow-collapse")
+
+
+# ----------------------------------------------------------------------------- catastrophic overfitting
+#
+# Single-step adversarial training (fgsm, n-fgsm) can overfit catastrophically (Wong et al., ICLR
+# 2020; de Jorge et al., NeurIPS 2022): within a few steps the model becomes robust to its own
+# single-step adversary while multi-step PGD accuracy falls to about 0. Its final model looks fine
+# to anyone reading the training accuracies. The guard measures what the run is for.
+#
+# Check batch: a fixed, seeded batch of up to CO_BATCH images, from the validation split when
+# --val-split is given, else from the training images (as Wong et al. detect it: catastrophic
+# overfitting shows on training points as much as on held-out ones). Check: PGD-CO_STEPS (step
+# 2.5 eps / steps, random start, the same seeded starts at every check) robust accuracy on that
+# batch, correct clean and under PGD, before training and after every epoch.
+#
+# Rule (collapse): at a check, with ``best`` the highest PGD accuracy of the earlier checks,
+#   pgd <= CO_RATIO * best  and  best - pgd >= CO_DROP      (fell far below its best)
+#   and the epoch's training adversarial accuracy >= that of the best check's epoch - CO_SLACK
+#       (the single-step adversary is still being beaten: it is the PGD figure alone that fell;
+#        when the best check is the starting model, no such figure exists and the condition holds).
+# On a collapse: training stops, the best check's weights are restored, the collapse goes to
+# stderr and the history, and the run fails (exit 1, nothing written) unless --allow-collapse,
+# which writes the restored best weights instead.
+
+CO_BATCH = 128
+CO_STEPS = 5
+CO_RATIO = 0.5
+CO_DROP = 0.1
+CO_SLACK = 0.05
+CO_FIX = "use --adv n-fgsm (or --grad-align 0.2), a smaller --alpha, or write the best weights with --allow-collapse"
+
+
+def overfit_collapsed(pgd: float, best: float, train_adv: float | None, train_adv_at_best: float | None) -> bool:
+    """The collapse rule above, on plain numbers (pure, so it can be tested exhaustively)."""
+    fell = pgd <= CO_RATIO * best and best - pgd >= CO_DROP
+    if not fell:
+        return False
+    if train_adv is None or train_adv_at_best is None:
+        return True
+    return train_adv >= train_adv_at_best - CO_SLACK
+
+
+@dataclass
+class OverfitGuard:
+    """Watches PGD accuracy on a fixed batch for catastrophic overfitting (see the comment above)."""
+
+    x: Any
+    y: Any
+    eps: float
+    norm: str
+    seed: int
+    source: str = "training images"
+    steps: int = CO_STEPS
+    checks: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] | None = None
+    best_state: dict[str, Any] | None = None
+    collapse: dict[str, Any] | None = None
+
+    def pgd_accuracy(self, module) -> tuple[float, float]:
+        """(clean, PGD robust) accuracy of ``module`` on the check batch, in eval mode, mode restored."""
+        import torch
+
+        from rcomp.attacks import make_attack
+
+        was = module.training
+        attack = make_attack("pgd", self.eps, norm=self.norm, steps=self.steps, seed=self.seed)
+        module.eval()
+        try:
+            with torch.no_grad():
+                clean = module(self.x).argmax(1) == self.y
+            x_adv = attack(module, self.x, self.y)
+            with torch.no_grad():
+                adv = module(x_adv).argmax(1) == self.y
+        finally:
+            module.train(was)  # train(True) also re-arms fake-quant observers
+        n = max(len(self.y), 1)
+        return float(clean.sum()) / n, float((clean & adv).sum()) / n
+
+    def check(self, module, epoch: int, train_adv: float | None) -> dict[str, Any] | None:
+        """Measure after ``epoch`` (0: the starting weights); the collapse dict when this check is one."""
+        clean, pgd = self.pgd_accuracy(module)
+        row = {"epoch": epoch, "clean": round(clean, 6), "pgd": round(pgd, 6), "train_adv": train_adv}
+        self.checks.append(row)
+        if self.best is not None and overfit_collapsed(pgd, self.best["pgd"], train_adv, self.best["train_adv"]):
+            self.collapse = {"epoch": epoch, "pgd": row["pgd"], "train_adv": train_adv,
+                             "best_epoch": self.best["epoch"], "best_pgd": self.best["pgd"]}
+            return self.collapse
+        if self.best is None or pgd > self.best["pgd"]:
+            self.best = row
+            self.best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        return None
+
+    def restore_best(self, module) -> None:
+        if self.best_state is not None:
+            module.load_state_dict(self.best_state)
+
+    def message(self) -> str:
+        c = self.collapse or {}
+        adv = f" while training adversarial accuracy stood at {c['train_adv']:.3f}" if c.get("train_adv") is not None \
+            else ""
+        when = "the starting weights" if c.get("best_epoch") == 0 else f"the weights after epoch {c.get('best_epoch')}"
+        return (f"catastrophic overfitting in epoch {c.get('epoch')}: PGD-{self.steps} accuracy on the check batch "
+                f"({len(self.y)} {self.source}) fell to {c.get('pgd', 0):.3f} from its best {c.get('best_pgd', 0):.3f}"
+                f"{adv}; training stopped and {when} were restored")
+
+    def record(self, batch_size: int) -> dict[str, Any]:
+        """What the history keeps: the check, each figure, the collapse, its cost in passes."""
+        passes = len(self.checks) * (self.steps + 1) * len(self.y) / max(batch_size, 1)
+        return {"check": f"pgd-{self.steps} eps {self.eps:.6g} on {len(self.y)} {self.source} (seed {self.seed})",
+                "pgd_acc": [c["pgd"] for c in self.checks], "best_epoch": self.best["epoch"] if self.best else None,
+                "collapse": self.collapse, "guard_passes": round(passes, 2)}

@@ -24,9 +24,10 @@ from rcomp.errors import RcompError, TrainingFailed
 from rcomp.evaluation.accuracy import fetch
 from rcomp.seeding import derive_seed, generator
 from rcomp.train import distributed as D
-from rcomp.train.adversarial import AdvConfig, batch_loss, trades_beta
+from rcomp.train.adversarial import SINGLE_STEP, AdvConfig, batch_loss, trades_beta
 from rcomp.train.augment import DEFAULT_ON, augment_batch, recipe
-from rcomp.train.guards import FIX, CollapseMonitor, check_finite_loss, check_finite_weights
+from rcomp.train.guards import (CO_BATCH, CO_FIX, FIX, CollapseMonitor, OverfitGuard, check_finite_loss,
+                                check_finite_weights)
 from rcomp.train.optim import OPTIMIZERS, SCHEDULES, lr_at, make_optimizer, set_lr
 
 
@@ -52,7 +53,9 @@ class TrainConfig:
     state_path: Path | None = None
     progress: bool = True
     max_steps: int | None = None     # step budget: train exactly this many optimizer steps (replaces epochs)
-    allow_collapse: bool = False     # keep a model whose training collapsed to chance (else TrainingFailed)
+    allow_collapse: bool = False     # keep a model whose training collapsed (else TrainingFailed); after a
+    #                                  catastrophic overfitting (fgsm, n-fgsm) the best weights are kept
+    overfit_guard: bool = True       # fgsm/n-fgsm: watch PGD accuracy on a fixed batch (rcomp.train.guards)
 
     def validate(self) -> TrainConfig:
         if not isinstance(self.epochs, int) or self.epochs < 1:
@@ -86,7 +89,7 @@ class TrainConfig:
     def fingerprint(self) -> dict[str, Any]:
         """The options a resumed run must share with the run that wrote the state."""
         d = asdict(self)
-        for k in ("epochs", "device", "save_every", "state_path", "progress", "allow_collapse"):
+        for k in ("epochs", "device", "save_every", "state_path", "progress", "allow_collapse", "overfit_guard"):
             d.pop(k)
         return d
 
@@ -221,14 +224,19 @@ def finetune(model, train_ds, config: TrainConfig | None = None, *, dataset: str
     run.start_monitor()
     for epoch in range(run.start_epoch, run.end_epoch):
         run.epoch(epoch)
-    if run.history and not cfg.allow_collapse:
+        if run.guard is not None and run.guard.collapse is not None:
+            break
+    if run.history and not cfg.allow_collapse and (run.guard is None or run.guard.collapse is None):
         run.monitor.verdict(run.history[-1])
     run.trainable.eval()
     model = _untrain(run.trainable, model)
     model.eval()
-    return model, {"epochs": run.history, "final": run.history[-1] if run.history else {},
-                   "epoch_seconds": run.seconds, "steps": run.steps,
-                   "wall_seconds": round(time.perf_counter() - t_start, 3)}
+    metrics = {"epochs": run.history, "final": run.history[-1] if run.history else {},
+               "epoch_seconds": run.seconds, "steps": run.steps,
+               "wall_seconds": round(time.perf_counter() - t_start, 3)}
+    if run.guard is not None:
+        metrics["overfit_guard"] = run.guard.record(cfg.batch_size)
+    return model, metrics
 
 
 class _Run:
@@ -258,6 +266,9 @@ class _Run:
         self.seconds: list[float] = []
         self.start_epoch = self.steps = 0
         self.train_model = None
+        self.guard: OverfitGuard | None = None
+        if cfg.adv.grad_align and info.enabled:
+            raise RcompError("--grad-align (double backprop) is not supported under torchrun; run it in one process")
         self.val_eps = cfg.val_eps if cfg.val_eps is not None else (cfg.adv.eps if cfg.adv.mode != "none" else None)
 
     def resume(self, path) -> None:
@@ -285,6 +296,36 @@ class _Run:
                 self.num_classes = int(self.trainable.eval()(fetch(self.ds, sample[:1], self.device)[0]).shape[1])
         self.monitor = CollapseMonitor(self.num_classes, correct / max(n, 1))
         self.train_model = D.wrap(self.trainable, self.info, self.device)
+        if self.cfg.adv.mode in SINGLE_STEP and self.cfg.overfit_guard:
+            self.start_guard()
+
+    def start_guard(self) -> None:
+        """The catastrophic-overfitting guard's fixed batch and its first check (the starting weights)."""
+        cfg = self.cfg
+        pool, source = (self.val_idx, "validation images") if self.val_idx else (self.train_idx, "training images")
+        perm = torch.randperm(len(pool), generator=generator(derive_seed(cfg.seed, 13))).tolist()
+        x, y = fetch(self.ds, sorted(pool[i] for i in perm[:CO_BATCH]), self.device)
+        self.guard = OverfitGuard(x, y, cfg.adv.eps, cfg.adv.norm, derive_seed(cfg.seed, 17), source)
+        if self.info.is_main:
+            print(f"overfitting guard: PGD-{self.guard.steps} accuracy on {len(y)} fixed {source} after every "
+                  "epoch; a collapse restores the best weights", file=sys.stderr, flush=True)
+        self.guard.check(self.trainable, self.start_epoch, None)
+
+    def _guard_check(self, epoch: int, row: dict[str, Any]) -> None:
+        """After an epoch: the guard's check; on a collapse restore the best weights, then fail or carry on."""
+        if self.guard is None:
+            return
+        hit = self.guard.check(self.trainable, epoch + 1, row.get("train_adv_acc"))
+        row["guard_pgd_acc"] = self.guard.checks[-1]["pgd"]
+        if hit is None:
+            return
+        self.guard.restore_best(self.trainable)
+        row["overfit_collapse"] = dict(hit)
+        msg = self.guard.message()
+        if not self.cfg.allow_collapse:
+            raise TrainingFailed(f"{msg}; nothing was written; {CO_FIX}")
+        if self.info.is_main:
+            print(f"warning: {msg}; writing them (--allow-collapse)", file=sys.stderr, flush=True)
 
     def epoch(self, epoch: int) -> None:
         cfg, info = self.cfg, self.info
@@ -302,6 +343,7 @@ class _Run:
                     post["adv_acc"] = f"{sums[2] / n:.3f}"
                 bar.update(1, **post)
         row = self._row(epoch, D.all_sum(sums.tolist(), info))
+        self._guard_check(epoch, row)
         self.history.append(row)
         self.seconds.append(time.perf_counter() - t0)
         extra = {k: v for k, v in row.items() if k not in ("epoch", "loss", "train_acc", "train_adv_acc")

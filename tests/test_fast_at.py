@@ -1,0 +1,165 @@
+"""Single-step adversarial training: N-FGSM, GradAlign, their cost in passes, the catastrophic-overfitting guard."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rcomp.errors import RcompError
+from rcomp.train.adversarial import AdvConfig, adversarial_examples, grad_align_term
+from rcomp.train.budget import passes_per_step, steps_for_fraction, training_cost
+from rcomp.train.guards import CO_DROP, CO_RATIO, OverfitGuard, overfit_collapsed
+
+
+def _mlp(seed=0):
+    from rcomp.models.registry import build_model
+
+    torch.manual_seed(seed)
+    return build_model("mlp", 10, (1, 8, 8)).train()
+
+
+# ----------------------------------------------------------------------------- N-FGSM
+
+
+@settings(max_examples=20, deadline=None)
+@given(eps=st.floats(0.01, 0.2), k=st.floats(0.0, 3.0), seed=st.integers(0, 20))
+def test_nfgsm_leaves_the_ball_by_design_but_stays_within_k_eps_plus_alpha(eps, k, seed):
+    model = _mlp(seed)
+    x, y = torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    cfg = AdvConfig("n-fgsm", eps, noise=k).resolved()
+    assert cfg.alpha == pytest.approx(eps) and cfg.steps == 1  # the paper's defaults: step eps, one step
+    x_adv = adversarial_examples(model, x, y, cfg, torch.Generator().manual_seed(seed), seed)
+    dist = (x_adv - x).abs().flatten(1).amax(1)
+    assert (dist <= k * eps + eps + 1e-5).all()
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    assert model.training and all(p.grad is None for p in model.parameters())
+    again = adversarial_examples(model, x, y, cfg, torch.Generator().manual_seed(seed), seed)
+    assert torch.equal(x_adv, again)  # seeded
+
+
+def test_nfgsm_is_not_projected_back_to_the_eps_ball():
+    """With noise 2 eps and step eps, interior pixels move up to 3 eps: no projection (de Jorge et al.)."""
+    model = _mlp()
+    x = 0.25 + 0.5 * torch.rand(64, 1, 8, 8)          # away from the [0, 1] edges
+    y = torch.randint(0, 10, (64,))
+    eps = 0.05
+    x_adv = adversarial_examples(model, x, y, AdvConfig("n-fgsm", eps).resolved(), torch.Generator(), 3)
+    d = (x_adv - x).abs()
+    assert d.max() > 2 * eps       # far outside the eps ball
+    assert d.max() <= 3 * eps + 1e-6
+    fgsm = adversarial_examples(model, x, y, AdvConfig("fgsm", eps).resolved(), torch.Generator(), 3)
+    assert (fgsm - x).abs().max() <= eps + 1e-6  # fgsm still projects
+
+
+def test_adv_config_refusals():
+    with pytest.raises(RcompError, match="linf"):
+        AdvConfig("n-fgsm", 0.1, norm="l2").resolved()
+    with pytest.raises(RcompError, match="single-step"):
+        AdvConfig("pgd", 0.1, grad_align=0.2).resolved()
+    with pytest.raises(RcompError, match="noise"):
+        AdvConfig("n-fgsm", 0.1, noise=-1.0).resolved()
+    assert AdvConfig("fgsm", 0.1, random_start=False).resolved().alpha == pytest.approx(0.1)
+    assert AdvConfig("fgsm", 0.1).resolved().alpha == pytest.approx(0.125)
+
+
+# ----------------------------------------------------------------------------- GradAlign
+
+
+def test_grad_align_term_is_a_cosine_distance_and_reaches_the_parameters():
+    model = _mlp()
+    x, y = torch.rand(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    reg = grad_align_term(model, x, y, 0.1, torch.Generator().manual_seed(0))
+    assert reg.shape == (8,) and (reg >= -1e-6).all() and (reg <= 2 + 1e-6).all()
+    reg.sum().backward()  # double backprop: fails if the second gradient were built without create_graph
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and any(float(g.abs().sum()) > 0 for g in grads)
+    # eps 0: both gradients are taken at x, the regulariser vanishes
+    zero = grad_align_term(model, x, y, 0.0, torch.Generator().manual_seed(0))
+    assert float(zero.abs().max()) < 1e-5
+
+
+def test_grad_align_changes_the_loss_only_by_its_term():
+    from rcomp.train.adversarial import batch_loss
+
+    model = _mlp()
+    x, y = torch.rand(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    base = AdvConfig("n-fgsm", 0.1).resolved()
+    reg = AdvConfig("n-fgsm", 0.1, grad_align=0.5).resolved()
+    l0, _, _ = batch_loss(model, model, x, y, base, torch.Generator().manual_seed(1), 5)
+    g = torch.Generator().manual_seed(1)
+    l1, _, _ = batch_loss(model, model, x, y, reg, g, 5)
+    term = grad_align_term(model, x, y, 0.1, torch.Generator().manual_seed(1))
+    assert torch.allclose(l1, l0 + 0.5 * term, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- budget
+
+
+def test_passes_per_step_table():
+    assert passes_per_step("none", None) == 1
+    assert passes_per_step("fgsm", 1) == 2 and passes_per_step("n-fgsm", 1) == 2
+    assert passes_per_step("pgd", 7) == 8 and passes_per_step("pgd", None) == 11
+    assert passes_per_step("trades", 10) == 12      # 10 attack steps + a training pass on a double batch
+    assert passes_per_step("n-fgsm", 1, 0.2) == 6   # GradAlign: 4 more
+    assert passes_per_step("fgsm", 1, 0.0) == 2
+    with pytest.raises(RcompError):
+        passes_per_step("bogus", 1)
+    entry = {"command": "finetune", "params": {"adv": "n-fgsm", "steps": 1, "grad_align": 0.2},
+             "metrics": {"steps": 10}}
+    assert training_cost(entry) == 60
+
+
+@settings(max_examples=50, deadline=None)
+@given(frac=st.floats(0.01, 2.0), ref_steps=st.integers(1, 500), ref_attack=st.integers(1, 12),
+       mode=st.sampled_from(["none", "fgsm", "n-fgsm", "pgd", "trades"]), attack=st.integers(1, 12),
+       ga=st.sampled_from([0.0, 0.3]))
+def test_steps_for_fraction_spends_the_fraction_in_passes(frac, ref_steps, ref_attack, mode, attack, ga):
+    if ga and mode not in ("fgsm", "n-fgsm"):
+        ga = 0.0
+    ref = [{"command": "finetune", "params": {"adv": "pgd", "steps": ref_attack}, "metrics": {"steps": ref_steps}}]
+    ref_passes = ref_steps * (1 + ref_attack)
+    steps = steps_for_fraction(frac, ref, mode, attack, grad_align=ga)
+    per = passes_per_step(mode, attack, ga)
+    assert steps >= 1
+    if frac * ref_passes >= per:  # the nearest whole step: within half a step's passes of the target
+        assert abs(steps * per - frac * ref_passes) <= per / 2 + 1e-9
+
+
+# ----------------------------------------------------------------------------- the overfitting rule
+
+
+def test_overfit_rule_cases():
+    assert overfit_collapsed(0.02, 0.5, 0.9, 0.6)           # PGD collapsed while FGSM accuracy rose
+    assert overfit_collapsed(0.02, 0.5, None, None)         # best was the starting model
+    assert not overfit_collapsed(0.02, 0.5, 0.3, 0.6)       # everything fell: not overfitting (other guards)
+    assert not overfit_collapsed(0.30, 0.5, 0.9, 0.6)       # a dip, not a collapse
+    assert not overfit_collapsed(0.01, 0.08, 0.9, 0.6)      # from near 0 to 0: noise, nothing to lose
+
+
+@settings(max_examples=200, deadline=None)
+@given(pgd=st.floats(0, 1), best=st.floats(0, 1), adv=st.floats(0, 1), adv_best=st.floats(0, 1))
+def test_overfit_rule_property(pgd, best, adv, adv_best):
+    hit = overfit_collapsed(pgd, best, adv, adv_best)
+    if hit:
+        assert pgd <= CO_RATIO * best and best - pgd >= CO_DROP and adv >= adv_best - 0.05 - 1e-12
+    if pgd >= best:
+        assert not hit  # never at or above the best
+
+
+def test_guard_restores_the_best_weights_exactly():
+    model = _mlp()
+    x, y = torch.rand(32, 1, 8, 8), torch.randint(0, 10, (32,))
+    guard = OverfitGuard(x, y, 0.1, "linf", seed=1)
+    guard.best = {"epoch": 0, "pgd": -1.0, "train_adv": None}
+    guard.check(model, 1, None)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    guard.restore_best(model)
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
+    assert model.training  # the check leaves the mode as it found it
+    # fixed and seeded: the same weights give the same figure
+    assert guard.pgd_accuracy(model) == guard.pgd_accuracy(model)
