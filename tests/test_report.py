@@ -135,3 +135,75 @@ def test_costs_count_the_training_of_the_starting_model(tmp_path):
     rows = [{"stage": "c", "path": str(tmp_path / "c.safetensors")}]
     assert checkpoint_costs(rows) == {"c": (180 + 9) * 8.0}
     assert checkpoint_costs(rows, last_only=True) == {"c": 9 * 8.0}
+
+
+def _demo_like():
+    """The demo's shape: paths from the standard model (12.5% sunk) at own budgets 5/20/50%, PGD and N-FGSM,
+    and the pruned-adv path (100% sunk); baselines judged by pgd+auto, the largest budgets too."""
+    rows, costs, own = [_row("baseline", 0.4, 0.97), _row("baseline-adv", 0.80, 0.97)], {}, {}
+    costs.update({"baseline": 180.0, "baseline-adv": BASE_COST})
+    for r in rows:
+        r["robust_acc"] = {"pgd": r["worst_case_acc"], "apgd-ce": r["worst_case_acc"]}
+    for start, sunk in (("pruned", 180.0), ("int8", 180.0), ("pruned-adv", BASE_COST)):
+        rows.append(_row(start, 0.3))
+        for method, per, budgets in (("pgd", 8, (9, 36, 90)), ("nfgsm", 2, (36, 144, 360))):
+            for i, b in enumerate(budgets):
+                stage = f"{start}-ft-{method}-s{b}"
+                r = _row(stage, 0.6 + 0.1 * i + (0.02 if method == "nfgsm" else 0))
+                if i == 2:  # the largest budget is judged again by auto
+                    r["robust_acc"]["apgd-ce"] = r["worst_case_acc"]
+                else:
+                    r["robust_acc"] = {"pgd": r["worst_case_acc"]}
+                rows.append(r)
+                own[stage] = b * per
+                costs[stage] = sunk + b * per
+    return rows, costs, own
+
+
+def test_plot_data_comes_from_the_table_numbers():
+    """Issue 26: the plot's budget line and points, and the points of its inference panel, are the table's
+    and the conclusion's own numbers; no two series of a panel share a marker."""
+    from rcomp.recipes.report import MAX_BUDGET, _table, plot_data
+
+    rows, costs, own = _demo_like()
+    data = plot_data(rows, costs, own)
+    _, table = _table(rows, ["pgd", "apgd-ce"], costs, BASE_COST, own)
+    printed = {t[0]: (t[-2], t[-1]) for t in table}  # total, own columns as the table prints them
+    assert set(data["training"]) == {"total", "own"}
+    for col, panel in enumerate(("total", "own")):
+        assert data["training"][panel]["limit"] == MAX_BUDGET
+        n = 0
+        for pts in data["training"][panel]["series"].values():
+            for x, y, stage in pts:
+                assert f"{x:.1%}" == printed[stage][col]
+                assert y == next(r["worst_case_acc"] for r in rows if r["stage"] == stage)
+                n += 1
+        assert n == 18
+    # the point the table puts at 50% own sits on the own panel's 50% line (and at 62.5% on the total one)
+    own_pts = {s: x for pts in data["training"]["own"]["series"].values() for x, _, s in pts}
+    tot_pts = {s: x for pts in data["training"]["total"]["series"].values() for x, _, s in pts}
+    assert printed["pruned-ft-pgd-s90"] == ("62.5%", "50.0%")
+    assert own_pts["pruned-ft-pgd-s90"] == pytest.approx(MAX_BUDGET) and tot_pts["pruned-ft-pgd-s90"] == 0.625
+    # the inference panel shows, per path, the very point the total-accounting verdict quotes
+    c = conclude(rows, costs, own_costs=own)
+    quoted = {f["stage"] for f in c["findings"] if f["accounting"] == "total"}
+    shown = {s for s, _, _ in data["inference"] if path_of(s)[1] is not None}
+    assert shown == quoted and len(quoted) == 6
+    for panel in data["styles"].values():
+        styles = list(panel.values())
+        assert len({m for m, _ in styles}) == len(styles)  # distinct markers (at most 15 series here)
+
+
+def test_points_judged_by_fewer_attacks_cannot_reach():
+    """A PGD-only point above the target is an upper bound: no success is claimed on it."""
+    rows, costs, own = _demo_like()
+    for r in rows:
+        if r["stage"] == "pruned-ft-pgd-s36":
+            r["worst_case_acc"] = r["robust_acc"]["pgd"] = 0.99   # PGD only, at 32.5% total
+    c = conclude(rows, costs, own_costs=own)
+    f = {(x["path"], x["accounting"]): x for x in c["findings"]}
+    assert not f[("pruned-ft-pgd", "total")]["reached"]
+    assert f[("pruned-ft-pgd", "own")]["reached"] and f[("pruned-ft-pgd", "own")]["stage"] == "pruned-ft-pgd-s90"
+    # own accounting: pruned-adv's 50% own point reaches (0.8 >= 0.76); in total it costs 150%
+    assert f[("pruned-adv-ft-pgd", "own")]["reached"] and not f[("pruned-adv-ft-pgd", "total")]["reached"]
+    assert "Own accounting" in c["text"]

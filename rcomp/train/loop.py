@@ -26,8 +26,15 @@ from rcomp.seeding import derive_seed, generator
 from rcomp.train import distributed as D
 from rcomp.train.adversarial import SINGLE_STEP, AdvConfig, batch_loss, trades_beta
 from rcomp.train.augment import DEFAULT_ON, augment_batch, recipe
-from rcomp.train.guards import (CO_BATCH, CO_FIX, FIX, CollapseMonitor, OverfitGuard, check_finite_loss,
-                                check_finite_weights)
+from rcomp.train.guards import (
+    CO_BATCH,
+    CO_FIX,
+    FIX,
+    CollapseMonitor,
+    OverfitGuard,
+    check_finite_loss,
+    check_finite_weights,
+)
 from rcomp.train.optim import OPTIMIZERS, SCHEDULES, lr_at, make_optimizer, set_lr
 
 
