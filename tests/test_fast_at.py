@@ -163,3 +163,70 @@ def test_guard_restores_the_best_weights_exactly():
     assert model.training  # the check leaves the mode as it found it
     # fixed and seeded: the same weights give the same figure
     assert guard.pgd_accuracy(model) == guard.pgd_accuracy(model)
+
+
+# ----------------------------------------------------------------------------- the command line
+
+SMALL = ["--data", "digits", "-n", "256", "--batch-size", "64", "--eval-n", "0", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def pgd_ref(tmp_path_factory):
+    from tests.conftest import run_cli
+
+    ref = tmp_path_factory.mktemp("ref") / "ref.safetensors"
+    res = run_cli("finetune", "--arch", "convnet8", *SMALL, "--adv", "pgd", "--eps", "0.1", "--steps", "3",
+                  "--epochs", "1", "-o", ref)
+    assert res.code == 0, res.stderr  # 4 steps x (1 + 3) = 16 passes
+    return ref
+
+
+@pytest.mark.parametrize("args, steps, per", [
+    (["--adv", "n-fgsm"], 8, 2),
+    (["--adv", "fgsm", "--grad-align", "0.2"], 3, 6),        # 16 / 6 = 2.67 -> 3
+    (["--adv", "trades", "--steps", "2"], 4, 4),
+    (["--adv", "pgd", "--steps", "3"], 4, 4),
+    (["--adv", "none"], 16, 1),
+])
+def test_budget_fraction_picks_steps_from_passes_for_every_mode(cli, pgd_ref, tmp_path, args, steps, per):
+    import rcomp
+    from rcomp.train.budget import history_cost
+
+    out = tmp_path / "ft.safetensors"
+    res = cli("finetune", pgd_ref, *SMALL, "--eps", "0.1", *args, "--budget-of", pgd_ref, "--budget-fraction", "1",
+              "--epochs", "10", "-o", out)
+    assert res.code == 0, res.stderr
+    assert f"budget: {steps} steps x {per} passes" in res.stderr
+    hist = rcomp.load(out).meta.history
+    assert hist[-1]["metrics"]["steps"] == steps
+    assert history_cost(hist[-1:]) == steps * per  # the recorded run is costed the same way
+
+
+def test_nfgsm_and_grad_align_record_their_settings_and_guard(cli, pgd_ref, tmp_path):
+    import rcomp
+
+    out = tmp_path / "n.safetensors"
+    res = cli("finetune", pgd_ref, *SMALL, "--adv", "n-fgsm", "--eps", "0.1", "--grad-align", "0.2", "--epochs", "2",
+              "-o", out)
+    assert res.code == 0, res.stderr
+    h = rcomp.load(out).meta.history[-1]
+    p = h["params"]
+    assert p["adv"] == "n-fgsm" and p["noise"] == 2.0 and p["grad_align"] == 0.2
+    assert p["alpha"] == pytest.approx(0.1) and p["steps"] == 1
+    g = h["metrics"]["overfit_guard"]
+    assert len(g["pgd_acc"]) == 3 and g["collapse"] is None  # the starting weights and 2 epochs
+    assert "overfitting guard: PGD-5 accuracy on 128 fixed training images" in res.stderr
+    assert all("guard_pgd_acc" in e for e in h["metrics"]["epochs"])
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--adv", "n-fgsm", "--norm", "l2"], ["n-fgsm", "linf"]),
+    (["--adv", "pgd", "--grad-align", "0.2"], ["--grad-align", "fgsm"]),
+    (["--adv", "n-fgsm", "--noise", "-1"], ["--noise"]),
+])
+def test_refusals(cli, pgd_ref, tmp_path, args, needles):
+    from tests.conftest import assert_one_line_error
+
+    res = cli("finetune", pgd_ref, *SMALL, "--eps", "0.1", *args, "-o", tmp_path / "x.safetensors")
+    assert_one_line_error(res, *needles)
+    assert not (tmp_path / "x.safetensors").exists()
