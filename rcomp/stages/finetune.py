@@ -190,9 +190,7 @@ def steps_budget(cfg: Config, log=C.stderr_log) -> int | None:
     if cfg.budget_of is None:
         return cfg.steps_budget
     from rcomp.io.describe import describe
-    from rcomp.train.budget import steps_for_fraction
-
-    from rcomp.train.budget import passes_per_step
+    from rcomp.train.budget import passes_per_step, steps_for_fraction
 
     attack_steps = cfg.steps if cfg.steps is not None else 10
     steps = steps_for_fraction(cfg.budget_fraction, describe(cfg.budget_of)["history"], cfg.adv, attack_steps,
