@@ -80,8 +80,15 @@ def one_seed(seed: int, out: Path, quick: bool) -> dict[str, dict]:
                 "total": costs[s] / costs[REFERENCE], "clean": by[s]["clean_acc"], "ref": ref} for s in PATHS}
 
 
+def _seeds(quick: bool) -> tuple[int, ...]:
+    """``--seeds 1,2`` runs only those (e.g. when the demo already gave seed 0)."""
+    if "--seeds" in sys.argv:
+        return tuple(int(s) for s in sys.argv[sys.argv.index("--seeds") + 1].split(","))
+    return SEEDS[:1] if quick else SEEDS
+
+
 def run(quick: bool = False) -> list[dict]:
-    seeds = SEEDS[:1] if quick else SEEDS
+    seeds = _seeds(quick)
     per: dict[str, list[dict]] = {p: [] for p in PATHS}
     refs = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -230,3 +230,62 @@ def test_refusals(cli, pgd_ref, tmp_path, args, needles):
     res = cli("finetune", pgd_ref, *SMALL, "--eps", "0.1", *args, "-o", tmp_path / "x.safetensors")
     assert_one_line_error(res, *needles)
     assert not (tmp_path / "x.safetensors").exists()
+
+
+# ----------------------------------------------------------------------------- the guard inside the loop
+
+
+def _digits_subset(n=256):
+    from rcomp.data.registry import get_dataset
+    from rcomp.spec import InputSpec
+
+    ds = get_dataset("digits", "train", InputSpec(1, 8, 8, [0.5], [0.25]))
+    return ds.subset(range(n)) if hasattr(ds, "subset") else torch.utils.data.Subset(ds, range(n))
+
+
+def _scripted(monkeypatch, figures):
+    """The guard's PGD figures in order (the loop's plumbing under test, not the attack); weights per check."""
+    seen = []
+
+    def fake(self, module):
+        seen.append({k: v.detach().clone() for k, v in module.state_dict().items()})
+        return 1.0, figures[len(seen) - 1]
+
+    monkeypatch.setattr(OverfitGuard, "pgd_accuracy", fake)
+    return seen
+
+
+@pytest.mark.parametrize("allow", [False, True])
+def test_loop_stops_restores_best_and_fails_unless_allowed(monkeypatch, allow):
+    from rcomp.errors import TrainingFailed
+    from rcomp.models.registry import build_model
+    from rcomp.train import TrainConfig, finetune
+
+    seen = _scripted(monkeypatch, [0.3, 0.6, 0.5, 0.05, 0.9, 0.9])
+    torch.manual_seed(0)
+    model = build_model("mlp", 10, (1, 8, 8))
+    cfg = TrainConfig(epochs=6, batch_size=64, adv=AdvConfig("n-fgsm", 0.1), progress=False, allow_collapse=allow)
+    if not allow:
+        with pytest.raises(TrainingFailed, match="catastrophic overfitting in epoch 3.*after epoch 1 were restored"):
+            finetune(model, _digits_subset(), cfg)
+        assert len(seen) == 4  # the start and epochs 1-3: training stopped at the collapse
+        return
+    out, metrics = finetune(model, _digits_subset(), cfg)
+    assert len(seen) == 4 and metrics["steps"] == 3 * 4  # 3 epochs of 4 steps, then stopped
+    best = seen[1]  # the weights the check after epoch 1 saw (PGD 0.6, the best)
+    assert all(torch.equal(best[k], v) for k, v in out.state_dict().items())
+    g = metrics["overfit_guard"]
+    assert g["collapse"] == {"epoch": 3, "pgd": 0.05, "train_adv": metrics["epochs"][-1]["train_adv_acc"],
+                             "best_epoch": 1, "best_pgd": 0.6}
+    assert g["pgd_acc"] == [0.3, 0.6, 0.5, 0.05] and metrics["epochs"][-1]["overfit_collapse"]["epoch"] == 3
+
+
+def test_guard_is_off_for_multi_step_training(monkeypatch):
+    from rcomp.models.registry import build_model
+    from rcomp.train import TrainConfig, finetune
+
+    seen = _scripted(monkeypatch, [0.5] * 10)
+    model = build_model("mlp", 10, (1, 8, 8))
+    _, metrics = finetune(model, _digits_subset(128), TrainConfig(epochs=1, batch_size=64,
+                                                                 adv=AdvConfig("pgd", 0.1, steps=1), progress=False))
+    assert seen == [] and "overfit_guard" not in metrics
