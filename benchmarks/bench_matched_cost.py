@@ -51,12 +51,14 @@ stages:
     command: finetune
     input: "{model}"
     grid: {model: [pruned, int8]}
-    options: {epochs: "{epochs_ft}", steps-budget: 67, adv: pgd, eps: "{eps}", steps: 7, optimizer: sgd, lr: 0.01}
+    options: {epochs: "{epochs_ft}", steps-budget: 67, adv: pgd, eps: "{eps}", steps: 7, optimizer: sgd, lr: 0.01,
+              eval-n: 0}
   - name: "{model}-ft-nfgsm-s270"
     command: finetune
     input: "{model}"
     grid: {model: [pruned, int8]}
-    options: {epochs: "{epochs_ft}", steps-budget: 270, adv: n-fgsm, eps: "{eps}", optimizer: sgd, lr: 0.01}
+    options: {epochs: "{epochs_ft}", steps-budget: 270, adv: n-fgsm, eps: "{eps}", optimizer: sgd, lr: 0.01,
+              eval-n: 0}
   - name: bench
     command: bench
     inputs: [baseline-adv, "*-ft-*"]
