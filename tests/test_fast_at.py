@@ -289,3 +289,27 @@ def test_guard_is_off_for_multi_step_training(monkeypatch):
     _, metrics = finetune(model, _digits_subset(128), TrainConfig(epochs=1, batch_size=64,
                                                                  adv=AdvConfig("pgd", 0.1, steps=1), progress=False))
     assert seen == [] and "overfit_guard" not in metrics
+
+
+def test_cli_collapse_exits_1_writes_nothing_and_allow_collapse_writes_the_best(cli, pgd_ref, tmp_path, monkeypatch):
+    """End to end through `rcomp finetune`, with the guard's PGD figures scripted (collapse after epoch 2)."""
+    import rcomp
+
+    seen = _scripted(monkeypatch, [0.2, 0.5, 0.01, 0.9])
+    out = tmp_path / "co.safetensors"
+    args = ("finetune", pgd_ref, *SMALL, "--adv", "fgsm", "--no-random-start", "--eps", "0.1", "--epochs", "4",
+            "-o", out)
+    res = cli(*args)
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("rcomp: error:")]
+    assert res.code == 1 and len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
+    assert "catastrophic overfitting in epoch 2" in lines[0] and "--allow-collapse" in lines[0]
+    assert not out.exists()
+    seen.clear()
+    res = cli(*args, "--allow-collapse")
+    assert res.code == 0, res.stderr
+    assert "warning: catastrophic overfitting in epoch 2" in res.stderr and "writing them" in res.stderr
+    h = rcomp.load(out).meta.history[-1]
+    assert h["metrics"]["overfit_guard"]["collapse"]["best_epoch"] == 1
+    assert h["metrics"]["steps"] == 2 * 4 and h["params"]["random_start"] is False
+    sd = rcomp.load(out).state_dict()
+    assert set(seen[1]) <= set(sd) and all(torch.equal(sd[k], v) for k, v in seen[1].items())  # the best weights
