@@ -160,7 +160,7 @@ def test_state_file_has_no_pickle(tiny_ckpt, tmp_path):
 @pytest.mark.parametrize("args,needles", [
     (["--epochs", "0"], ["--epochs"]),
     (["--lr", "-0.1"], ["--lr"]),
-    (["--adv", "madry"], ["--adv", "none, fgsm, pgd, trades"]),
+    (["--adv", "madry"], ["--adv", "none, fgsm, n-fgsm, pgd, trades"]),
     (["--optimizer", "rmsprop"], ["--optimizer"]),
     (["--schedule", "linear"], ["--schedule"]),
     (["--eps", "2"], ["--eps"]),
