@@ -21,8 +21,9 @@ CHILD = r"""
 import json, resource, sys, time, torch
 torch.set_num_threads(2)
 from rcomp.evaluation.bench import bench, build_attacks
+from rcomp.parsing import parse_eps_list
 ckpt, n = sys.argv[1], int(sys.argv[2])
-attacks = build_attacks(["fgsm", "pgd"], ["8/255"], lenient=True)
+attacks = build_attacks(["fgsm", "pgd"], parse_eps_list("8/255"), lenient=True)
 t0 = time.perf_counter()
 res = bench([ckpt], "fake", attacks, n=n, progress=False, latency_batches=())
 dt = time.perf_counter() - t0

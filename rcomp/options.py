@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from rcomp.errors import RcompError
-from rcomp.parsing import parse_eps, parse_number, parse_shape
+from rcomp.parsing import Eps, parse_eps, parse_eps_list, parse_number, parse_shape
 
 #: value kinds and what they become: see :meth:`Option.parse`
 KINDS = ("str", "choice", "int", "float", "number", "eps", "eps_list", "fraction", "bool", "path", "shape",
@@ -90,13 +90,8 @@ class Option:
             return tuple(str(v) for v in (value if isinstance(value, (list, tuple)) else [value]))
         if k == "eps":
             return parse_eps(str(value), f)
-        if k == "eps_list":
-            parts = _parts(value)
-            if not parts:
-                raise RcompError(f"{f} is empty; write e.g. 8/255 or 2/255,8/255")
-            for p in parts:
-                parse_eps(p, f)
-            return tuple(parts)
+        if k == "eps_list":  # floats that keep their text for report keys (pgd@8/255)
+            return parse_eps_list(value, f)
         if k == "names":
             parts = tuple(p.lower() if self.choices else p for p in _parts(value))
             bad = [p for p in parts if self.choices and p not in self.choices]
@@ -315,7 +310,7 @@ def config_dict(cfg: Any) -> dict[str, Any]:
         if isinstance(v, Path):
             v = str(v)
         elif isinstance(v, tuple):
-            v = list(v)
+            v = [str(x) if isinstance(x, Eps) else x for x in v]  # eps as typed: fingerprints unchanged
         out[f.name] = v
     return out
 

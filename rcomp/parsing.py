@@ -38,11 +38,36 @@ def parse_eps(text: str, what: str = "--eps") -> float:
     return v
 
 
-def parse_eps_list(text: str, what: str = "--eps") -> list[float]:
-    parts = [p for p in str(text).split(",") if p.strip()]
+class Eps(float):
+    """A budget in pixel units (a float) that remembers how the user wrote it: ``str(Eps("8/255"))``
+    is ``8/255``, so report keys (``pgd@8/255``) read as typed while the library gets the number."""
+
+    __slots__ = ("text",)
+
+    def __new__(cls, value: float, text: str | None = None) -> Eps:
+        self = super().__new__(cls, value)
+        self.text = str(text).strip() if text is not None else repr(float(value))
+        return self
+
+    def __str__(self) -> str:
+        return self.text
+
+    def __reduce__(self):
+        return (Eps, (float(self), self.text))
+
+
+def eps_text(value: float) -> str:
+    """How an eps reads in keys and messages: as typed (an :class:`Eps`), else ``str(value)``."""
+    return value.text if isinstance(value, Eps) else str(value).strip()
+
+
+def parse_eps_list(value, what: str = "--eps") -> tuple[Eps, ...]:
+    """``2/255,8/255`` (text, or a list of texts and numbers) -> eps values, each checked once."""
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    parts = [str(p).strip() for p in items if str(p).strip()]
     if not parts:
         raise RcompError(f"{what} is empty; write e.g. 8/255 or 2/255,8/255")
-    return [parse_eps(p, what) for p in parts]
+    return tuple(Eps(parse_eps(p, what), p) for p in parts)
 
 
 def parse_shape(text: str, what: str = "--input-shape") -> tuple[int, int, int]:

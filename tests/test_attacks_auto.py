@@ -191,14 +191,15 @@ def test_user_list_cascades_on_request(trained_digits):
     from rcomp.data.registry import get_dataset, make_loader
     from rcomp.evaluation.bench import build_attacks
     from rcomp.models.loading import load
+    from rcomp.parsing import parse_eps_list
 
     model = load(trained_digits)
     loader = make_loader(get_dataset("digits", "test", model.meta.input), 30, n=30)
-    atk = build_attacks(["fgsm", "pgd"], ["0.1"], lenient=True, steps=5, seed=0)
+    atk = build_attacks(["fgsm", "pgd"], [0.1], lenient=True, steps=5, seed=0)
     res = evaluate(model, loader, atk, progress=False, cascade=True)
     assert res.mode == "cascade" and res.attacks["pgd"].attacked <= res.attacks["fgsm"].attacked
     assert res.stage_robust_acc["pgd"] == res.worst_case_acc <= res.stage_robust_acc["fgsm"]
-    keys = build_attacks(["auto", "pgd"], ["0.1", "8/255"], lenient=True, steps=5, alpha=0.01, queries=10, seed=0)
+    keys = build_attacks(["auto", "pgd"], parse_eps_list("0.1,8/255"), lenient=True, steps=5, alpha=0.01, queries=10, seed=0)
     assert list(keys)[:3] == ["apgd-ce@0.1", "apgd-t@0.1", "square@0.1"] and "pgd@8/255" in keys
 
 

@@ -1,58 +1,78 @@
-"""Evasion attacks on [0, 1] images with eps in pixel units, and their registry.
+"""Evasion attacks on [0, 1] images with eps in pixel units.
 
 >>> from rcomp.attacks import make_attack
 >>> pgd = make_attack("pgd", eps=8 / 255, steps=10)          # doctest: +SKIP
 >>> x_adv = pgd(model, x, y)                                   # doctest: +SKIP
 
-Attacks: ``fgsm`` (Goodfellow et al. 2015), ``pgd`` (Madry et al. 2018), ``apgd`` (Croce and
-Hein 2020), ``apgd-t`` (multi-target APGD, Croce and Hein 2020), ``cw`` (PGD on the
-Carlini-Wagner margin loss) and ``square`` (black box, Andriushchenko et al. 2020); the suite
-``auto`` (AutoAttack's standard suite as a cascade, :mod:`rcomp.attacks.auto`). See
-:mod:`rcomp.attacks.base` for the guarantees every attack gives.
+The attacks are listed once, in :data:`rcomp.attacks.catalog.ATTACKS` (``rcomp info --attacks``):
+``fgsm``, ``pgd``, ``apgd``, ``apgd-t``, ``cw``, ``square`` and the suite ``auto`` (AutoAttack's
+standard suite as a cascade, :mod:`rcomp.attacks.auto`), plus any attack an installed package
+declares in the ``rcomp.attacks`` entry-point group. See :mod:`rcomp.attacks.base` for the
+guarantees every attack gives. Importing this package imports no torch; the attack classes
+(``rcomp.attacks.PGD`` ...) load on first use.
 """
 
 from __future__ import annotations
 
-import difflib
 from typing import Any
 
-from rcomp.attacks.apgd import APGD
-from rcomp.attacks.apgd_t import APGDT
-from rcomp.attacks.auto import AutoAttack
-from rcomp.attacks.base import LOSSES, NORMS, Attack
-from rcomp.attacks.cw import CW
-from rcomp.attacks.fgsm import FGSM
-from rcomp.attacks.pgd import PGD
-from rcomp.attacks.square import Square
+from rcomp.attacks.catalog import ATTACKS, LOSSES, NORMS, OPTIONS
 from rcomp.errors import RcompError
 
-#: attack name -> class
-ATTACKS: dict[str, type[Attack]] = {"fgsm": FGSM, "pgd": PGD, "apgd": APGD, "apgd-t": APGDT, "cw": CW,
-                                    "square": Square}
+__all__ = ["ATTACKS", "APGD", "APGDT", "CW", "FGSM", "LOSSES", "NORMS", "PGD", "Attack", "AutoAttack", "Square",
+           "make_attack", "taken_options"]
 
-#: suite name -> class (a suite is an attack made of stages, run as a cascade)
-SUITES: dict[str, type[Attack]] = {"auto": AutoAttack}
+_CLASSES = {"APGD": "rcomp.attacks.apgd", "APGDT": "rcomp.attacks.apgd_t", "AutoAttack": "rcomp.attacks.auto",
+            "Attack": "rcomp.attacks.base", "CW": "rcomp.attacks.cw", "FGSM": "rcomp.attacks.fgsm",
+            "PGD": "rcomp.attacks.pgd", "Square": "rcomp.attacks.square"}
 
-#: one line per attack, for help texts and listings
-DESCRIPTIONS = {
-    "fgsm": "one signed-gradient step (Goodfellow et al. 2015); no steps",
-    "pgd": "projected gradient descent (Madry et al. 2018); steps 10, alpha 2.5*eps/steps, random start",
-    "apgd": "step-size-free APGD (Croce and Hein 2020), --loss ce or dlr; steps 100",
-    "apgd-t": "APGD on the targeted DLR loss against the 9 nearest classes in turn (Croce and Hein 2020); steps 100",
-    "cw": "PGD on the Carlini-Wagner margin loss; steps 30, alpha 2.5*eps/steps",
-    "square": "score-based black box, forward passes only (Andriushchenko et al. 2020); 5000 queries",
-    "auto": "AutoAttack's standard suite as a cascade: apgd-ce, apgd-t (4 nearest classes), square with 1000 "
-            "queries; 3 restarts on surrogate gradients (Croce and Hein 2020)",
-}
 
-__all__ = ["ATTACKS", "APGD", "APGDT", "CW", "DESCRIPTIONS", "FGSM", "LOSSES", "NORMS", "PGD", "SUITES", "Attack",
-           "AutoAttack", "Square", "make_attack"]
+def __getattr__(name: str) -> Any:
+    if name in _CLASSES:
+        import importlib
+
+        return getattr(importlib.import_module(_CLASSES[name]), name)
+    raise AttributeError(f"module 'rcomp.attacks' has no attribute {name!r}")
+
+
+_UNSET: dict[str, Any] = {"targeted": False}  # what "not given" looks like for options that are not None
+
+
+def _given(opts: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in opts.items() if v is not None and _UNSET.get(k, None) != v}
+
+
+def taken_options(name: str, opts: dict[str, Any], *, lenient: bool = False) -> dict[str, Any]:
+    """The options of ``opts`` that attack ``name`` takes (None and unset values dropped).
+
+    An option it does not take is refused with the entry's message, unless it equals the one value
+    the entry accepts (fgsm's ``steps=1``); with ``lenient`` (several attacks share one set of
+    options) it is left out instead."""
+    entry = ATTACKS.get(name)
+    unknown = [k for k in opts if k not in OPTIONS]
+    if unknown:
+        raise RcompError(f"{entry.name} got unknown option {unknown[0]!r}; attacks take {', '.join(OPTIONS)}")
+    fixed = entry.get("fixed", {})
+    out = {}
+    for k, v in _given(opts).items():
+        if k in entry.takes:
+            out[k] = v
+        elif lenient or fixed.get(k, _UNSET) == v:
+            continue
+        else:
+            note = entry.get("refusal", {}).get(k)
+            if note:
+                raise RcompError(note.format(name=entry.name, value=v))
+            takers = [e.name for e in ATTACKS.entries(plugins=False) if k in e.takes]
+            raise RcompError(f"{entry.name} takes no {k}; "
+                             + (f"only {' and '.join(takers)} do" if takers else f"drop --{k.replace('_', '-')}"))
+    return out
 
 
 def make_attack(name: str, eps: float, norm: str = "linf", steps: int | None = None, alpha: float | None = None,
                 random_start: bool | None = None, restarts: int | None = None, loss: str | None = None,
-                targeted: bool = False, seed: int | None = None, **kw: Any) -> Attack:
-    """Build attack (or suite) ``name`` with budget ``eps`` (pixel units) in ``norm``.
+                targeted: bool = False, seed: int | None = None, **kw: Any):
+    """Build attack (or suite) ``name`` with budget ``eps`` (a float, pixel units) in ``norm``.
 
     ``None`` means the attack's own default: ``steps`` (pgd 10, cw 30, apgd and apgd-t 100; fgsm
     and square take none), ``alpha`` (pgd/cw ``2.5 * eps / steps``; fgsm ``eps``, or
@@ -61,74 +81,17 @@ def make_attack(name: str, eps: float, norm: str = "linf", steps: int | None = N
     ``restarts`` (1; for auto, 1 on exact gradients and 3 on surrogate ones, see
     :mod:`rcomp.attacks.auto`).
     Attack-specific keywords go through ``kw``: ``targets`` (apgd-t, auto), ``queries`` and
-    ``p_init`` (square; ``queries`` also for auto). Options an attack does not take are refused
-    with an :class:`~rcomp.errors.RcompError`, as are unknown names, norms and losses.
+    ``p_init`` (square; ``queries`` also for auto). Options an attack does not take (its catalogue
+    entry's ``takes``) are refused with an :class:`~rcomp.errors.RcompError`, as are unknown names,
+    norms and losses. ``lenient=True`` leaves them out instead.
     """
-    key = _check_common(name, norm, loss, steps, restarts)
-    kw = _check_specific(key, kw)
-    if key == "auto":
-        return _query_based(key, eps, norm, steps, alpha, random_start, restarts, loss, targeted, seed, kw)
-    restarts = 1 if restarts is None else restarts
-    common = {"targeted": targeted, "seed": seed}
-    if key == "fgsm":
-        if steps not in (None, 1):
-            raise RcompError("fgsm takes a single step; drop --steps or use pgd")
-        if restarts != 1:
-            raise RcompError("fgsm has no restarts; drop --restarts or use pgd")
-        return FGSM(eps, norm, alpha=alpha, random_start=bool(random_start), loss=loss or "ce", **common, **kw)
-    if key in ("apgd", "apgd-t"):
-        if alpha is not None:
-            raise RcompError(f"{key} adapts its own step size; drop --alpha")
-        cls, default_loss = (APGD, "ce") if key == "apgd" else (APGDT, "dlr")
-        return cls(eps, norm, steps=steps, restarts=restarts, loss=loss or default_loss,
-                   random_start=True if random_start is None else random_start, **common, **kw)
-    if key in ("square", "auto"):
-        return _query_based(key, eps, norm, steps, alpha, random_start, restarts, loss, targeted, seed, kw)
-    cls = ATTACKS[key]
-    return cls(eps, norm, steps=steps, alpha=alpha, random_start=True if random_start is None else random_start,
-               restarts=restarts, loss=loss, **common, **kw)
-
-
-def _check_common(name: str, norm: str, loss: str | None, steps: int | None, restarts: int | None) -> str:
-    key = str(name).strip().lower()
-    known = [*ATTACKS, *SUITES]
-    if key not in known:
-        close = difflib.get_close_matches(key, known, n=1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
-        raise RcompError(f"unknown attack {name!r}{hint}; choose one of {', '.join(known)}")
+    lenient = bool(kw.pop("lenient", False))
+    entry = ATTACKS.get(name)
     if norm not in NORMS:
         raise RcompError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
     if loss is not None and loss not in LOSSES:
         raise RcompError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
-    return key
-
-
-#: attack-specific keywords -> the attacks that take them
-_SPECIFIC = {"queries": ("square", "auto"), "p_init": ("square",), "targets": ("apgd-t", "auto")}
-
-
-def _check_specific(key: str, kw: dict[str, Any]) -> dict[str, Any]:
-    """Drop attack-specific options left at None; refuse those given to an attack that does not take them."""
-    kw = {k: v for k, v in kw.items() if not (k in _SPECIFIC and v is None)}
-    for k in kw:
-        if k in _SPECIFIC and key not in _SPECIFIC[k]:
-            raise RcompError(f"{key} takes no {k}; only {' and '.join(_SPECIFIC[k])} do")
-    return kw
-
-
-def _query_based(key: str, eps: float, norm: str, steps: int | None, alpha: float | None, random_start: bool | None,
-                 restarts: int | None, loss: str | None, targeted: bool, seed: int | None, kw: dict[str, Any]) -> Attack:
-    """``square`` (random search, no steps or step size) and the ``auto`` suite."""
-    if alpha is not None:
-        raise RcompError(f"{key} takes no step size; drop --alpha")
-    if random_start is False:
-        raise RcompError(f"{key} always starts from its own initialisation; drop --no-random-start")
-    if key == "square":
-        if steps is not None:
-            raise RcompError("square counts queries, not steps; drop --steps and set the query budget (queries=)")
-        if restarts != 1:
-            raise RcompError("square has no restarts; raise its query budget instead")
-        return Square(eps, norm, loss=loss or "cw", targeted=targeted, seed=seed, **kw)
-    if loss is not None or targeted:
-        raise RcompError("auto picks its own losses and targets; drop --loss and --targeted")
-    return AutoAttack(eps, norm, steps=steps, restarts=restarts, seed=seed, **kw)
+    opts = taken_options(entry.name, {"steps": steps, "alpha": alpha, "random_start": random_start,
+                                      "restarts": restarts, "loss": loss, "targeted": targeted, **kw},
+                         lenient=lenient)
+    return entry.load()(eps, norm, seed=seed, **opts)

@@ -28,11 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rcomp.attacks.catalog import LOSSES, NORMS
 from rcomp.errors import RcompError
 from rcomp.seeding import stream_seed
 
-NORMS = ("linf", "l2")
-LOSSES = ("ce", "dlr", "cw")
 _TINY = 1e-12
 
 

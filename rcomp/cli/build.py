@@ -15,6 +15,7 @@ from typing import Any, Optional  # noqa: UP035 - typer reads these annotations 
 
 import typer
 
+from rcomp.catalog import Choices
 from rcomp.errors import RcompError
 from rcomp.options import Option, make_config, options_of
 
@@ -59,8 +60,9 @@ def _param(o: Option) -> inspect.Parameter:
 
 
 def _metavar(o: Option) -> str:
-    if o.kind == "choice":
-        return "[" + "|".join(o.choices) + "]"
+    if o.kind == "choice":  # a catalogue's choices show its built-ins: plugins are not looked up for help
+        names = o.choices.catalogue.builtin_names() if isinstance(o.choices, Choices) else o.choices
+        return "[" + "|".join(names) + ("|..." if isinstance(o.choices, Choices) and o.choices.catalogue.group else "") + "]"
     return {"int": "INTEGER", "float": "FLOAT", "number": "NUMBER", "eps": "EPS", "eps_list": "EPS[,EPS]",
             "fraction": "FRACTION", "path": "PATH", "shape": "C,H,W", "floats": "X[,X]", "json": "JSON",
             "names": "NAME[,NAME]"}.get(o.kind, "TEXT")

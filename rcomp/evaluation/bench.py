@@ -15,53 +15,40 @@ from rcomp.errors import RcompError
 DEFAULT_LATENCY_BATCHES = (1, 64)
 
 
-def attack_key(name: str, eps_text: str, several_eps: bool) -> str:
-    """``pgd`` when one eps is evaluated, ``pgd@8/255`` when several."""
-    return f"{name}@{eps_text}" if several_eps else name
+def attack_key(name: str, eps: float, several_eps: bool) -> str:
+    """``pgd`` when one eps is evaluated, ``pgd@8/255`` when several (the eps as the user wrote it)."""
+    from rcomp.parsing import eps_text
+
+    return f"{name}@{eps_text(eps)}" if several_eps else name
 
 
-def build_attacks(names: Sequence[str], eps_texts: Sequence[str], *, lenient: bool = False,
+def build_attacks(names: Sequence[str], eps: Sequence[float], *, lenient: bool = False,
                   **kw: Any) -> dict[str, Any]:
-    """``{key: attack}`` for every attack name and eps (eps given as text, e.g. ``8/255``).
+    """``{key: attack}`` for every attack name and eps (floats in pixel units; an
+    :class:`~rcomp.parsing.Eps` keeps the text the key shows, e.g. ``8/255``).
 
     ``kw`` goes to :func:`rcomp.attacks.make_attack`. With ``lenient`` (several attacks listed
-    together), options an attack does not take are left out for it instead of refused: fgsm
-    ignores ``steps`` and ``restarts``, apgd and apgd-t ignore ``alpha``, cw keeps its margin
-    loss, square ignores ``steps``, ``alpha`` and ``restarts``, and ``queries``/``targets`` go
-    only to the attacks that take them. The suite ``auto`` is expanded into its stages
-    (``apgd-ce``, ``apgd-t``, ``square``, each keyed with the eps when several are given), in
-    cascade order; :func:`bench` and :func:`~rcomp.evaluation.robustness.evaluate` cascade them.
+    together), options an attack does not take (its catalogue entry's ``takes``) are left out for
+    it instead of refused. The suite ``auto`` is expanded into its stages (``apgd-ce``, ``apgd-t``,
+    ``square``, each keyed with the eps when several are given), in cascade order; :func:`bench`
+    and :func:`~rcomp.evaluation.robustness.evaluate` cascade them.
     """
     from rcomp.attacks import make_attack
     from rcomp.evaluation.cascade import expand_suites
-    from rcomp.parsing import parse_eps
 
-    several = len(eps_texts) > 1
+    bad = [e for e in eps if isinstance(e, (str, bool)) or not isinstance(e, (int, float))]
+    if bad:
+        raise RcompError(f"eps {bad[0]!r} is not a number; parse text once with rcomp.parsing.parse_eps_list")
+    several = len(eps) > 1
     out: dict[str, Any] = {}
     for name in names:
-        opts = _lenient_options(name, kw) if lenient else dict(kw)
-        for text in eps_texts:
-            key = attack_key(name, text.strip(), several)
-            for k, a in expand_suites({key: make_attack(name, parse_eps(text), **opts)}).items():
+        for e in eps:
+            key = attack_key(name, e, several)
+            for k, a in expand_suites({key: make_attack(name, float(e), lenient=lenient, **kw)}).items():
                 if k in out:
                     raise RcompError(f"attack {k} is listed twice; list each attack and eps once")
                 out[k] = a
     return out
-
-
-#: options each attack refuses, left out for it when several attacks share one set of options
-_NOT_TAKEN = {"fgsm": ("steps", "queries", "targets"), "pgd": ("queries", "targets"), "cw": ("queries", "targets"),
-              "apgd": ("alpha", "queries", "targets"), "apgd-t": ("alpha", "queries"),
-              "square": ("steps", "alpha", "targets"), "auto": ("alpha", "loss", "targeted")}
-
-
-def _lenient_options(name: str, kw: dict[str, Any]) -> dict[str, Any]:
-    opts = {k: v for k, v in kw.items() if k not in _NOT_TAKEN.get(name, ())}
-    if name in ("fgsm", "square"):
-        opts["restarts"] = 1
-    if name == "cw" and opts.get("loss") not in (None, "cw"):
-        opts.pop("loss", None)
-    return opts
 
 
 def _load(item, device: str, arch: str | None, trust: bool):

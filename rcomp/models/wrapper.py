@@ -10,7 +10,6 @@ from rcomp.io.format import CheckpointMeta
 #: what ``Classifier.gradient_source`` reports
 GRAD_EXACT = "exact"
 GRAD_STRAIGHT_THROUGH = "straight-through (fake-quant rounding)"
-GRAD_INT8_TWIN = "fake-quant twin of int8"
 
 
 class Normalize(nn.Module):
@@ -57,13 +56,13 @@ class Classifier(nn.Module):
     def gradient_source(self) -> str:
         """Which gradient attacks use, truthfully: ``exact`` for a float model; ``straight-through
         (fake-quant rounding)`` for a simulated low-bit model (its rounding has zero gradient, the
-        fake-quant ops pass it straight through); ``fake-quant twin of int8`` for a real int8
-        model (no autograd: the gradient comes from its fake-quant twin); else the attached
-        surrogate's ``description``."""
-        mode = (self.meta.compression.get("quantization") or {}).get("mode")
+        fake-quant ops pass it straight through); for a model with an attached surrogate (a real
+        int8 model has no autograd), what the surrogate says: its ``gradient_source`` (the
+        quantization mode's note, e.g. ``fake-quant twin of int8``), else its ``description``."""
         if self._surrogate:
-            return GRAD_INT8_TWIN if mode == "int8" else getattr(self._surrogate[0], "description", "surrogate")
-        return GRAD_STRAIGHT_THROUGH if mode == "simulated" else GRAD_EXACT
+            s = self._surrogate[0]
+            return getattr(s, "gradient_source", None) or getattr(s, "description", "surrogate")
+        return GRAD_STRAIGHT_THROUGH if self.is_quantized else GRAD_EXACT
 
     @property
     def is_quantized(self) -> bool:

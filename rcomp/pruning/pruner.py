@@ -34,11 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from rcomp.errors import RcompError
+from rcomp.pruning.catalog import IMPORTANCES, SCOPES
 
-METHODS = ("l1", "l2", "random", "bn-scale", "taylor", "hydra")
-#: methods that take gradients from data batches
-DATA_METHODS = ("taylor", "hydra")
-SCOPES = ("local", "global")
 #: The most a ratio search may remove; beyond this networks collapse to a channel or two per layer.
 MAX_SEARCH_RATIO = 0.99
 
@@ -162,22 +159,51 @@ def resolve_ignore(net: nn.Module, ignore) -> list[str]:
     return names
 
 
-def _importance(method: str):
+# ----- the built-in importances (listed in rcomp.pruning.catalog) ----------------------------
+
+def magnitude_l1():
     import torch_pruning as tp
 
-    if method == "l1":
-        return tp.importance.GroupMagnitudeImportance(p=1)
-    if method == "l2":
-        return tp.importance.GroupMagnitudeImportance(p=2)
-    if method == "random":
-        return tp.importance.RandomImportance()
-    if method == "bn-scale":
-        return tp.importance.BNScaleImportance()
-    if method == "hydra":
-        from rcomp.pruning.robust import learned_importance
+    return tp.importance.GroupMagnitudeImportance(p=1)
 
-        return learned_importance()
+
+def magnitude_l2():
+    import torch_pruning as tp
+
+    return tp.importance.GroupMagnitudeImportance(p=2)
+
+
+def random_scores():
+    import torch_pruning as tp
+
+    return tp.importance.RandomImportance()
+
+
+def bn_scale():
+    import torch_pruning as tp
+
+    return tp.importance.BNScaleImportance()
+
+
+def taylor():
+    import torch_pruning as tp
+
     return tp.importance.GroupTaylorImportance()
+
+
+def taylor_prepare(net: nn.Module, importance, *, normalize: nn.Module, batches: list | None, adv: dict | None,
+                   seed: int, **_: Any) -> None:
+    """Gradients for the Taylor estimate, on adversarial examples when ``adv`` is given."""
+    from rcomp.pruning import robust
+
+    if adv:
+        batches = robust.adversarial_batches(net, normalize, batches, adv["eps"], adv["attack_steps"], seed)
+    _taylor_gradients(net, normalize, batches)
+
+
+def _importance(method: str):
+    """The torch-pruning importance of catalogue entry ``method`` (an unknown name is refused)."""
+    return IMPORTANCES.load(method)()
 
 
 def _taylor_gradients(net: nn.Module, normalize: nn.Module, batches: list) -> None:
@@ -191,18 +217,13 @@ def _taylor_gradients(net: nn.Module, normalize: nn.Module, batches: list) -> No
 
 def _rescore(method: str, net: nn.Module, importance, *, normalize: nn.Module, batches: list | None,
              adv: dict | None, keep: float, ignored: list[str], seed: int) -> None:
-    """Prepare the data-driven criteria before a pruning step: gradients for ``taylor`` (on adversarial
-    examples when ``adv`` is given), learned scores for ``hydra``."""
-    from rcomp.pruning import robust
+    """Prepare a data-driven importance before a pruning step (its catalogue entry's ``prepare``)."""
+    prepare = IMPORTANCES.get(method).get("prepare")
+    if prepare:
+        from rcomp.catalog import Entry
 
-    if method == "taylor":
-        if adv:
-            batches = robust.adversarial_batches(net, normalize, batches, adv["eps"], adv["attack_steps"], seed)
-        _taylor_gradients(net, normalize, batches)
-    elif method == "hydra":
-        importance.scores = robust.learn_channel_scores(
-            net, normalize, batches, keep=keep, skip=ignored, eps=adv["eps"], attack_steps=adv["attack_steps"],
-            steps=adv["score_steps"], seed=seed)
+        Entry("prepare", prepare).load()(net, importance, normalize=normalize, batches=batches, adv=adv, keep=keep,
+                                         ignored=ignored, seed=seed)
 
 
 def _prune_net(net: nn.Module, ratio: float, *, shape, method: str, scope: str, round_to: int | None,
@@ -237,7 +258,7 @@ def _prune_net(net: nn.Module, ratio: float, *, shape, method: str, scope: str, 
         except Exception as exc:  # noqa: BLE001
             raise RcompError(f"torch-pruning failed on {arch}: {_first_line(exc)}; try --ignore on the layers "
                              "it names, or another --method") from None
-    if method == "taylor":
+    if IMPORTANCES.get(method).get("needs_data"):
         net.zero_grad(set_to_none=True)
     from rcomp.evaluation.cost import count_macs
 
@@ -295,35 +316,36 @@ def _validate(ratio, method, scope, round_to, iterative, target_macs, target_par
     for what, v in (("--ratio", ratio), ("--target-macs", target_macs), ("--target-params", target_params)):
         if v is not None and not (isinstance(v, (int, float)) and 0 < v < 1):
             raise RcompError(f"{what} {v!r} must lie strictly between 0 and 1, e.g. 0.5")
-    if method not in METHODS:
-        raise RcompError(f"--method {method!r} is not one of {', '.join(METHODS)}")
+    entry = IMPORTANCES.get(method)
     if scope not in SCOPES:
         raise RcompError(f"--scope {scope!r} is not one of {', '.join(SCOPES)}")
     if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
         raise RcompError(f"--round-to must be a positive integer, got {round_to!r}")
     if not isinstance(iterative, int) or iterative < 1:
         raise RcompError(f"--iterative must be a positive integer number of steps, got {iterative!r}")
-    if method in DATA_METHODS and not batches:
+    if entry.get("needs_data") and not batches:
         raise RcompError(f"--method {method} needs gradients from data: add --data NAME (e.g. --data digits)")
-    if method == "bn-scale" and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules()):
-        raise RcompError(f"--method bn-scale needs BatchNorm layers and {arch} has none; use --method l1")
+    if entry.get("needs_batchnorm") and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules()):
+        raise RcompError(f"--method {method} needs BatchNorm layers and {arch} has none; use --method l1")
 
 
 def _adversarial(method: str, eps, attack_steps, score_steps) -> dict | None:
     """The adversarial scoring settings, checked: ``None`` when the criterion is not adversarial."""
-    if method == "hydra" and eps is None:
-        raise RcompError("--method hydra learns scores against adversarial examples: add --adv-eps E (e.g. 0.1)")
+    entry = IMPORTANCES.get(method)
+    if entry.get("adversarial") == "required" and eps is None:
+        raise RcompError(f"--method {method} learns scores against adversarial examples: add --adv-eps E (e.g. 0.1)")
     if eps is None:
         return None
-    if method not in DATA_METHODS:
-        raise RcompError(f"--adv-eps applies to --method taylor or hydra, not {method}; drop it or change --method")
+    if not entry.get("adversarial"):
+        takers = " or ".join(e.name for e in IMPORTANCES.entries(plugins=False) if e.get("adversarial"))
+        raise RcompError(f"--adv-eps applies to --method {takers}, not {method}; drop it or change --method")
     if not (isinstance(eps, (int, float)) and 0 < eps <= 1):
         raise RcompError(f"--adv-eps {eps!r} must lie in (0, 1] (pixel units), e.g. 0.1 or 8/255")
     for what, v, hi in (("--adv-steps", attack_steps, 1000), ("--score-steps", score_steps, 10000)):
         if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= hi:
             raise RcompError(f"{what} must be an integer from 1 to {hi}, got {v!r}")
     adv = {"attack": "pgd", "eps": float(eps), "attack_steps": attack_steps}
-    if method == "hydra":
+    if "score_steps" in entry.takes:
         adv["score_steps"] = score_steps
     return adv
 

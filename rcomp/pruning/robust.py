@@ -136,3 +136,10 @@ def learned_importance(scores: dict | None = None):
             return self._normalize(self._reduce(imps, idxs), self.normalizer) if imps else None
 
     return LearnedImportance(scores)
+
+
+def hydra_prepare(net: nn.Module, importance, *, normalize: nn.Module, batches: list, adv: dict, keep: float,
+                  ignored: list[str], seed: int, **_) -> None:
+    """Learn the channel scores hydra prunes by, before each pruning step."""
+    importance.scores = learn_channel_scores(net, normalize, batches, keep=keep, skip=ignored, eps=adv["eps"],
+                                             attack_steps=adv["attack_steps"], steps=adv["score_steps"], seed=seed)

@@ -14,14 +14,15 @@ from torch import nn
 
 from rcomp.errors import RcompError
 from rcomp.quant import backend as qb
+from rcomp.quant import catalog as qc
 from rcomp.text import printable
 
-MODES = ("int8", "simulated")
+MODES = qc.MODES.builtin_names()
 
 
 def quant_meta(mode: str, bits: int, backend: str, calib_n: int, **extra: Any) -> dict[str, Any]:
     """What ``compression["quantization"]`` holds (``rcomp info`` prints the scalar fields)."""
-    r = qb.ranges(bits, backend, real=mode == "int8")
+    r = qb.ranges(bits, backend, real=qc.is_real(mode))
     return {
         "mode": mode, "bits": bits, "backend": backend,
         "weight_scheme": f"symmetric per-channel int{bits} [{r['w_min']}, {r['w_max']}]",
@@ -37,7 +38,7 @@ def check_meta(q: Any, where: str) -> dict[str, Any]:
     mode, bits, backend = q.get("mode"), q.get("bits"), q.get("backend")
     if mode not in MODES:
         raise RcompError(f"{where}: unknown quantization mode {printable(repr(mode), 40)} (this rcomp reads {', '.join(MODES)})")
-    ok_bits = qb.REAL_BITS if mode == "int8" else qb.SIM_BITS
+    ok_bits = qc.bits_of(mode)
     if not isinstance(bits, int) or isinstance(bits, bool) or bits not in ok_bits:
         raise RcompError(f"{where}: quantization bits {printable(repr(bits), 40)} is invalid for mode {mode}")
     if backend not in qb.BACKENDS:
@@ -52,7 +53,7 @@ def check_meta(q: Any, where: str) -> dict[str, Any]:
 def finalize(fq: nn.Module, q: dict[str, Any]) -> nn.Module:
     """Freeze ``fq`` and replace its float weights by their integer values times the scales."""
     qb.freeze(fq)
-    if q["mode"] == "int8":
+    if qc.is_real(q):
         qb.set_int_weights(fq, qb.int8_weights(qb.convert(fq, q["backend"])))
     else:
         qb.set_int_weights(fq, qb.int_weights(fq))
@@ -67,11 +68,13 @@ def assemble(model, fq: nn.Module, q: dict[str, Any]):
     meta = copy.deepcopy(model.meta)
     meta.compression["quantization"] = q
     fq.eval()
-    if q["mode"] == "simulated":
+    if not qc.is_real(q):
         out = Classifier(fq, meta)
     else:
         out = Classifier(qb.convert(fq, q["backend"]), meta)
-        out.set_gradient_model(FakeQuantTwin(out.normalize, fq, meta))
+        twin = FakeQuantTwin(out.normalize, fq, meta)
+        twin.gradient_source = qc.MODES.get(q["mode"]).get("gradient")
+        out.set_gradient_model(twin)
     out.normalize.load_state_dict(model.normalize.state_dict())
     out.source_path = getattr(model, "source_path", None)
     out.source_sha256 = getattr(model, "source_sha256", None)
@@ -81,7 +84,7 @@ def assemble(model, fq: nn.Module, q: dict[str, Any]):
 def twin_of(model) -> nn.Module:
     """The fake-quant network behind a quantized Classifier (its net, or its surrogate's)."""
     q = model.meta.compression.get("quantization") or {}
-    if q.get("mode") == "simulated":
+    if q and not qc.is_real(q):
         return model.net
     sur = model.gradient_model()
     fq = getattr(sur, "fq", None)

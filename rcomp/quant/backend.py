@@ -34,10 +34,10 @@ import torch
 from torch import nn
 
 from rcomp.errors import RcompError
+from rcomp.quant.catalog import BACKENDS, INT8, SIMULATED, bits_of  # noqa: E402
 
-BACKENDS = ("x86", "fbgemm", "qnnpack")
-SIM_BITS = range(2, 17)
-REAL_BITS = (8,)
+SIM_BITS = bits_of(SIMULATED)
+REAL_BITS = bits_of(INT8)
 
 
 @contextlib.contextmanager

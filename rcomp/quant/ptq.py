@@ -17,12 +17,13 @@ import torch
 
 from rcomp.errors import RcompError
 from rcomp.quant import backend as qb
+from rcomp.quant import catalog as qc
 from rcomp.quant.assemble import assemble, finalize, quant_meta
 
 
 def check_bits(bits: Any, simulate: bool) -> int:
     """``bits`` as an int, or a one-line error listing what is supported."""
-    supported = "real int8: --bits 8; simulated: --simulate --bits 2..16"
+    supported = qc.supported()
     try:
         b = int(str(bits).strip())
     except ValueError:
@@ -66,7 +67,7 @@ def quantize(model, calib: Iterable[torch.Tensor], *, bits: int = 8, simulate: b
         model.meta.compression["structure"] = structure
     else:
         model.meta.compression.pop("structure", None)
-    mode = "simulated" if simulate else "int8"
+    mode = qc.mode_for(simulate)
     batches = [model.normalize(x.cpu().float()) for x in calib]
     if not batches:
         raise RcompError("no calibration images; give --calib-n of at least 1")

@@ -22,6 +22,7 @@ import torch
 from rcomp.errors import RcompError
 from rcomp.models.loading import with_versions
 from rcomp.quant import backend as qb
+from rcomp.quant import catalog as qc
 from rcomp.quant.assemble import assemble, check_meta, twin_of
 from rcomp.text import printable
 
@@ -32,7 +33,7 @@ def export(model) -> dict[str, torch.Tensor]:
     """Plain tensors for a quantized Classifier; also sets ``meta.stats["params"]``."""
     q = model.meta.compression["quantization"]
     fq = twin_of(model)
-    ints = qb.int8_weights(model.net) if q["mode"] == "int8" else qb.int_weights(fq)
+    ints = qb.int8_weights(model.net) if qc.is_real(q) else qb.int_weights(fq)
     int_dtype = torch.int8 if q["bits"] <= 8 else torch.int16
     out = {f"normalize.{k}": v.detach().cpu().clone().contiguous() for k, v in model.normalize.state_dict().items()}
     for key, t in fq.state_dict().items():
@@ -81,7 +82,7 @@ def restore(model, tensors: dict[str, torch.Tensor], where: str = "checkpoint"):
     except RuntimeError as exc:
         raise RcompError(f"{where}: normalize tensors do not fit: {str(exc).splitlines()[0][:160]}") from None
     spec = model.meta.input
-    fq = qb.prepare(model.net, torch.zeros(1, *spec.shape), q["bits"], q["backend"], real=q["mode"] == "int8")
+    fq = qb.prepare(model.net, torch.zeros(1, *spec.shape), q["bits"], q["backend"], real=qc.is_real(q))
     state, ints = {}, {}
     for key, t in tensors.items():
         if not key.startswith("net."):

@@ -27,6 +27,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from rcomp.quant.catalog import MODES, is_real
 from rcomp.train.budget import history_cost
 
 #: a path reaches the baseline at this fraction of its worst-case robust accuracy
@@ -77,7 +78,7 @@ def effective_size(row: dict) -> float | None:
     """Bytes the weights would take at a *simulated* bit width (parameters x bits / 8); None otherwise."""
     q = row.get("quantization") or {}
     bits = q.get("bits")
-    if q.get("mode") != "simulated" or not bits:
+    if not q or q.get("mode") not in MODES.builtin or is_real(q) or not bits:
         return None
     return row["params"] * int(bits) / 8
 

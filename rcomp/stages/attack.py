@@ -8,12 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from rcomp import options as O
+from rcomp.attacks.catalog import ATTACKS, LOSSES, NORMS
 from rcomp.errors import RcompError
 from rcomp.stages import common as C
-
-#: what --attack accepts: single attacks and suites (rcomp.attacks.ATTACKS and SUITES)
-ATTACK_NAMES = ("fgsm", "pgd", "apgd", "apgd-t", "cw", "square", "auto")
-LOSSES = ("ce", "dlr", "cw")
 
 SUMMARY = "Attack a checkpoint and report clean accuracy, robust accuracy, success rate, perturbation norms, speed."
 DOC = """eps is in pixel units of [0, 1] images (normalisation is inside the model); adversarial images
@@ -22,11 +19,8 @@ attack; points wrong clean are not attacked. Attack gradients come from the mode
 from its differentiable twin for an int8 model (the report says which). The report goes to
 stdout (--json for JSON), progress to stderr.
 
-Attacks: fgsm (Goodfellow et al. 2015); pgd (Madry et al. 2018; steps 10, alpha 2.5*eps/steps,
-random start, restarts 1); apgd (Croce and Hein 2020, the core of AutoAttack; steps 100,
---loss ce or dlr); apgd-t (APGD on the targeted DLR loss against the nearest classes in turn);
-cw (PGD on the Carlini-Wagner margin loss; steps 30); square (black box, Andriushchenko et al.
-2020); auto (AutoAttack's standard suite as a cascade: the recommended release gate)."""
+Attacks: """ + "; ".join(f"{e.name} ({e.paper}; {e.help})" for e in ATTACKS.entries(plugins=False)) + \
+    f". Installed plugins add more: {ATTACKS.listing}."
 EXAMPLES = """rcomp attack model.safetensors --data digits --attack pgd --eps 0.1
 rcomp attack model.safetensors --data cifar10 -n 1000 --attack auto --eps 8/255
 rcomp attack model.safetensors --data cifar10 --attack pgd --eps 2/255,4/255,8/255 --json
@@ -38,14 +32,12 @@ rcomp attack pruned.safetensors --from adv.safetensors"""
 class AttackOptions:
     """The attack options ``attack`` and ``bench`` share."""
 
-    attack: tuple[str, ...] | None = O.opt(None, "--attack", kind="names", choices=ATTACK_NAMES,
-                                         help="Attack(s), comma-separated: fgsm, pgd (steps 10), apgd (steps 100, "
-                                              "--loss ce|dlr), apgd-t (multi-target), cw (steps 30), square (black "
-                                              "box), or auto (AutoAttack's suite as a cascade).")
-    eps: tuple[str, ...] | None = O.opt(None, "--eps", kind="eps_list",
+    attack: tuple[str, ...] | None = O.opt(None, "--attack", kind="names", choices=ATTACKS.choices(),
+                                         help=f"Attack(s), comma-separated: {ATTACKS.help_names()}.")
+    eps: tuple[float, ...] | None = O.opt(None, "--eps", kind="eps_list",
                                       help="Budget(s) in pixel units of [0, 1] images: 8/255, 0.03, or a comma list "
                                            "to sweep, e.g. 2/255,8/255.")
-    norm: str = O.opt("linf", "--norm", kind="choice", choices=("linf", "l2"), help="linf or l2.")
+    norm: str = O.opt("linf", "--norm", kind="choice", choices=NORMS, help=" or ".join(NORMS) + ".")
     steps: int | None = O.opt(None, "--steps", kind="int", min=1, max=10000,
                             help="Iterations (default: pgd 10, cw 30, apgd 100; fgsm has one).")
     alpha: float | None = O.opt(None, "--alpha", kind="number", min=0, min_open=True, max=1,
@@ -121,7 +113,7 @@ class Config(AttackOptions):
         if not self.data:
             raise RcompError("give --data (e.g. --data digits), or --from FILE to replay saved examples")
         if not self.attack:
-            raise RcompError(f"give --attack, e.g. --attack pgd (choose from {', '.join(ATTACK_NAMES)})")
+            raise RcompError(f"give --attack, e.g. --attack pgd (choose from {ATTACKS.help_names()})")
         self.check_attacks()
         if self.output is not None and len(self.attack) * len(self.eps) != 1:
             raise RcompError("-o saves the examples of one attack at one eps; give a single --attack and --eps")

@@ -77,11 +77,9 @@ def _pct(v: float | None) -> str:
 
 def _quant(q: dict | None) -> str:
     """'-' for float models, else e.g. 'int8 x86' or 'sim4'."""
-    if not q:
-        return "-"
-    if q.get("mode") == "simulated":
-        return f"sim{q.get('bits')}"
-    return f"int{q.get('bits')} {q.get('backend', '')}".strip()
+    from rcomp.quant.catalog import label
+
+    return label(q)
 
 
 def table_rows(result: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:

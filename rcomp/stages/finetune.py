@@ -249,7 +249,7 @@ def _auto_figures(model, ds, idx: list[int], cfg: Config, dev: str) -> dict[str,
     from rcomp.evaluation.bench import build_attacks
     from rcomp.evaluation.robustness import evaluate
 
-    attacks = build_attacks(["auto"], [repr(cfg.eps)], norm=cfg.norm, seed=cfg.seed)
+    attacks = build_attacks(["auto"], [cfg.eps], norm=cfg.norm, seed=cfg.seed)
     res = evaluate(model, batches(ds, idx, cfg.batch_size, dev), attacks, dev, progress=False)
     return {"clean_acc": res.clean_acc, "robust_acc": res.worst_case_acc}
 

@@ -8,11 +8,8 @@ from typing import Any
 
 from rcomp import options as O
 from rcomp.errors import RcompError
+from rcomp.pruning.catalog import IMPORTANCES, SCOPES, data_methods, needs_data
 from rcomp.stages import common as C
-
-METHODS = ("l1", "l2", "random", "bn-scale", "taylor", "hydra")
-SCOPES = ("local", "global")
-NEEDS_DATA = ("taylor", "hydra")  # rcomp.pruning.pruner.DATA_METHODS
 
 SUMMARY = "Remove whole channels (filters) so the model gets smaller and faster; saves a safetensors checkpoint."
 DOC = """Dependency-graph pruning (torch-pruning) keeps residual, depthwise and concatenated channels
@@ -29,9 +26,10 @@ rcomp prune model.safetensors --ratio 0.5 | rcomp finetune --data digits --epoch
 @dataclass
 class Config:
     ratio: float | None = O.opt(None, "--ratio", kind="fraction", help="Fraction of channels to remove, in (0, 1).")
-    method: str = O.opt("l1", "--method", kind="choice", choices=METHODS,
-                      help="Channel importance: l1 (filter L1 norm, the study's), l2, random, bn-scale (BatchNorm "
-                           "|gamma|), taylor (needs --data) or hydra (learned scores; needs --data).")
+    method: str = O.opt("l1", "--method", kind="choice", choices=IMPORTANCES.choices(),
+                      help="Channel importance: " + "; ".join(f"{e.name}: {e.help}" for e in
+                                                              IMPORTANCES.entries(plugins=False))
+                           + f" (installed plugins: {IMPORTANCES.listing}).")
     scope: str = O.opt("local", "--scope", kind="choice", choices=SCOPES,
                      help="local: the same ratio in every layer; global: rank all channels together.")
     round_to: int | None = O.opt(None, "--round-to", kind="int", min=1, max=4096,
@@ -68,11 +66,12 @@ class Config:
     def check(self) -> None:
         if sum(v is not None for v in (self.ratio, self.target_macs, self.target_params)) != 1:
             raise RcompError("give exactly one of --ratio, --target-macs or --target-params, e.g. --ratio 0.5")
-        if self.method in NEEDS_DATA and not self.data:
+        if self.method in IMPORTANCES.builtin and needs_data(self.method) and not self.data:
             raise RcompError(f"--method {self.method} needs gradients from data: add --data NAME (e.g. --data digits)")
-        if self.adv_eps is not None and self.method not in NEEDS_DATA:
-            raise RcompError(f"--adv-eps scores channels by gradients: use it with --method taylor or hydra, not "
-                             f"{self.method}")
+        if self.method in IMPORTANCES.builtin and self.adv_eps is not None and \
+                "adv_eps" not in IMPORTANCES.get(self.method).takes:
+            raise RcompError(f"--adv-eps scores channels by gradients: use it with --method "
+                             f"{' or '.join(data_methods())}, not {self.method}")
 
     @property
     def suffix(self) -> str:
@@ -95,6 +94,10 @@ def _taylor_batches(model, cfg: Config, log) -> list:
     return out
 
 
+def _takes(cfg: Config, option: str) -> bool:
+    return option in IMPORTANCES.get(cfg.method).takes
+
+
 def apply(model, cfg: Config, log=C.stderr_log, source: str = "model") -> C.StageResult:
     """Prune ``model`` in memory and record the history entry on it."""
     from rcomp.pruning import prune as prune_model
@@ -102,27 +105,27 @@ def apply(model, cfg: Config, log=C.stderr_log, source: str = "model") -> C.Stag
 
     check_prunable(model.net, model.meta.arch.name)  # before any data is loaded
     ignore_list = resolve_ignore(model.net, list(cfg.ignore))
-    batches = _taylor_batches(model, cfg, log) if cfg.method in NEEDS_DATA else None
+    batches = _taylor_batches(model, cfg, log) if needs_data(cfg.method) else None
     if cfg.data and batches is None:
-        log(f"note: --data is used only by --method {'/'.join(NEEDS_DATA)}; {cfg.method} ignores it")
+        log(f"note: --data is used only by --method {'/'.join(data_methods())}; {cfg.method} ignores it")
     model, rep = prune_model(model, cfg.ratio, method=cfg.method, scope=cfg.scope, round_to=cfg.round_to,
                              ignore=ignore_list, iterative=cfg.iterative, target_macs=cfg.target_macs,
                              target_params=cfg.target_params, batches=batches, seed=cfg.seed, log=log,
                              **({"adv_eps": cfg.adv_eps, "adv_steps": cfg.adv_steps} if cfg.adv_eps is not None else {}),
-                             **({"score_steps": cfg.score_steps} if cfg.method == "hydra" else {}))
+                             **({"score_steps": cfg.score_steps} if _takes(cfg, "score_steps") else {}))
     log(f"pruned {source} ({model.meta.arch.name}) with {cfg.method} importance, {cfg.scope} scope"
         + (f", {cfg.iterative} steps" if cfg.iterative > 1 else "") + (f", target {rep.target}" if rep.target else ""))
     log(f"params {C.human(rep.params_before)} -> {C.human(rep.params_after)} ({rep.params_factor:.2f}x fewer), "
         f"MACs {C.human(rep.macs_before)} -> {C.human(rep.macs_after)} ({rep.macs_factor:.2f}x fewer)")
     log(f"channels removed: {rep.ratio_reached:.1%} (requested {rep.ratio_requested:.1%}); classifier "
         f"{rep.classifier!r} kept; pruning took {rep.seconds:.2f} s")
-    taylor = cfg.method in NEEDS_DATA
+    taylor = needs_data(cfg.method)
     params = {"ratio": cfg.ratio, "target_macs": cfg.target_macs, "target_params": cfg.target_params,
               "method": cfg.method, "scope": cfg.scope, "round_to": cfg.round_to, "ignore": ignore_list or None,
               "iterative": cfg.iterative, "seed": cfg.seed, "data": cfg.data if taylor else None,
               "batches": cfg.batches if taylor else None,
               **({"adv_eps": cfg.adv_eps, "adv_steps": cfg.adv_steps} if cfg.adv_eps is not None else {}),
-              **({"score_steps": cfg.score_steps} if cfg.method == "hydra" else {})}
+              **({"score_steps": cfg.score_steps} if _takes(cfg, "score_steps") else {})}
     metrics = {k: getattr(rep, k) for k in ("ratio_requested", "ratio_reached", "params_before", "params_after",
                                              "macs_before", "macs_after")}
     entry = C.record(model, "prune", params, getattr(model, "source_sha256", None), metrics)

@@ -8,10 +8,10 @@ from typing import Any
 
 from rcomp import options as O
 from rcomp.errors import RcompError
+from rcomp.quant import catalog as qc
 from rcomp.stages import common as C
 
-BACKENDS = ("x86", "fbgemm", "qnnpack", "onnxruntime")  # onnxruntime: rcomp.stages.export
-SUPPORTED = "supported: real int8: --bits 8; simulated: --simulate --bits 2..16"
+SUPPORTED = f"supported: {qc.supported()}"
 
 SUMMARY = "Quantize a checkpoint: real int8 (default) or a simulated low-bit fake-quant model."
 DOC = """Real int8 is static post-training quantization with torch.ao FX (CPU kernels of --backend):
@@ -37,7 +37,7 @@ class Config:
                       help="Bits: 8 for real int8; 2..16 with --simulate.")
     simulate: bool = O.opt(False, "--simulate", kind="bool",
                          help="Fake-quant model (fp32 compute carrying the rounding of --bits) instead of real int8.")
-    backend: str = O.opt("x86", "--backend", kind="choice", choices=BACKENDS,
+    backend: str = O.opt("x86", "--backend", kind="choice", choices=qc.QUANTIZE_BACKENDS,
                        help="Quantized engine: x86, fbgemm or qnnpack (torch.ao); onnxruntime: static QDQ int8 of "
                             "an ONNX file (a checkpoint is exported first), written as .onnx.")
     data: str | None = O.opt(None, "--data", help="Calibration dataset (default: the dataset the checkpoint records; "
@@ -56,13 +56,13 @@ class Config:
     trust_factory: bool = O.trust_opt()
 
     def check(self) -> None:
-        if not self.simulate and self.bits != 8:
+        if self.bits not in qc.bits_of(qc.mode_for(self.simulate)) and not self.simulate:
             raise RcompError(f"--bits {self.bits} is not supported without --simulate (add --simulate for a "
                              f"fake-quant model); {SUPPORTED}")
 
     @property
     def suffix(self) -> str:
-        return f"sim{self.bits}" if self.simulate else "int8"
+        return qc.MODES.get(qc.mode_for(self.simulate)).get("suffix").format(bits=self.bits)
 
 
 def _dataset(model, cfg: Config, source: str) -> str:
@@ -82,7 +82,7 @@ def _accuracy(model, qmodel, cfg: Config, data_name: str, log) -> dict[str, Any]
         before, n = clean_accuracy(model, make_loader(test, cfg.batch_size, n=cfg.eval_n))
         after, _ = clean_accuracy(qmodel, make_loader(test, cfg.batch_size, n=cfg.eval_n))
     metrics = {"accuracy_float": before / n, "accuracy": after / n, "eval_n": n}
-    what = f"simulated int{cfg.bits}" if cfg.simulate else "int8"
+    what = qc.MODES.get(qc.mode_for(cfg.simulate)).get("what").format(bits=cfg.bits)
     log(f"{data_name} test accuracy ({n} images): float {before / n:.4f} -> {what} {after / n:.4f}")
     return metrics
 
@@ -113,8 +113,8 @@ def apply(model, cfg: Config, log=C.stderr_log, source: str = "model") -> C.Stag
 def run(cfg: Config, inputs: list, *, log=C.stderr_log, **_: Any) -> C.StageResult:
     """Load -> quantize -> record -> save."""
     path = C.check_input(inputs[0], onnx=True)
-    if cfg.backend == "onnxruntime" or str(path).lower().endswith(".onnx"):
-        if cfg.backend != "onnxruntime":
+    if cfg.backend == qc.ONNXRUNTIME or str(path).lower().endswith(".onnx"):
+        if cfg.backend != qc.ONNXRUNTIME:
             raise RcompError(f"{path.name} is an ONNX file: quantize it with --backend onnxruntime")
         from rcomp.stages.export import quantize_onnx
 
