@@ -9,12 +9,11 @@ from hypothesis import strategies as st
 from torch import nn
 
 from rcomp.attacks import ATTACKS, make_attack
-
-#: the single attacks (the suite auto is tested in test_attacks_auto.py)
-SINGLE = [e.name for e in ATTACKS.entries(plugins=False) if not e.get("suite")]
 from rcomp.attacks.base import flat_norm
 from rcomp.errors import RcompError
 
+#: the single attacks (the suite auto is tested in test_attacks_auto.py)
+SINGLE = [e.name for e in ATTACKS.entries(plugins=False) if not e.get("suite")]
 FAST = {"fgsm": {}, "pgd": {"steps": 3}, "apgd": {"steps": 5}, "cw": {"steps": 3}, "apgd-t": {"steps": 3, "targets": 2},
         "square": {"queries": 10}}
 
