@@ -319,9 +319,6 @@ def config_dict(cfg: Any) -> dict[str, Any]:
 # options several stages share (declared once here; a stage may change the default)
 # ---------------------------------------------------------------------------
 
-DATASETS_HELP = "digits, mnist, fashion-mnist, cifar10, cifar100, svhn, imagefolder or fake"
-
-
 def seed_opt(default: int = 0):
     return opt(default, "--seed", kind="int", min=0, max=2**63 - 1,
                help="Random seed; the same seed gives the same result on CPU.")
@@ -331,7 +328,7 @@ def device_opt(default: str = "auto"):
     return opt(default, "--device", help="auto, cpu, cuda or cuda:N.")
 
 
-def data_opt(default: str | None = None, help: str = f"Dataset: {DATASETS_HELP}."):
+def data_opt(default: str | None = None, help: str = "Dataset (rcomp info --datasets lists them)."):
     return opt(default, "--data", help=help)
 
 

@@ -170,12 +170,12 @@ def trained_digits(tmp_path_factory) -> Path:
     import torch
     import torch.nn.functional as F
 
-    from rcomp.data.registry import DATASETS, get_dataset, make_loader
+    from rcomp.data.registry import data_info, get_dataset, make_loader
     from rcomp.models.loading import save
     from rcomp.models.registry import build_model
 
     path = tmp_path_factory.mktemp("trained") / "digits_convnet8.safetensors"
-    info = DATASETS["digits"]
+    info = data_info("digits")
     torch.manual_seed(0)
     model = build_model("convnet8", 10, (1, 8, 8), list(info.mean), list(info.std), dataset="digits")
     ds = get_dataset("digits", "train", model.meta.input)

@@ -21,6 +21,9 @@ LOSSES = ("ce", "dlr", "cw")
 #: the options an attack may take beyond eps and norm, in the order the factories receive them
 OPTIONS = ("steps", "alpha", "random_start", "restarts", "loss", "targeted", "queries", "p_init", "targets")
 
+#: the attacks finetune's final evaluation offers: PGD-10 (cheap) or the auto suite (the figure to trust)
+EVAL_CHOICES = ("pgd", "auto")
+
 _NO_ALPHA = "{name} takes no step size; drop --alpha"
 _ITERATIVE = ("steps", "alpha", "random_start", "restarts", "loss", "targeted")
 

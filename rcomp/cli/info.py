@@ -19,7 +19,8 @@ SUMMARY = "Describe a checkpoint: architecture, input spec, classes, parameters,
 DOC = "Reads only the header (and hashes the file); torch is not imported."
 EXAMPLES = """rcomp info model.safetensors
 rcomp info model.safetensors --json | jq .history
-rcomp info --models"""
+rcomp info --models
+rcomp info --attacks --json"""
 
 
 @dataclass
@@ -27,6 +28,13 @@ class InfoOptions:
     json: bool = json_opt()
     models: bool = opt(False, "--models", kind="bool", help="List the architectures the registry knows.")
     datasets: bool = opt(False, "--datasets", kind="bool", help="List the datasets the registry knows.")
+    attacks: bool = opt(False, "--attacks", kind="bool",
+                        help="List the attacks, built in and from installed plugins, with the options each takes.")
+    importances: bool = opt(False, "--importances", kind="bool",
+                            help="List the pruning importances (--method), built in and from installed plugins.")
+
+    def listing(self) -> str | None:
+        return next((k for k in ("models", "datasets", "attacks", "importances") if getattr(self, k)), None)
 
 
 def _kv(d: dict | None) -> str:
@@ -77,16 +85,43 @@ def _fmt(v):
     return f"{v:.4g}" if isinstance(v, float) else printable(v)
 
 
+def _entry_dict(e) -> dict[str, Any]:
+    return {"help": e.help, "paper": e.paper, "takes": list(e.takes), "plugin": e.plugin}
+
+
+def _print_entries(entries, width: int = 14) -> None:
+    for e in entries:
+        extra = f" (plugin from {printable(e.plugin)})" if e.plugin else ""
+        takes = f" [takes: {', '.join(e.takes)}]" if e.takes else ""
+        paper = f"; {e.paper}" if e.paper else ""
+        print(f"{printable(e.name):{width}s} {printable(e.help)}{paper}{takes}{extra}")
+
+
+def _list_catalogue(cat, as_json: bool) -> None:
+    entries = cat.entries()
+    if as_json:
+        emit_json({e.name: _entry_dict(e) for e in entries})
+        return
+    _print_entries(entries)
+
+
 def _list_models(as_json: bool) -> None:
-    from rcomp.models.builtin import BUILTINS
+    from rcomp.models.catalog import ARCHITECTURES, SOURCES
     from rcomp.models.registry import torchvision_names
     from rcomp.models.timm_source import EXTRA, installed_version, names
 
+    entries = ARCHITECTURES.entries()
     if as_json:
-        emit_json({"builtin": sorted(BUILTINS), "torchvision": torchvision_names(), "timm": names()})
+        emit_json({"builtin": sorted(e.name for e in entries if not e.plugin),
+                   "plugins": {e.name: _entry_dict(e) for e in entries if e.plugin},
+                   "torchvision": torchvision_names(), "timm": names(),
+                   "sources": {e.name: {"help": e.help, "form": e.get("form")} for e in SOURCES.entries()}})
         return
-    for name, (_, desc, shape) in sorted(BUILTINS.items()):
-        print(f"{name:16s} {desc} [default input {'x'.join(map(str, shape))}]")
+    for e in sorted(entries, key=lambda e: (e.plugin is not None, e.name)):
+        shape = e.get("input")
+        where = f" (plugin from {printable(e.plugin)})" if e.plugin else ""
+        print(f"{printable(e.name):16s} {printable(e.help)}"
+              + (f" [default input {'x'.join(map(str, shape))}]" if shape else "") + where)
     print("torchvision:     " + ", ".join(torchvision_names()))
     version = installed_version()
     print("timm:            timm:NAME, any model timm.list_models() names, built without downloading weights "
@@ -95,22 +130,36 @@ def _list_models(as_json: bool) -> None:
 
 
 def _list_datasets(as_json: bool) -> None:
-    from rcomp.data.registry import DATASETS
+    from rcomp.data.catalog import DATASETS
 
+    entries = DATASETS.entries()
     if as_json:
-        emit_json({k: {"num_classes": v.num_classes, "shape": v.shape, "help": v.help} for k, v in DATASETS.items()})
+        emit_json({e.name: {"num_classes": e.get("num_classes"), "shape": e.get("shape"), "help": e.help,
+                            "plugin": e.plugin} for e in entries})
         return
-    for name, d in DATASETS.items():
-        print(f"{name:14s} {d.help}")
+    for e in entries:
+        print(f"{printable(e.name):14s} {printable(e.help)}" + (f" (plugin from {printable(e.plugin)})" if e.plugin else ""))
+
+
+def _list(what: str, as_json: bool) -> None:
+    if what == "models":
+        return _list_models(as_json)
+    if what == "datasets":
+        return _list_datasets(as_json)
+    if what == "attacks":
+        from rcomp.attacks.catalog import ATTACKS
+
+        return _list_catalogue(ATTACKS, as_json)
+    from rcomp.pruning.catalog import IMPORTANCES
+
+    return _list_catalogue(IMPORTANCES, as_json)
 
 
 def info(cfg: InfoOptions, inputs: list[Path]) -> None:
     from rcomp.io.describe import describe
 
-    if cfg.models:
-        return _list_models(cfg.json)
-    if cfg.datasets:
-        return _list_datasets(cfg.json)
+    if cfg.listing():
+        return _list(cfg.listing(), cfg.json)
     if str(inputs[0]).lower().endswith(".onnx"):  # a file written by rcomp export
         from rcomp.onnx.fileio import describe_onnx
 
@@ -124,10 +173,11 @@ def info(cfg: InfoOptions, inputs: list[Path]) -> None:
 
 
 def _inputs_or_hint(cfg: InfoOptions, given: Path | None) -> list[Path]:
-    if cfg.models or cfg.datasets:
+    if cfg.listing():
         return []
     if given is None and (sys.stdin is None or sys.stdin.isatty()):
-        raise RcompError("give a checkpoint to describe (rcomp info CKPT), or --models / --datasets")
+        raise RcompError("give a checkpoint to describe (rcomp info CKPT), or --models / --datasets / --attacks / "
+                         "--importances")
     return [checkpoint_path(given)]
 
 

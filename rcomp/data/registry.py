@@ -1,4 +1,5 @@
-"""The data registry: ``--data NAME`` with ``--data-dir DIR`` (default ``$RCOMP_DATA``).
+"""The data registry: ``--data NAME`` with ``--data-dir DIR`` (default ``$RCOMP_DATA``); the datasets
+are listed in :data:`rcomp.data.catalog.DATASETS` (plus installed ``rcomp.datasets`` plugins).
 
 * ``digits``: scikit-learn's bundled 8x8 digits (offline), fixed seeded 80/20 train/test split;
 * ``mnist``, ``fashion-mnist``, ``cifar10``, ``cifar100``, ``svhn``: torchvision on local files,
@@ -16,6 +17,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from rcomp.data.catalog import DATASETS
 from rcomp.errors import RcompError
 
 
@@ -30,56 +32,19 @@ class DataInfo:
     classes: tuple[str, ...] | None = None
 
 
-DATASETS: dict[str, DataInfo] = {
-    "digits": DataInfo("digits", 10, (1, 8, 8), (0.3051,), (0.3789,),
-                       "scikit-learn's 8x8 handwritten digits, bundled, offline (1797 images)",
-                       tuple(str(i) for i in range(10))),
-    "mnist": DataInfo("mnist", 10, (1, 28, 28), (0.1307,), (0.3081,), "MNIST via torchvision, local files",
-                      tuple(str(i) for i in range(10))),
-    "fashion-mnist": DataInfo("fashion-mnist", 10, (1, 28, 28), (0.2860,), (0.3530,),
-                              "Fashion-MNIST via torchvision, local files",
-                              ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
-                               "Sneaker", "Bag", "Ankle boot")),
-    "cifar10": DataInfo("cifar10", 10, (3, 32, 32), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
-                        "CIFAR-10 via torchvision, local files",
-                        ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
-                         "truck")),
-    "cifar100": DataInfo("cifar100", 100, (3, 32, 32), (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762),
-                         "CIFAR-100 via torchvision, local files"),
-    "svhn": DataInfo("svhn", 10, (3, 32, 32), (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970),
-                     "SVHN via torchvision, local files", tuple(str(i) for i in range(10))),
-    "imagefolder": DataInfo("imagefolder", 0, (3, 224, 224), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
-                            "class sub-folders under --data-dir (DIR/train and DIR/test, else a held-out 20%); the images' own shape"),
-    "fake": DataInfo("fake", 10, (3, 32, 32), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25),
-                     "synthetic images with a class-dependent pattern (2,000 train, 10,000 test; smoke tests)"),
-}
-
 SPLITS = ("train", "test")
-
-#: where each torchvision dataset's files go, and where the official archives come from
-_MISSING_HELP = {
-    "mnist": "put MNIST's four raw files (train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
-             "t10k-labels-idx1-ubyte, gunzipped) in {root}/MNIST/raw/; the archives are at "
-             "https://ossci-datasets.s3.amazonaws.com/mnist/ (mirror of http://yann.lecun.com/exdb/mnist/)",
-    "fashion-mnist": "put Fashion-MNIST's four raw files (train-images-idx3-ubyte, train-labels-idx1-ubyte, "
-                     "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte, gunzipped) in {root}/FashionMNIST/raw/; "
-                     "the archives are at http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
-    "cifar10": "extract cifar-10-python.tar.gz (https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz) in {root} "
-               "so that {root}/cifar-10-batches-py/ exists",
-    "cifar100": "extract cifar-100-python.tar.gz (https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz) in "
-                "{root} so that {root}/cifar-100-python/ exists",
-    "svhn": "put train_32x32.mat and test_32x32.mat (from http://ufldl.stanford.edu/housenumbers/) in {root}/",
-}
 
 
 def data_info(name: str) -> DataInfo:
-    if name not in DATASETS:
-        import difflib
-
-        close = difflib.get_close_matches(name, list(DATASETS), n=2)
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise RcompError(f"unknown dataset {name!r}{hint}; choose one of {', '.join(DATASETS)}")
-    return DATASETS[name]
+    """What commands need to know of dataset ``name`` before loading it (its catalogue entry's facts)."""
+    e = DATASETS.get(name)
+    x = e.extra
+    try:
+        return DataInfo(e.name, int(x["num_classes"]), tuple(x["shape"]), tuple(x["mean"]), tuple(x["std"]), e.help,
+                        tuple(x["classes"]) if x.get("classes") else None)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RcompError(f"dataset {name!r} ({e.plugin or 'rcomp'}) does not declare num_classes, shape, mean "
+                         f"and std ({type(exc).__name__}); fix its catalogue entry") from None
 
 
 def data_root(data_dir: str | Path | None) -> Path:
@@ -93,27 +58,11 @@ def get_dataset(name: str, split: str, spec, data_dir: str | Path | None = None,
 
     ``log(message)`` receives what the user must be told (e.g. that an image folder without
     ``train/`` and ``test/`` was split into a held-out test set); commands print it on stderr."""
-    info = data_info(name)
+    data_info(name)
     if split not in SPLITS:
         raise RcompError(f"unknown split {split!r}; choose train or test")
-    train = split == "train"
-    if name == "digits":
-        from rcomp.data.sources import digits
-
-        return digits(train, spec)
-    if name == "fake":
-        from rcomp.data.sources import FakeImages
-
-        n = fake_size if fake_size is not None else (2000 if train else 10000)
-        return FakeImages(n, spec, info.num_classes, seed=seed + (0 if train else 1))
-    root = data_root(data_dir)
-    if name == "imagefolder":
-        from rcomp.data.sources import image_folder
-
-        return image_folder(root, split, spec, log)
-    from rcomp.data.sources import torchvision_dataset
-
-    return torchvision_dataset(name, root, train, spec, _MISSING_HELP[name].format(root=root))
+    entry = DATASETS.get(name)
+    return entry.load()(entry, split == "train", spec, data_root(data_dir), seed=seed, fake_size=fake_size, log=log)
 
 
 def native_shape(name: str, data_dir: str | Path | None = None) -> tuple[tuple[int, int, int], str]:
@@ -122,12 +71,13 @@ def native_shape(name: str, data_dir: str | Path | None = None) -> tuple[tuple[i
     Registered datasets have a fixed shape; for ``imagefolder`` the images' headers are inspected
     (:func:`rcomp.data.images.native_shape`). Commands use it as the default ``--input-shape``."""
     info = data_info(name)
-    if name != "imagefolder":
+    inspect = DATASETS.get(name).get("native_shape")
+    if not inspect:
         c, h, w = info.shape
         return info.shape, f"input shape {c}x{h}x{w}: {name}'s native shape"
-    from rcomp.data.images import native_shape as folder_shape
+    from rcomp.catalog import Entry
 
-    return folder_shape(data_root(data_dir))
+    return Entry("native_shape", inspect).load()(data_root(data_dir))
 
 
 def dataset_classes(ds) -> int:

@@ -98,31 +98,36 @@ class AdaptedDataset(Dataset):
         return adapt_images(x, self.spec), int(label)
 
 
-def torchvision_dataset(name: str, root: Path, train: bool, spec, help_text: str):
+def load_torchvision(entry, train: bool, spec, root: Path, **_):
+    """A torchvision dataset from local files (``entry.extra["torchvision"]`` names its class); never downloads."""
     import torchvision.datasets as tvd
 
-    from rcomp.data.registry import DATASETS
-
-    info = DATASETS[name]
+    cls = getattr(tvd, entry.get("torchvision"))
+    split = {"split": "train" if train else "test"} if entry.get("split_arg") else {"train": train}
     try:
-        if name == "mnist":
-            base = tvd.MNIST(str(root), train=train, download=False)
-        elif name == "fashion-mnist":
-            base = tvd.FashionMNIST(str(root), train=train, download=False)
-        elif name == "cifar10":
-            base = tvd.CIFAR10(str(root), train=train, download=False)
-        elif name == "cifar100":
-            base = tvd.CIFAR100(str(root), train=train, download=False)
-        elif name == "svhn":
-            base = tvd.SVHN(str(root), split="train" if train else "test", download=False)
-        else:  # pragma: no cover - guarded by the registry
-            raise RcompError(f"unknown dataset {name}")
+        base = cls(str(root), download=False, **split)
     except (RuntimeError, FileNotFoundError, OSError):  # torchvision's text suggests download=True: not ours
-        raise RcompError(f"dataset {name} not found or incomplete under {root}: {help_text}; or point --data-dir "
+        raise RcompError(f"dataset {entry.name} not found or incomplete under {root}: "
+                         f"{entry.get('missing', '').format(root=root)}; or point --data-dir "
                          "(or RCOMP_DATA) at the folder that holds them") from None
     except ImportError as exc:  # svhn needs scipy
-        raise RcompError(f"dataset {name} needs an extra package: {exc}") from None
-    return AdaptedDataset(base, spec, info.num_classes, info.classes)
+        raise RcompError(f"dataset {entry.name} needs an extra package: {exc}") from None
+    classes = entry.get("classes")
+    return AdaptedDataset(base, spec, entry.get("num_classes"), tuple(classes) if classes else None)
+
+
+def load_sklearn_digits(entry, train: bool, spec, root: Path, **_) -> TensorImages:
+    return digits(train, spec)
+
+
+def load_fake(entry, train: bool, spec, root: Path, *, seed: int = 0, fake_size: int | None = None, **_):
+    n_train, n_test = entry.get("sizes")
+    n = fake_size if fake_size is not None else (n_train if train else n_test)
+    return FakeImages(n, spec, entry.get("num_classes"), seed=seed + (0 if train else 1))
+
+
+def load_folder(entry, train: bool, spec, root: Path, *, log=None, **_):
+    return image_folder(root, "train" if train else "test", spec, log)
 
 
 class ImageFiles(Dataset):

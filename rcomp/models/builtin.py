@@ -1,4 +1,5 @@
-"""Built-in architectures: the study's 8-layer CNN, the CIFAR ResNet-18, and a tiny MLP."""
+"""Built-in architectures: the study's 8-layer CNN, the CIFAR ResNet-18, and a tiny MLP (listed in
+:data:`rcomp.models.catalog.ARCHITECTURES`)."""
 
 from __future__ import annotations
 
@@ -114,10 +115,3 @@ def resnet18_cifar(spec: InputSpec, num_classes: int, **kw) -> nn.Module:
 
 def mlp(spec: InputSpec, num_classes: int, **kw) -> nn.Module:
     return MLP(spec.channels * spec.height * spec.width, num_classes, **kw)
-
-
-BUILTINS = {
-    "convnet8": (convnet8, "the study's 8-layer CNN (default input 1x28x28)", (1, 28, 28)),
-    "resnet18-cifar": (resnet18_cifar, "ResNet-18 with a 3x3 stride-1 stem, no max-pool (CIFAR)", (3, 32, 32)),
-    "mlp": (mlp, "small MLP, flatten + hidden=(128,) (tests, tabular-sized images)", (1, 8, 8)),
-}

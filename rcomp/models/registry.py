@@ -1,12 +1,14 @@
 """Turns architecture names into networks (in the manner of timm's registry).
 
-Three kinds of names:
+The kinds of names (the sources of :data:`rcomp.models.catalog.SOURCES`):
 
-* built-ins: ``convnet8``, ``resnet18-cifar``, ``mlp``;
+* built-ins: ``convnet8``, ``resnet18-cifar``, ``mlp`` (:data:`rcomp.models.catalog.ARCHITECTURES`),
+  and architectures installed packages declare in the ``rcomp.architectures`` entry-point group;
 * any torchvision classification model by its torchvision name (``resnet18``, ``mobilenet_v2``...);
 * any timm model as ``timm:NAME`` (the optional extra ``rcomp[timm]``; :mod:`rcomp.models.timm_source`);
 * a user's own model as ``package.module:factory`` (called as ``factory(**kwargs)`` with
-  ``num_classes`` added when the factory accepts it).
+  ``num_classes`` added when the factory accepts it);
+* ``PREFIX:NAME`` for a source registered with that prefix (e.g. ``timm:``).
 
 Security rule: a user factory is imported only when the user names it on the command line
 (``--arch pkg.mod:fn``) or passes ``trust_factory=True`` (``--trust-factory``). A checkpoint that
@@ -22,6 +24,7 @@ from dataclasses import replace
 
 from rcomp.errors import RcompError
 from rcomp.io.format import CheckpointMeta
+from rcomp.models.catalog import ARCHITECTURES, DEFAULT_INPUT, prefix_source
 from rcomp.spec import ArchSpec, InputSpec
 from rcomp.text import printable
 
@@ -29,9 +32,12 @@ _FACTORY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A
 
 
 def builtin_names() -> list[str]:
-    from rcomp.models.builtin import BUILTINS
+    return sorted(ARCHITECTURES.builtin_names())
 
-    return sorted(BUILTINS)
+
+def plugin_names() -> list[str]:
+    """Architectures installed packages declare (``rcomp.architectures`` entry points)."""
+    return sorted(ARCHITECTURES.plugin_names())
 
 
 def torchvision_names() -> list[str]:
@@ -41,25 +47,27 @@ def torchvision_names() -> list[str]:
 
 
 def list_models() -> list[str]:
-    """Every registered name: built-ins first, then torchvision classification models."""
-    return builtin_names() + torchvision_names()
+    """Every registered name: built-ins first, then plugins, then torchvision classification models."""
+    return builtin_names() + plugin_names() + torchvision_names()
 
 
 def default_input_shape(name: str) -> tuple[int, int, int]:
-    from rcomp.models.builtin import BUILTINS
+    if not is_user_factory(name) and name in ARCHITECTURES:
+        return tuple(ARCHITECTURES.get(name).get("input", DEFAULT_INPUT))  # type: ignore[return-value]
+    src = prefix_source(name)
+    if src is None:
+        return DEFAULT_INPUT
+    if src.get("pretrained_input"):  # e.g. timm's pretrained config (rcomp.models.timm_source)
+        from rcomp.catalog import Entry
 
-    if name in BUILTINS:
-        return BUILTINS[name][2]
-    if name.startswith("timm:"):  # timm's pretrained config (rcomp.models.timm_source)
-        from rcomp.models.timm_source import pretrained_input
-
-        found = pretrained_input(name)
-        return found[0] if found else (3, 224, 224)
-    return (3, 224, 224)
+        found = Entry("pretrained_input", src.get("pretrained_input")).load()(name)
+        if found:
+            return tuple(found[0])  # type: ignore[return-value]
+    return tuple(src.get("input", DEFAULT_INPUT))  # type: ignore[return-value]
 
 
 def is_user_factory(name: str) -> bool:
-    return ":" in name and not name.startswith("timm:")
+    return ":" in name and prefix_source(name) is None
 
 
 def _check_user_factory(name: str, allow: str | None, trust: bool) -> None:
@@ -77,40 +85,50 @@ def _check_user_factory(name: str, allow: str | None, trust: bool) -> None:
 
 def build_net(arch: ArchSpec, spec: InputSpec, num_classes: int, *, allow_factory: str | None = None,
               trust_factory: bool = False):
-    """Build the bare network (no normalisation) for ``arch``."""
-    from rcomp.models.builtin import BUILTINS
-
+    """Build the bare network (no normalisation) for ``arch``, from the first source of
+    :data:`rcomp.models.catalog.SOURCES` that owns its name."""
     name, kwargs = arch.name, dict(arch.kwargs)
-    if name.startswith("timm:"):  # a known source, like torchvision: imports timm only
-        from rcomp.models.timm_source import build
-
-        return build(name, spec, num_classes, kwargs)
-    if name in BUILTINS:
-        fn = BUILTINS[name][0]
+    src = prefix_source(name)
+    if src is not None:  # a known source such as timm:NAME: imports that library only
+        return src.load()(name, spec, num_classes, kwargs)
+    if not is_user_factory(name) and name in ARCHITECTURES:  # built-ins, then installed plugins
+        fn = ARCHITECTURES.load(name)
         try:
             return fn(spec, num_classes, **kwargs)
         except TypeError as exc:
             raise RcompError(f"bad arguments for architecture {name}: {_first_line(exc)}") from None
     if is_user_factory(name):
-        _check_user_factory(name, allow_factory, trust_factory)
-        mod_name, fn_name = name.split(":")
-        try:
-            module = importlib.import_module(mod_name)
-        except ImportError as exc:
-            raise RcompError(f"cannot import {mod_name} for --arch {name}: {exc}; is it on PYTHONPATH?") from None
-        fn = getattr(module, fn_name, None)
-        if not callable(fn):
-            raise RcompError(f"{mod_name} has no callable {fn_name!r} (from --arch {name})")
-        try:
-            params = inspect.signature(fn).parameters
-        except (TypeError, ValueError):
-            params = {}
-        if "num_classes" in params and "num_classes" not in kwargs:
-            kwargs["num_classes"] = num_classes
-        try:
-            return fn(**kwargs)
-        except TypeError as exc:
-            raise RcompError(f"calling {name}(**{printable(kwargs, 120)}) failed: {_first_line(exc)}") from None
+        return build_user_factory(name, spec, num_classes, allow_factory=allow_factory, trust_factory=trust_factory,
+                                  **kwargs)
+    return build_torchvision(name, spec, num_classes, **kwargs)
+
+
+def build_user_factory(name: str, spec: InputSpec, num_classes: int, *, allow_factory: str | None = None,
+                       trust_factory: bool = False, **kwargs):
+    """``package.module:factory``, imported only when the user named it (or trusts the file)."""
+    _check_user_factory(name, allow_factory, trust_factory)
+    mod_name, fn_name = name.split(":")
+    try:
+        module = importlib.import_module(mod_name)
+    except ImportError as exc:
+        raise RcompError(f"cannot import {mod_name} for --arch {name}: {exc}; is it on PYTHONPATH?") from None
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise RcompError(f"{mod_name} has no callable {fn_name!r} (from --arch {name})")
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        params = {}
+    if "num_classes" in params and "num_classes" not in kwargs:
+        kwargs["num_classes"] = num_classes
+    try:
+        return fn(**kwargs)
+    except TypeError as exc:
+        raise RcompError(f"calling {name}(**{printable(kwargs, 120)}) failed: {_first_line(exc)}") from None
+
+
+def build_torchvision(name: str, spec: InputSpec, num_classes: int, **kwargs):
+    """A torchvision classification model by name, random weights."""
     if not re.fullmatch(r"[a-z0-9_]+", name):
         raise RcompError(f"unknown architecture {printable(repr(name), 80)}; choose one of `rcomp info --models` or package.module:factory")
     import torchvision.models as tvm
@@ -118,7 +136,7 @@ def build_net(arch: ArchSpec, spec: InputSpec, num_classes: int, *, allow_factor
     if name not in tvm.list_models(module=tvm):
         import difflib
 
-        close = difflib.get_close_matches(name, builtin_names() + tvm.list_models(module=tvm), n=3)
+        close = difflib.get_close_matches(name, builtin_names() + plugin_names() + tvm.list_models(module=tvm), n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise RcompError(f"unknown architecture {printable(repr(name), 80)}{hint}; see `rcomp info --models`")
     if spec.channels != 3:

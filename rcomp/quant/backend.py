@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from rcomp.errors import RcompError
-from rcomp.quant.catalog import BACKENDS, INT8, SIMULATED, bits_of  # noqa: E402
+from rcomp.quant.catalog import BACKEND_INFO, BACKENDS, INT8, SIMULATED, bits_of
 
 SIM_BITS = bits_of(SIMULATED)
 REAL_BITS = bits_of(INT8)
@@ -68,7 +68,7 @@ def check_backend(backend: str) -> str:
 def ranges(bits: int, backend: str, real: bool) -> dict[str, int]:
     """Integer ranges: activations (affine, unsigned) and weights (symmetric, signed)."""
     act_max = 2**bits - 1
-    if real and backend in ("x86", "fbgemm"):
+    if real and BACKEND_INFO[backend][1]:
         act_max = 127
     wq = 2 ** (bits - 1) - 1
     return {"act_min": 0, "act_max": act_max, "w_min": -wq, "w_max": wq}
@@ -88,16 +88,11 @@ def _qconfig(bits: int, backend: str, real: bool):
 
 def _backend_config(bits: int, backend: str):
     """torch.ao's backend config; above 8 bits its dtypes are widened to qint32 (simulation only)."""
-    from torch.ao.quantization.backend_config import (
-        BackendConfig,
-        DTypeWithConstraints,
-        get_fbgemm_backend_config,
-        get_qnnpack_backend_config,
-    )
-    from torch.ao.quantization.backend_config.x86 import get_x86_backend_config
+    from torch.ao.quantization.backend_config import BackendConfig, DTypeWithConstraints
 
-    base = {"x86": get_x86_backend_config, "fbgemm": get_fbgemm_backend_config,
-            "qnnpack": get_qnnpack_backend_config}[backend]()
+    from rcomp.catalog import Entry
+
+    base = Entry(backend, BACKEND_INFO[backend][0]).load()()
     if bits <= 8:
         return base
     d = base.to_dict()

@@ -12,8 +12,14 @@ from typing import Any
 
 from rcomp.catalog import Catalogue, Entry
 
-#: the quantized engines of torch.ao
-BACKENDS = ("x86", "fbgemm", "qnnpack")
+#: the quantized engines of torch.ao: backend -> (torch.ao's backend config, activations in [0, 127]
+#: (reduce_range, against int16 overflow on CPUs without VNNI) for real int8)
+BACKEND_INFO = {
+    "x86": ("torch.ao.quantization.backend_config.x86:get_x86_backend_config", True),
+    "fbgemm": ("torch.ao.quantization.backend_config:get_fbgemm_backend_config", True),
+    "qnnpack": ("torch.ao.quantization.backend_config:get_qnnpack_backend_config", False),
+}
+BACKENDS = tuple(BACKEND_INFO)
 
 MODES = Catalogue("quantization mode", [
     Entry("int8", "rcomp.quant.backend:convert",

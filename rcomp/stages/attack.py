@@ -87,7 +87,7 @@ class AttackOptions:
 
 @dataclass
 class Config(AttackOptions):
-    data: str | None = O.data_opt()
+    data: str | None = O.data_opt(help=C.DATA_HELP)
     split: str = O.opt("test", "--split", kind="choice", choices=("train", "test"), help="train or test.")
     n: int | None = O.n_opt()
     from_file: Path | None = O.opt(None, "--from", kind="path",

@@ -36,7 +36,7 @@ rcomp bench model.safetensors --data digits --attack pgd --eps 0.1 --format json
 
 @dataclass
 class Config(AttackOptions):
-    data: str | None = O.data_opt()
+    data: str | None = O.data_opt(help=C.DATA_HELP)
     split: str = O.opt("test", "--split", kind="choice", choices=("train", "test"), help="train or test.")
     n: int | None = O.n_opt()
     format: str = O.opt("table", "--format", kind="choice", choices=FORMATS, help="table, markdown, json or csv.")

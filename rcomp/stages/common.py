@@ -17,6 +17,16 @@ from rcomp.errors import RcompError
 Log = Callable[[str], None]
 
 
+def _data_help() -> str:
+    from rcomp.data.catalog import DATASETS
+
+    return f"Dataset: {DATASETS.help_names()}."
+
+
+#: the --data help of every stage, from the dataset catalogue
+DATA_HELP = _data_help()
+
+
 def stderr_log(msg: str) -> None:
     """The default log: stderr, so stdout stays for results and output paths."""
     print(msg, file=sys.stderr, flush=True)

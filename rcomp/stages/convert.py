@@ -63,7 +63,7 @@ class Config:
 
 def _normalisation(cfg: Config, shape) -> tuple[list[float] | None, list[float] | None, str]:
     """mean/std from the options; a guess is said on stderr, and refused where it would be a blind one."""
-    from rcomp.models.builtin import BUILTINS
+    from rcomp.models.catalog import ARCHITECTURES
 
     if cfg.mean is not None:
         return list(cfg.mean), list(cfg.std), "given"
@@ -74,7 +74,7 @@ def _normalisation(cfg: Config, shape) -> tuple[list[float] | None, list[float] 
         if found is not None and len(found[1]) == shape[0]:
             return found[1], found[2], (f"from timm's pretrained config for {found[3]}; give --normalize none or "
                                         "--mean/--std if the weights were trained otherwise")
-    is_tv = cfg.arch not in BUILTINS and ":" not in cfg.arch
+    is_tv = ":" not in cfg.arch and cfg.arch not in ARCHITECTURES
     norm = cfg.normalize
     if norm is None and is_tv and shape[0] == 3:
         if tuple(shape) != (3, 224, 224):

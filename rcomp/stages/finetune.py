@@ -9,13 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from rcomp import options as O
+from rcomp.attacks.catalog import EVAL_CHOICES, NORMS
 from rcomp.errors import RcompError
 from rcomp.stages import common as C
-
-ADV_MODES = ("none", "fgsm", "n-fgsm", "pgd", "trades")
-OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULES = ("const", "step", "cosine", "onecycle")
-DEFAULT_LR = {"sgd": 0.01, "adam": 3e-3, "adamw": 3e-3}
+from rcomp.train.catalog import ADV_MODES, DEFAULT_LR, OPTIMIZERS, SCHEDULES
 
 SUMMARY = "Train or fine-tune a classifier, optionally adversarially; prints the output path."
 DOC = """From CKPT it fine-tunes (pruned models stay pruned, quantized ones train through their
@@ -45,7 +42,7 @@ class Config:
                                                    help="With --arch: C,H,W (default: the dataset's native shape, "
                                                         "digits 1,8,8; an image folder's own image size).")
     arch_kwargs: dict | None = O.opt(None, "--arch-kwargs", kind="json", help="With --arch: JSON constructor arguments.")
-    data: str = O.data_opt("digits")
+    data: str = O.data_opt("digits", help=C.DATA_HELP)
     data_dir: Path | None = O.data_dir_opt()
     epochs: int = O.opt(3, "--epochs", kind="int", min=1, max=100000, help="Epochs to train (the study fine-tunes for 3).")
     steps_budget: int | None = O.opt(None, "--steps-budget", kind="int", min=1, max=10**9,
@@ -78,7 +75,7 @@ class Config:
                                    "double backprop, 4 more passes a step (0: off).")
     steps: int | None = O.opt(None, "--steps", kind="int", min=1, max=1000,
                             help="Attack steps for pgd/trades (default 10).")
-    norm: str = O.opt("linf", "--norm", kind="choice", choices=("linf", "l2"), help="Threat model: linf or l2.")
+    norm: str = O.opt("linf", "--norm", kind="choice", choices=NORMS, help="Threat model: " + " or ".join(NORMS) + ".")
     beta: float = O.opt(1.0, "--beta", kind="float", min=0, max=1000,
                         help="TRADES robustness weight (Zhang et al.'s MNIST value; their CIFAR-10 value 6 collapses "
                              "a trained digits model to chance).")
@@ -102,7 +99,7 @@ class Config:
                                 "each epoch.")
     eval_n: int = O.opt(1000, "--eval-n", kind="int", min=0, max=10**8,
                         help="Test images for the final clean/robust evaluation (0: skip).")
-    eval_attack: str = O.opt("pgd", "--eval-attack", kind="choice", choices=("pgd", "auto"),
+    eval_attack: str = O.opt("pgd", "--eval-attack", kind="choice", choices=EVAL_CHOICES,
                              help="The final robust evaluation's attack at --eps: pgd (PGD-10, cheap) or auto "
                                   "(AutoAttack's suite as a cascade, the figure to trust).")
     n: int | None = O.opt(None, "-n", kind="int", min=1, max=10**9, help="Train on the first N training images only.")

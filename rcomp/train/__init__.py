@@ -10,7 +10,18 @@ pgd / trades objectives), :mod:`.optim` (optimizers, schedules), :mod:`.augment`
 :mod:`rcomp.attacks` objects; accuracies go through :mod:`rcomp.evaluation`.
 """
 
-from rcomp.train.adversarial import MODES, AdvConfig
-from rcomp.train.loop import TrainConfig, evaluate_split, finetune
+from typing import Any
 
 __all__ = ["MODES", "AdvConfig", "TrainConfig", "evaluate_split", "finetune"]
+
+_LAZY = {"MODES": "rcomp.train.adversarial", "AdvConfig": "rcomp.train.adversarial", "TrainConfig": "rcomp.train.loop",
+         "evaluate_split": "rcomp.train.loop", "finetune": "rcomp.train.loop"}
+
+
+def __getattr__(name: str) -> Any:
+    """The API loads torch on first use only (``rcomp.train.catalog`` is torch-free)."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'rcomp.train' has no attribute {name!r}")

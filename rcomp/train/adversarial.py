@@ -38,10 +38,8 @@ import torch.nn.functional as F
 
 from rcomp.attacks.base import NORMS, kl_loss
 from rcomp.errors import RcompError
-
-MODES = ("none", "fgsm", "n-fgsm", "pgd", "trades")
-#: single-step modes: catastrophic overfitting is their known failure (see rcomp.train.guards)
-SINGLE_STEP = ("fgsm", "n-fgsm")
+from rcomp.train.catalog import ADV_MODES as MODES
+from rcomp.train.catalog import ATTACK_MODES, SINGLE_STEP  # noqa: F401 - SINGLE_STEP re-exported
 
 
 @dataclass
@@ -174,7 +172,7 @@ def batch_loss(model, train_model, x, y, cfg: AdvConfig, gen: torch.Generator, s
     if cfg.mode == "none":
         logits = train_model(x)
         return F.cross_entropy(logits, y, reduction="none"), logits, None
-    if cfg.mode in ("fgsm", "n-fgsm", "pgd"):
+    if cfg.mode in ATTACK_MODES:
         clean = _clean_logits(model, x)
         x_adv = adversarial_examples(model, x, y, cfg, gen, seed)
         logits = train_model(x_adv)

@@ -11,24 +11,29 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-#: dataset -> (padding in pixels, horizontal flips)
-RECIPES: dict[str, tuple[int, bool]] = {
-    "digits": (1, False),
-    "mnist": (2, False),
-    "fashion-mnist": (2, True),
-    "cifar10": (4, True),
-    "cifar100": (4, True),
-    "svhn": (4, False),
-    "fake": (2, True),
-    "imagefolder": (0, True),
-}
 
-#: datasets augmented unless --no-augment (the others only with --augment)
-DEFAULT_ON = ("cifar10", "cifar100", "svhn")
+def _entry(dataset: str | None):
+    from rcomp.data.catalog import DATASETS
+
+    if not dataset or dataset not in DATASETS:
+        return None
+    try:
+        return DATASETS.get(dataset)
+    except Exception:  # noqa: BLE001 - a broken plugin was warned about where it is used
+        return None
+
+
+def default_on(dataset: str | None) -> bool:
+    """Whether training on ``dataset`` augments unless --no-augment (its catalogue entry says)."""
+    e = _entry(dataset)
+    return bool(e is not None and e.get("augment_default"))
 
 
 def recipe(dataset: str | None, height: int) -> tuple[int, bool]:
-    pad, flip = RECIPES.get(dataset or "", (max(1, height // 8), False))
+    """(padding of random crops, horizontal flips) for ``dataset`` (its catalogue entry's ``augment``)."""
+    e = _entry(dataset)
+    aug = e.get("augment") if e is not None else None
+    pad, flip = tuple(aug) if aug else (max(1, height // 8), False)
     return pad, flip
 
 

@@ -25,7 +25,7 @@ from rcomp.evaluation.accuracy import fetch
 from rcomp.seeding import derive_seed, generator
 from rcomp.train import distributed as D
 from rcomp.train.adversarial import SINGLE_STEP, AdvConfig, batch_loss, trades_beta
-from rcomp.train.augment import DEFAULT_ON, augment_batch, recipe
+from rcomp.train.augment import augment_batch, default_on, recipe
 from rcomp.train.guards import (
     CO_BATCH,
     CO_FIX,
@@ -252,7 +252,7 @@ class _Run:
     def __init__(self, model, train_ds, cfg: TrainConfig, dataset: str | None, info: D.DistInfo):
         self.cfg, self.info, self.ds, self.device = cfg, info, train_ds, cfg.device
         dataset = dataset or getattr(getattr(model, "meta", None), "dataset", None)
-        self.aug_on = cfg.augment if cfg.augment is not None else dataset in DEFAULT_ON
+        self.aug_on = cfg.augment if cfg.augment is not None else default_on(dataset)
         shape = model.meta.input.shape if hasattr(model, "meta") else tuple(train_ds[0][0].shape)
         self.pad, self.flip = recipe(dataset, shape[1])
         self.num_classes = getattr(getattr(model, "meta", None), "num_classes", None)

@@ -10,9 +10,7 @@ from __future__ import annotations
 import math
 
 from rcomp.errors import RcompError
-
-OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULES = ("const", "step", "cosine", "onecycle")
+from rcomp.train.catalog import OPTIMIZERS, SCHEDULES  # noqa: F401 - re-exported
 
 
 def make_optimizer(params, name: str, lr: float, momentum: float = 0.9, weight_decay: float = 0.0):
