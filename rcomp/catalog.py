@@ -22,7 +22,6 @@ Pure Python, no torch.
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import re
 import sys
@@ -139,6 +138,8 @@ class Catalogue:
         return self.get(name).load()
 
     def unknown(self, name: Any) -> RcompError:
+        import difflib
+
         names = self.names()
         close = difflib.get_close_matches(str(name).strip().lower(), names, n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
