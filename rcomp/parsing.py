@@ -70,6 +70,23 @@ def parse_eps_list(value, what: str = "--eps") -> tuple[Eps, ...]:
     return tuple(Eps(parse_eps(p, what), p) for p in parts)
 
 
+def parse_thresholds(text: str | None, what: str = "--fail-under") -> dict[str, float]:
+    """``clean=0.9,pgd=0.4,worst=0.35`` -> ``{metric: accuracy}``, each an accuracy in [0, 1]. Which
+    metrics exist (the attack keys) is checked where the attacks are known."""
+    out: dict[str, float] = {}
+    for part in str(text or "").split(","):
+        if not part.strip():
+            continue
+        if "=" not in part:
+            raise RcompError(f"{what} {part.strip()!r} must be METRIC=VALUE, e.g. clean=0.9,pgd=0.4")
+        key, val = (s.strip() for s in part.split("=", 1))
+        v = parse_number(val, f"{what} {key}")
+        if not 0 <= v <= 1:
+            raise RcompError(f"{what} {key}={val} must be an accuracy in [0, 1]")
+        out[key] = v
+    return out
+
+
 def parse_shape(text: str, what: str = "--input-shape") -> tuple[int, int, int]:
     parts = str(text).replace("x", ",").split(",")
     try:

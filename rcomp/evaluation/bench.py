@@ -167,27 +167,14 @@ def bench(paths_or_models: Sequence, data: str, attacks: dict[str, Any], *, spli
     }
 
 
-def parse_fail_under(text: str | None, attack_keys: Sequence[str]) -> dict[str, float]:
-    """``clean=0.9,pgd=0.4,worst=0.35`` -> ``{metric: threshold}``; metrics: clean, worst, attack keys."""
-    from rcomp.parsing import parse_number
-
-    if not text:
-        return {}
+def check_metrics(thresholds: dict[str, float], attack_keys: Sequence[str]) -> dict[str, float]:
+    """``thresholds`` (metric -> accuracy, parsed at the boundary) naming only known metrics: clean,
+    worst and the attack keys."""
     known = ["clean", "worst", *attack_keys]
-    out: dict[str, float] = {}
-    for part in str(text).split(","):
-        if not part.strip():
-            continue
-        if "=" not in part:
-            raise RcompError(f"--fail-under {part.strip()!r} must be METRIC=VALUE, e.g. clean=0.9,pgd=0.4")
-        key, val = (s.strip() for s in part.split("=", 1))
+    for key in thresholds:
         if key not in known:
             raise RcompError(f"--fail-under names unknown metric {key!r}; choose from {', '.join(known)}")
-        v = parse_number(val, f"--fail-under {key}")
-        if not 0 <= v <= 1:
-            raise RcompError(f"--fail-under {key}={val} must be an accuracy in [0, 1]")
-        out[key] = v
-    return out
+    return dict(thresholds)
 
 
 def check_thresholds(result: dict[str, Any], thresholds: dict[str, float]) -> list[str]:

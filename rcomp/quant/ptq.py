@@ -22,12 +22,11 @@ from rcomp.quant.assemble import assemble, finalize, quant_meta
 
 
 def check_bits(bits: Any, simulate: bool) -> int:
-    """``bits`` as an int, or a one-line error listing what is supported."""
+    """``bits`` (an int) checked, or a one-line error listing what is supported."""
     supported = qc.supported()
-    try:
-        b = int(str(bits).strip())
-    except ValueError:
-        raise RcompError(f"--bits {bits!r} is not a number; supported: {supported}") from None
+    if isinstance(bits, bool) or not isinstance(bits, int):  # text is parsed at the boundary (options)
+        raise RcompError(f"--bits {bits!r} is not an integer; supported: {supported}")
+    b = bits
     if simulate and b not in qb.SIM_BITS:
         raise RcompError(f"--bits {b} is not supported; supported: {supported}")
     if not simulate and b not in qb.REAL_BITS:

@@ -67,6 +67,9 @@ class Config(AttackOptions):
         if not self.attack and self.eps:
             raise RcompError("--eps needs --attack (e.g. --attack pgd)")
         self.check_attacks()
+        from rcomp.parsing import parse_thresholds
+
+        self.thresholds = parse_thresholds(self.fail_under)  # typed once, here; metric names checked in run
 
 
 # ----- rendering -------------------------------------------------------------
@@ -188,7 +191,7 @@ def expand(attacks: dict) -> dict:
 
 def run(cfg: Config, inputs: list, *, log=C.stderr_log, **_: Any) -> C.StageResult:
     """Benchmark the checkpoints (paths or loaded models); writes only the ``-o`` copy of the results."""
-    from rcomp.evaluation.bench import bench, check_thresholds, parse_fail_under
+    from rcomp.evaluation.bench import bench, check_metrics, check_thresholds
     from rcomp.io.atomic import atomic_write_text, check_output_path
 
     paths = [C.check_input(p, onnx=True) if isinstance(p, (str, Path)) else p for p in inputs]
@@ -197,7 +200,12 @@ def run(cfg: Config, inputs: list, *, log=C.stderr_log, **_: Any) -> C.StageResu
     C.seed_everything(cfg.seed)
     attacks = cfg.build(cfg.seed) if cfg.attack else {}
     models = _load_onnx(paths, attacks, cfg, log)
-    thresholds = parse_fail_under(cfg.fail_under, list(attacks))
+    parsed = getattr(cfg, "thresholds", None)  # set by check(); a config built without it is parsed here
+    if parsed is None:
+        from rcomp.parsing import parse_thresholds
+
+        parsed = parse_thresholds(cfg.fail_under)
+    thresholds = check_metrics(parsed, list(attacks))
     dev = C.resolve_device(cfg.device)
     batches = (1, cfg.latency_batch) if cfg.latency_batch > 1 else (1,)
     result = bench(models, cfg.data, attacks, split=cfg.split, n=cfg.n, batch_size=cfg.batch_size, device=dev,
