@@ -12,6 +12,13 @@ from rcomp.attacks.catalog import ATTACKS, LOSSES, NORMS
 from rcomp.errors import RcompError
 from rcomp.stages import common as C
 
+
+def _takers(option: str) -> str:
+    """' Taken by pgd, cw.' from the catalogue: which built-in attacks take ``option``."""
+    names = [e.name for e in ATTACKS.entries(plugins=False) if option in e.takes]
+    return f" Taken by {', '.join(names)}." if names else ""
+
+
 SUMMARY = "Attack a checkpoint and report clean accuracy, robust accuracy, success rate, perturbation norms, speed."
 DOC = """eps is in pixel units of [0, 1] images (normalisation is inside the model); adversarial images
 are clipped to [0, 1]; a point counts as robust only if it is correct clean and under every
@@ -39,30 +46,30 @@ class AttackOptions:
                                            "to sweep, e.g. 2/255,8/255.")
     norm: str = O.opt("linf", "--norm", kind="choice", choices=NORMS, help=" or ".join(NORMS) + ".")
     steps: int | None = O.opt(None, "--steps", kind="int", min=1, max=10000,
-                            help="Iterations (default: pgd 10, cw 30, apgd 100; fgsm has one).")
+                            help="Iterations (default: pgd 10, cw 30, apgd 100; fgsm has one)." + _takers("steps"))
     alpha: float | None = O.opt(None, "--alpha", kind="number", min=0, min_open=True, max=1,
                               help="Step size for pgd/cw (default 2.5 * eps / steps) or fgsm with a random start "
-                                   "(1.25 * eps).")
+                                   "(1.25 * eps)." + _takers("alpha"))
     random_start: bool | None = O.opt(None, "--random-start", kind="bool", secondary="--no-random-start",
                                     help="Start from a random point of the ball (default: on for pgd, cw, apgd; off "
-                                         "for fgsm).")
+                                         "for fgsm)." + _takers("random_start"))
     restarts: int | None = O.opt(None, "--restarts", kind="int", min=1, max=100,
                                help="Random restarts; later ones attack only the points not yet fooled (default 1; "
                                     "auto: 1, or 3 when the model's gradients are a surrogate, as for quantized "
-                                    "models).")
+                                    "models)." + _takers("restarts"))
     loss: str | None = O.opt(None, "--loss", kind="choice", choices=LOSSES,
                            help="Loss to maximise: ce, dlr (difference of logits ratio) or cw (margin); default ce "
-                                "(cw for cw).")
+                                "(cw for cw)." + _takers("loss"))
     targeted: bool = O.opt(False, "--targeted", kind="bool",
                          help="Push each image towards a random other class (drawn with --seed) instead of away from "
-                              "its label.")
+                              "its label." + _takers("targeted"))
     queries: int | None = O.opt(None, "--queries", kind="int", min=1, max=10**6,
                                 help="Square's query budget per point (default: 5000 for square, the reference; "
-                                     "1000 inside auto, where it measured the same figures at half the time).")
+                                     "1000 inside auto, where it measured the same figures at half the time)." + _takers("queries"))
     targets: int | None = O.opt(None, "--targets", kind="int", min=1, max=1000,
                                 help="Target classes APGD-T tries, nearest by logit margin first (default: 9 for "
                                      "apgd-t, the reference; 4 inside auto, where the farther ones found nothing more; "
-                                     "at most classes - 1).")
+                                     "at most classes - 1)." + _takers("targets"))
     cascade: bool = O.opt(False, "--cascade", kind="bool",
                         help="Run the listed attacks as a cascade: each attacks only the points still robust after "
                              "the ones before it (cheaper; per-attack figures are then not independent).")
