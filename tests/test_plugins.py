@@ -28,6 +28,8 @@ NUDGE = Entry("nudge", "rcomp_demo_plugin.impl:Nudge", help="one signed-gradient
 FLAT = Entry("flat", "rcomp_demo_plugin.impl:flat_importance", help="filter L1 norm again (demo plugin)")
 TINYNET = Entry("tinynet", "rcomp_demo_plugin.impl:tinynet", help="a one-conv net (demo plugin)",
                 extra={"input": (1, 8, 8)})
+BLOBS = Entry("blobs", "rcomp_demo_plugin.impl:blobs", help="three classes of bright squares (demo plugin)",
+              extra={"num_classes": 3, "shape": (1, 8, 8), "mean": (0.5,), "std": (0.25,)})
 '''
 
 IMPL = '''
@@ -63,6 +65,27 @@ def flat_importance():
     return tp.importance.GroupMagnitudeImportance(p=1)
 
 
+class Blobs(torch.utils.data.Dataset):
+    num_classes = 3
+
+    def __init__(self, n, spec, seed):
+        g = torch.Generator().manual_seed(seed)
+        self.y = torch.randint(0, 3, (n,), generator=g)
+        self.x = torch.rand(n, *spec.shape, generator=g) * 0.2
+        for i, c in enumerate(self.y.tolist()):
+            self.x[i, :, 2 * c:2 * c + 3, 2 * c:2 * c + 3] = 1.0
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], int(self.y[i])
+
+
+def blobs(entry, train, spec, root, *, seed=0, **_):
+    return Blobs(60 if train else 30, spec, seed + (0 if train else 1))
+
+
 def tinynet(spec, num_classes, **kw):
     return nn.Sequential(nn.Conv2d(spec.channels, 8, 3, padding=1), nn.ReLU(), nn.Flatten(),
                          nn.Linear(8 * spec.height * spec.width, num_classes))
@@ -79,6 +102,9 @@ flat = rcomp_demo_plugin:FLAT
 
 [rcomp.architectures]
 tinynet = rcomp_demo_plugin:TINYNET
+
+[rcomp.datasets]
+blobs = rcomp_demo_plugin:BLOBS
 """
 
 
@@ -116,11 +142,12 @@ def _rcomp(site: Path, *args, cwd: Path | None = None) -> subprocess.CompletedPr
 def in_process(site, monkeypatch):
     """The plugin on sys.path of this process, the catalogues re-read (and forgotten afterwards)."""
     from rcomp.attacks.catalog import ATTACKS
+    from rcomp.data.catalog import DATASETS
     from rcomp.models.catalog import ARCHITECTURES
     from rcomp.pruning.catalog import IMPORTANCES
 
     monkeypatch.syspath_prepend(str(site))
-    cats = (ATTACKS, IMPORTANCES, ARCHITECTURES)
+    cats = (ATTACKS, IMPORTANCES, ARCHITECTURES, DATASETS)
     for c in cats:
         c.reset()
     yield site
@@ -165,6 +192,15 @@ def test_plugin_attack_from_the_cli_and_a_recipe(site, tmp_path, trained_digits)
     assert keys == {"nudge@0.1", "nudge@8/255", "fgsm@0.1", "fgsm@8/255"}, keys
     assert gate["attacks"]["nudge@8/255"]["plugin"] == "rcomp-demo-plugin"
 
+    # a plugin architecture trained on a plugin dataset; the checkpoint names both by catalogue name
+    out = tmp_path / "tiny.safetensors"
+    res = _rcomp(site, "finetune", "--arch", "tinynet", "--data", "blobs", "--epochs", "1", "--eval-n", "10",
+                 "--device", "cpu", "-o", out)
+    assert res.returncode == 0, res.stderr
+    res = _rcomp(site, "info", out, "--json")
+    assert res.returncode == 0 and json.loads(res.stdout)["arch"] == "tinynet"
+    assert json.loads(res.stdout)["dataset"] == "blobs"
+
 
 def test_listing_shows_plugins_and_warns_about_broken_and_clashing_ones(site, tmp_path):
     res = _rcomp(site, "info", "--attacks")
@@ -178,6 +214,10 @@ def test_listing_shows_plugins_and_warns_about_broken_and_clashing_ones(site, tm
     assert all(w.startswith("warning:") and "Traceback" not in w for w in warnings)
     res = _rcomp(site, "info", "--importances", "--json")
     assert res.returncode == 0 and json.loads(res.stdout)["flat"]["plugin"] == "rcomp-demo-plugin"
+    res = _rcomp(site, "info", "--datasets", "--json")
+    assert res.returncode == 0 and json.loads(res.stdout)["blobs"]["num_classes"] == 3
+    res = _rcomp(site, "info", "--models", "--json")
+    assert res.returncode == 0 and json.loads(res.stdout)["plugins"]["tinynet"]["plugin"] == "rcomp-demo-plugin"
     # a broken plugin named on the command line is a one-line error naming its package
     ckpt = make_checkpoint(tmp_path / "m.safetensors")
     res = _rcomp(site, "attack", ckpt, "--attack", "explode", "--eps", "0.1", "--data", "digits")
@@ -216,6 +256,13 @@ def test_plugin_entries_through_the_python_api(in_process, trained_digits):
     assert net.meta.arch.name == "tinynet" and net(x).shape == (4, 10)
     pruned, rep = prune(build_model("convnet8", 10, (1, 8, 8)), 0.5, method="flat")
     assert rep.method == "flat" and rep.params_after < rep.params_before
+
+    from rcomp.data.registry import data_info, get_dataset, native_shape
+
+    assert data_info("blobs").num_classes == 3 and native_shape("blobs")[0] == (1, 8, 8)
+    ds = get_dataset("blobs", "train", net.meta.input, seed=0)
+    x0, y0 = ds[0]
+    assert len(ds) == 60 and x0.shape == (1, 8, 8) and 0 <= y0 < 3 and ds.num_classes == 3
 
 
 def test_a_plugin_cannot_be_named_by_code_in_a_file(in_process, tmp_path, cli):

@@ -57,11 +57,11 @@ class Classifier(nn.Module):
         """Which gradient attacks use, truthfully: ``exact`` for a float model; ``straight-through
         (fake-quant rounding)`` for a simulated low-bit model (its rounding has zero gradient, the
         fake-quant ops pass it straight through); for a model with an attached surrogate (a real
-        int8 model has no autograd), what the surrogate says: its ``gradient_source`` (the
+        int8 model has no autograd), what the surrogate says: its ``gradient_note`` (the
         quantization mode's note, e.g. ``fake-quant twin of int8``), else its ``description``."""
         if self._surrogate:
             s = self._surrogate[0]
-            return getattr(s, "gradient_source", None) or getattr(s, "description", "surrogate")
+            return getattr(s, "gradient_note", None) or getattr(s, "description", "surrogate")
         return GRAD_STRAIGHT_THROUGH if self.is_quantized else GRAD_EXACT
 
     @property

@@ -73,7 +73,7 @@ def assemble(model, fq: nn.Module, q: dict[str, Any]):
     else:
         out = Classifier(qb.convert(fq, q["backend"]), meta)
         twin = FakeQuantTwin(out.normalize, fq, meta)
-        twin.gradient_source = qc.MODES.get(q["mode"]).get("gradient")
+        twin.gradient_note = qc.MODES.get(q["mode"]).get("gradient")
         out.set_gradient_model(twin)
     out.normalize.load_state_dict(model.normalize.state_dict())
     out.source_path = getattr(model, "source_path", None)
