@@ -20,6 +20,10 @@ BACKEND_INFO = {
     "qnnpack": ("torch.ao.quantization.backend_config:get_qnnpack_backend_config", False),
 }
 BACKENDS = tuple(BACKEND_INFO)
+#: the quantize stage's --backend: torch.ao's engines, plus ONNX Runtime (static QDQ int8 of an ONNX file,
+#: written as .onnx; rcomp.stages.export)
+ONNXRUNTIME = "onnxruntime"
+QUANTIZE_BACKENDS = (*BACKENDS, ONNXRUNTIME)
 
 MODES = Catalogue("quantization mode", [
     Entry("int8", "rcomp.quant.backend:convert",
