@@ -12,7 +12,7 @@ from rcomp import options as O
 from rcomp.attacks.catalog import EVAL_CHOICES, NORMS
 from rcomp.errors import RcompError
 from rcomp.stages import common as C
-from rcomp.train.catalog import ADV_MODES, DEFAULT_LR, OPTIMIZERS, SCHEDULES
+from rcomp.train.catalog import ADV_MODES, DEFAULT_LR, OPTIMIZERS, SCHEDULES, SINGLE_STEP
 
 SUMMARY = "Train or fine-tune a classifier, optionally adversarially; prints the output path."
 DOC = """From CKPT it fine-tunes (pruned models stay pruned, quantized ones train through their
@@ -129,7 +129,7 @@ class Config:
             raise RcompError(f"--alpha must be positive, got {self.alpha}")
         if self.adv != "none" and self.eps <= 0:
             raise RcompError(f"--adv {self.adv} needs a positive --eps, e.g. --eps 8/255")
-        if self.grad_align and self.adv not in ("fgsm", "n-fgsm"):
+        if self.grad_align and self.adv not in SINGLE_STEP:
             raise RcompError(f"--grad-align regularises single-step training; use it with --adv fgsm or n-fgsm, "
                              f"not {self.adv}")
         if self.adv == "n-fgsm" and self.norm != "linf":

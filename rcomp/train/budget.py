@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 
 from rcomp.errors import RcompError
+from rcomp.train.catalog import SINGLE_STEP
 
 #: digits' training images: the size assumed when an old history entry records neither steps nor n
 DEFAULT_TRAIN_SIZE = 1437
@@ -38,7 +39,7 @@ def passes_per_step(adv: str | None, attack_steps: int | None, grad_align: float
     adv = adv or "none"
     if adv == "none":
         base = 1
-    elif adv in ("fgsm", "n-fgsm"):
+    elif adv in SINGLE_STEP:
         base = 2
     elif adv == "pgd":
         base = 1 + int(attack_steps or 10)
