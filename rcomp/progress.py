@@ -39,6 +39,7 @@ class Progress:
         self.min_interval = min_interval
         self.width = width
         self.n = 0
+        self._skipped = 0  # items done before this run (resumed): not counted in the rate
         self.postfix: dict[str, Any] = {}
         self._t0 = time.perf_counter()
         self._last = 0.0
@@ -64,6 +65,11 @@ class Progress:
                 self._last = now
                 self._draw("\r", "")
 
+    def skip(self, n: int) -> None:
+        """Advance by ``n`` items done earlier (read back, not computed): the rate and ETA leave them out."""
+        self._skipped += n
+        self.update(n)
+
     def close(self, ok: bool = True) -> None:
         if self._closed or not self.enabled:
             self._closed = True
@@ -78,7 +84,7 @@ class Progress:
     def line(self) -> str:
         """The text of the bar as it would be drawn now."""
         elapsed = max(time.perf_counter() - self._t0, 1e-9)
-        rate = self.n / elapsed
+        rate = (self.n - self._skipped) / elapsed
         parts = [self.desc] if self.desc else []
         if self.total:
             frac = min(self.n / self.total, 1.0)
@@ -87,6 +93,8 @@ class Progress:
         else:
             parts.append(f"{self.n}")
         parts.append(f"{elapsed:.1f}s {rate:.1f}/s")
+        if self.total and self.n < self.total and rate > 0:
+            parts.append(f"ETA {(self.total - self.n) / rate:.0f}s")
         if self.postfix:
             parts.append(" ".join(f"{k}={_fmt(v)}" for k, v in self.postfix.items()))
         return " ".join(parts)

@@ -93,7 +93,7 @@ def test_save_and_replay(cli, trained_digits, tmp_path):
     (("--attack", "fgsm", "--eps", "0.1", "--steps", "4"), "single step"),
     (("--attack", "pgd"), "--eps"),
     (("--eps", "0.1",), "--attack"),
-    (("--attack", "pgd,fgsm", "--eps", "0.1", "-o", "x.safetensors"), "one attack"),
+    (("--attack", "pgd,fgsm", "--eps", "0.1,0.2", "-o", "x.safetensors"), "one eps per file"),
 ])
 def test_attack_bad_input(cli, tiny_ckpt, args, needle):
     assert_one_line_error(cli("attack", tiny_ckpt, "--data", "digits", *args), needle)

@@ -54,6 +54,7 @@ from torch import nn
 from rcomp.attacks.apgd import APGD
 from rcomp.attacks.apgd_t import APGDT
 from rcomp.attacks.base import Attack, eval_mode
+from rcomp.attacks.cascade import BatchBook
 from rcomp.attacks.pointwise import PointwiseStart
 from rcomp.attacks.square import Square
 from rcomp.errors import RcompError
@@ -108,19 +109,18 @@ def surrogate_note(attacks: Mapping[str, Any], gradient_source: str) -> str | No
 
 def cascade_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: dict[str, Attack]) -> torch.Tensor:
     """Run ``attacks`` in order, each only on the points no earlier one fooled (scored on ``model``
-    itself); per point, the first example that fooled it, else the last attack's example."""
-    x_adv = x.detach().clone()
-    alive = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-    for attack in attacks.values():
-        idx = alive.nonzero().squeeze(1)
+    itself); per point, the first example that fooled it, else the last attack's example. The
+    bookkeeping is the evaluation loop's (:class:`~rcomp.attacks.cascade.BatchBook`)."""
+    book = BatchBook(torch.ones(x.shape[0], dtype=torch.bool, device=x.device), True, x)
+    for stage, attack in enumerate(attacks.values()):
+        idx = book.pool()
         if idx.numel() == 0:
             break
         adv = attack(model, x[idx], y[idx])
         with torch.inference_mode(), eval_mode(model):
             robust = model(adv).argmax(1) == y[idx]
-        x_adv[idx] = adv
-        alive[idx] = robust
-    return x_adv
+        book.record(attack, stage, idx, robust, adv)
+    return book.kept
 
 
 class AutoAttack(Attack):

@@ -28,6 +28,8 @@ def _print_checkpoint(name: str, cfg: Any, res) -> None:
 
 
 def _print_attack(cfg: Any, res) -> None:
+    if getattr(res, "silent", False):  # a torchrun rank other than 0
+        return
     if cfg.json:
         emit_json(res.report)
     else:
@@ -35,6 +37,8 @@ def _print_attack(cfg: Any, res) -> None:
 
 
 def _print_bench(cfg: Any, res) -> None:
+    if getattr(res, "silent", False):  # a torchrun rank other than 0
+        return
     print(res.text, flush=True)
     res.raise_failures()
 

@@ -80,7 +80,8 @@ def bench(paths_or_models: Sequence, data: str, attacks: dict[str, Any], *, spli
           n: int | None = None, batch_size: int = 128, device: str = "cpu", data_dir: str | Path | None = None,
           latency_batches: Sequence[int] = DEFAULT_LATENCY_BATCHES, arch: str | None = None,
           trust_factory: bool = False, progress: bool = True, log: Callable[[str], None] | None = None,
-          cascade: bool = False) -> dict[str, Any]:
+          cascade: bool = False, records: Callable[[Any, Path | None, int], Any] | None = None,
+          shard: tuple[int, int] | None = None) -> dict[str, Any]:
     """Benchmark each checkpoint (path or loaded Classifier) on the first ``n`` points of ``data``.
 
     ``attacks`` maps display keys to attacks (see :func:`build_attacks`); each model is attacked
@@ -93,7 +94,10 @@ def bench(paths_or_models: Sequence, data: str, attacks: dict[str, Any], *, spli
     ``independent``), ``seed``, ``stage_robust_acc`` (key -> robust accuracy after that attack and
     the ones before it), ``gradient_masking_suspected`` (see :mod:`rcomp.evaluation.cascade`) and
     ``eval_seconds``. ``cascade``: run each attack only on the points still robust after the
-    earlier ones (always on for the ``auto`` suite's stages).
+    earlier ones (always on for the ``auto`` suite's stages). ``records(model, path, n)``, if given,
+    returns the :class:`~rcomp.evaluation.records.RecordDir` each model's evaluation writes to;
+    ``shard=(rank, world)`` splits each evaluation's batches over torchrun processes (see
+    :func:`~rcomp.evaluation.robustness.evaluate`).
     """
     import torch
 
@@ -122,7 +126,11 @@ def bench(paths_or_models: Sequence, data: str, attacks: dict[str, Any], *, spli
         for a in attacks.values():  # every model sees the same random streams
             if hasattr(a, "reset"):
                 a.reset()
-        res = evaluate(model, loader, attacks, device=device, progress=progress, desc=name[:24], cascade=cascade)
+        store = records(model, path, len(loader.dataset)) if records is not None else None
+        res = evaluate(model, loader, attacks, device=device, progress=progress, desc=name[:24], cascade=cascade,
+                       store=store, shard=shard)
+        for line in (res.checks or {}).get("warnings", []) if log else ():
+            log(f"warning: {name}: {line}")
         n_eval = res.n
         shape = tuple(model.meta.input.shape)
         spread = {str(b): measure_latency(model, shape, b, device=device) for b in latency_batches if b > 0}
@@ -154,6 +162,7 @@ def bench(paths_or_models: Sequence, data: str, attacks: dict[str, Any], *, spli
             "seed": res.seed,
             "stage_robust_acc": dict(res.stage_robust_acc),
             "gradient_masking_suspected": res.gradient_masking_suspected,
+            "checks": res.checks,
             "eval_seconds": round(res.seconds, 3),
         })
     return {

@@ -18,12 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import torch
-
-
-def uses_gradients(attack: Any) -> bool:
-    """False for score-based or transfer attacks (attribute ``uses_gradients = False``)."""
-    return bool(getattr(attack, "uses_gradients", True))
+from rcomp.attacks.cascade import BatchBook, uses_gradients  # noqa: F401 - re-exported
 
 
 def expand_suites(attacks: Mapping[str, Any]) -> dict[str, Any]:
@@ -53,35 +48,3 @@ def masking_checkable(attacks: Mapping[str, Any], cascade: bool) -> bool:
     if not any(kinds) or all(kinds):
         return False
     return not cascade or any(not k and any(kinds[:i]) for i, k in enumerate(kinds))
-
-
-class BatchBook:
-    """Which points of one batch are still robust, and who fooled whom, stage after stage."""
-
-    def __init__(self, ok: torch.Tensor, cascade: bool):
-        self.ok = ok
-        self.cascade = cascade
-        self.still = ok.clone()
-        self.grad_fooled = torch.zeros_like(ok)
-        self.grad_covered = ok.clone()  # attacked by every gradient attack so far
-        self.free_fooled = torch.zeros_like(ok)
-
-    def pool(self) -> torch.Tensor:
-        """Indices the next attack runs on."""
-        return (self.still if self.cascade else self.ok).nonzero().squeeze(1)
-
-    def record(self, attack: Any, idx: torch.Tensor, robust_sub: torch.Tensor) -> None:
-        fooled = torch.zeros_like(self.ok)
-        fooled[idx] = ~robust_sub
-        self.still &= ~fooled
-        if uses_gradients(attack):
-            attacked = torch.zeros_like(self.ok)
-            attacked[idx] = True
-            self.grad_covered &= attacked
-            self.grad_fooled |= fooled
-        else:
-            self.free_fooled |= fooled
-
-    def masked(self) -> int:
-        """Points a gradient-free attack fooled that every gradient attack was run on and missed."""
-        return int((self.free_fooled & ~self.grad_fooled & self.grad_covered).sum())

@@ -1,10 +1,11 @@
-"""Clean and robust accuracy over a data loader, streamed batch by batch.
+"""The one evaluation loop: clean and robust accuracy over a data loader, streamed batch by batch,
+with per-example records.
 
 Per batch: one clean forward pass under ``torch.inference_mode`` serves every attack; each attack
 runs on the points classified correctly clean (a point already wrong is never attacked, and
 counts as non-robust); its examples are scored with one more inference-mode forward pass on the
-model itself (for an int8 model: the real int8 model, whatever gradient the attack used). Nothing
-is kept across batches except counters, so memory does not grow with the number of points.
+model itself (for an int8 model: the real int8 model, whatever gradient the attack used). Across
+batches only counters are kept, plus, when asked for, the per-example :class:`Records`.
 
 Robust accuracy under an attack counts a point only if it is correct clean AND still correct on
 that attack's example; the worst case counts a point only if it is correct clean and under
@@ -13,6 +14,11 @@ every attack (the per-example worst case of RobustBench/AutoAttack).
 With ``cascade=True`` each attack runs only on the points still robust after the earlier ones
 (see :mod:`rcomp.evaluation.cascade`): the worst case is the same figure, for less work, and an
 attack's own ``robust_acc`` then reads the robust accuracy after it and every attack before it.
+
+Every consumer reads this loop: ``rcomp attack`` (its report, ``-o``, and ``--from``, which
+replays saved examples through :func:`replay`), ``rcomp bench``, the clean accuracy of
+quantize/convert, and training's validation and ``finetune --eval-attack`` figures (through
+:class:`PerBatch`, an attack built per batch from the loader's third item).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from typing import Any
 import torch
 
 from rcomp.attacks.base import flat_norm
+from rcomp.errors import RcompError
 
 
 @dataclass
@@ -42,6 +49,47 @@ class AttackResult:
     seconds: float = 0.0
     #: attacked points per second of attack time (gradient computation and scoring)
     examples_per_s: float = 0.0
+
+
+@dataclass
+class Records:
+    """Per-example results of one evaluation, in the loader's order (one row per point).
+
+    ``stage[i]`` is the position in ``stages`` of the first attack that fooled point ``i`` (-1:
+    none did, or the point was wrong clean and never attacked); ``norm[i]`` is the size of the
+    kept example's perturbation; ``adv[i]`` and ``clean[i]`` (only when images were asked for) are
+    the kept example -- the first one that fooled the point, else the last attack's, else the clean
+    image -- and the clean image.
+    A point is robust iff ``clean_correct & (stage < 0)``.
+    """
+
+    stages: list[str]
+    index: torch.Tensor
+    label: torch.Tensor
+    clean_correct: torch.Tensor
+    stage: torch.Tensor
+    norm: torch.Tensor
+    adv: torch.Tensor | None = None
+    clean: torch.Tensor | None = None
+
+    @property
+    def robust(self) -> torch.Tensor:
+        return self.clean_correct & (self.stage < 0)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @staticmethod
+    def cat(parts: list[Records], stages: list[str]) -> Records:
+        def c(name, dtype):
+            xs = [getattr(p, name) for p in parts]
+            return torch.cat(xs) if xs else torch.zeros(0, dtype=dtype)
+        def maybe(name):
+            xs = [getattr(p, name) for p in parts]
+            return torch.cat(xs) if xs and all(a is not None for a in xs) else None
+
+        return Records(stages, c("index", torch.long), c("label", torch.long), c("clean_correct", torch.bool),
+                       c("stage", torch.long), c("norm", torch.float32), maybe("adv"), maybe("clean"))
 
 
 @dataclass
@@ -65,6 +113,10 @@ class EvalResult:
     stage_robust_acc: dict[str, float] = field(default_factory=dict)
     #: points a gradient-free attack fooled that every gradient attack missed; None: not checked
     gradient_masking_suspected: int | None = None
+    #: AutoAttack's own checks (Croce and Hein's flags), measured on the same points: see :func:`checks_of`
+    checks: dict[str, Any] | None = None
+    #: per-example results (only when ``evaluate(..., records=...)`` asked for them)
+    records: Records | None = field(default=None, repr=False)
 
     @property
     def success_rate(self) -> dict[str, float]:
@@ -82,19 +134,98 @@ class _Counter:
         self.norm_sum = self.norm_max = self.seconds = 0.0
 
 
+class PerBatch:
+    """An attack built afresh for each batch and run on the whole batch.
+
+    The loop hands a plain attack only the points of a batch classified correctly clean; this
+    one is built by ``make(key)`` from the loader's third item (``(x, y, key)``, e.g. a seed, or a
+    batch of saved examples), attacks every point of the batch and the loop keeps the rows it
+    needs, so what a point's attack draws does not depend on which other points were correct.
+    """
+
+    whole_batch = True
+
+    def __init__(self, make: Callable[[Any], Any], norm: str = "linf", params: dict[str, Any] | None = None):
+        self.make, self.norm = make, norm
+        self._params: dict[str, Any] = dict(params or {})
+
+    def for_batch(self, key: Any):
+        attack = self.make(key)
+        if hasattr(attack, "params"):
+            self._params = attack.params()
+        return attack
+
+    def params(self) -> dict[str, Any]:
+        return dict(self._params)
+
+
+class _Fold:
+    """The figures, folded batch by batch from each batch's per-point results (fresh or read back
+    from ``--records``: the same fold, so a resumed run ends with the same bits)."""
+
+    def __init__(self, attacks: dict[str, Any]):
+        from rcomp.attacks.cascade import uses_gradients
+
+        self.counts = [_Counter() for _ in attacks]
+        self.grad = torch.tensor([uses_gradients(a) for a in attacks.values()], dtype=torch.bool)
+        self.n = self.clean = self.worst = self.masked = 0
+        self.flags = {"varies": 0, "softmax": 0, "zero_grad": 0}
+
+    def add(self, t: dict[str, torch.Tensor]) -> None:
+        for k in self.flags:
+            if k in t:
+                self.flags[k] += int(t[k].sum())
+        ok, first = t["clean_correct"].bool(), t["stage"]
+        attacked, robust, anorm = t["attacked"].bool(), t["robust"].bool(), t["attack_norm"]
+        for a, c in enumerate(self.counts):
+            att = attacked[:, a]
+            m = int(att.sum())
+            if m:
+                norms = anorm[att, a]
+                c.norm_sum += float(norms.double().sum())
+                c.norm_max = max(c.norm_max, float(norms.max()))
+                r = int(robust[att, a].sum())
+                c.robust += r
+                c.fooled += m - r
+                c.attacked += m
+            c.seconds += float(t["seconds"][a])
+            c.stage += int((ok & ((first < 0) | (first > a))).sum())
+        if len(self.counts):
+            fooled = attacked & ~robust
+            g = self.grad
+            grad_fooled = fooled[:, g].any(1)
+            covered = ok & attacked[:, g].all(1)
+            free_fooled = fooled[:, ~g].any(1)
+            self.masked += int((free_fooled & ~grad_fooled & covered).sum())
+        self.n += len(ok)
+        self.clean += int(ok.sum())
+        self.worst += int((ok & (first < 0)).sum())
+
+
+_RECORD_KEYS = ("index", "label", "clean_correct", "stage", "norm")
+
+
 def evaluate(model, loader: Iterable, attacks: dict[str, Callable] | None = None, device: str = "cpu",
-             progress: bool = True, *, desc: str = "evaluate",
-             on_batch: Callable[[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]], None] | None = None,
-             total: int | None = None, cascade: bool = False) -> EvalResult:
+             progress: bool = True, *, desc: str = "evaluate", total: int | None = None, cascade: bool = False,
+             records: bool | str = False, first_index: int = 0, store=None,
+             shard: tuple[int, int] | None = None, checks: bool = True) -> EvalResult:
     """Clean accuracy, robust accuracy per attack and worst case of ``model`` over ``loader``.
 
     ``attacks`` maps a display name to an attack (``attack(model, x, y) -> x_adv``, see
     :mod:`rcomp.attacks`); ``{}`` gives clean accuracy only. A suite (``make_attack("auto")``)
     is expanded into its stages. ``cascade``: run each attack only on the points still robust
-    after the earlier ones (always on when a suite such as ``auto`` is among the attacks). ``progress`` draws a bar on stderr. ``on_batch(x, y, {name: x_adv})``, if given,
-    receives each batch with every attack's examples (for points an attack did not run on --
-    wrong clean, or fooled earlier in a cascade -- ``x_adv`` is ``x``): the caller decides what
-    to keep. The model is left in the train/eval mode it came in.
+    after the earlier ones (always on when a suite such as ``auto`` is among the attacks).
+    ``progress`` draws a bar on stderr. ``loader`` yields ``(x, y)`` or ``(x, y, key)``; ``key``
+    goes to the :class:`PerBatch` attacks. ``records``: keep the per-example :class:`Records`
+    (``"images"``: with the kept adversarial images), indexed from ``first_index`` in loader
+    order. ``store`` (a :class:`~rcomp.evaluation.records.RecordDir`): write each batch's
+    records there as it is done, and first read back the batches it already holds (resume).
+    ``shard=(rank, world)`` (under torchrun, with ``store``): this process runs batches ``b`` with
+    ``b % world == rank`` only, the batches themselves being those of one process, then all
+    processes wait for each other and every one folds all the chunks in batch order, so the figures
+    equal a one-process run's; only attacks whose draws do not depend on the batch
+    (:func:`batch_independent`) may be sharded. ``checks``: run AutoAttack's checks (:func:`checks_of`;
+    one more clean pass and one input gradient per batch). The model is left in the train/eval mode it came in.
     """
     from rcomp.evaluation.cascade import expand_suites, masking_checkable, wants_cascade
     from rcomp.progress import Progress
@@ -102,8 +233,25 @@ def evaluate(model, loader: Iterable, attacks: dict[str, Callable] | None = None
     attacks = dict(attacks or {})
     cascade = wants_cascade(attacks, cascade)
     attacks = expand_suites(attacks)
-    counts = {name: _Counter() for name in attacks}
-    n = clean = worst = masked = 0
+    fold = _Fold(attacks)
+    parts: list[Records] = []
+    images = records == "images"
+    if shard is not None and shard[1] > 1:
+        if store is None:
+            raise RcompError("under torchrun, give --records DIR (a folder every process can reach): the "
+                             "processes hand their results to rank 0 through it")
+        moving = [k for k, a in attacks.items() if not batch_independent(a)]
+        if moving:
+            raise RcompError(f"{', '.join(moving)} draw(s) random numbers per batch, so splitting the points over "
+                             "processes would change the result; run it in one process, or shard attacks that draw "
+                             "per point (auto, apgd-t, square, fgsm)")
+        rank, world = shard
+    else:
+        rank, world = 0, 1
+    done = store.load() if store is not None else {}
+    if done and images and any("adv" not in t for t in done.values()):
+        raise RcompError(f"--records {store.path} was made without -o, so it holds no adversarial images; "
+                         "resume without -o, or start a new folder")
     was_training = model.training
     model.eval()
     if total is None:
@@ -112,71 +260,193 @@ def evaluate(model, loader: Iterable, attacks: dict[str, Callable] | None = None
         except (AttributeError, TypeError):
             total = None
     t_start = time.perf_counter()
+    seen = 0
     try:
         with Progress(total, desc, enabled=progress) as bar:
-            for x, y in loader:
-                x = x.to(device, non_blocking=True)
-                y = torch.as_tensor(y).to(device, non_blocking=True)
-                with torch.inference_mode():
-                    ok = model(x).argmax(1) == y
-                book = _attack_batch(model, x, y, ok, attacks, counts, cascade, device, on_batch)
-                n += len(y)
-                clean += int(ok.sum())
-                worst += int(book.still.sum())
-                masked += book.masked()
-                post = {"clean": clean / n}
+            for b, item in enumerate(loader):
+                x, y = item[0], item[1]
+                key = item[2] if len(item) > 2 else None
+                first = first_index + seen
+                seen += len(y)
+                if b in done:
+                    t = done[b]
+                    if t["first"] != first or not torch.equal(t["label"], torch.as_tensor(y).long().cpu()):
+                        raise RcompError(f"--records {store.path}: chunk {b} holds other points than this run's "
+                                         "batch; resume with the same data, -n and --batch-size")
+                    for attack, calls in zip(attacks.values(), t["calls"].tolist(), strict=True):
+                        if hasattr(attack, "_calls"):  # where its random streams stood after this batch
+                            attack._calls = int(calls)
+                elif b % world != rank:
+                    continue
+                else:
+                    x = x.to(device, non_blocking=True)
+                    y = torch.as_tensor(y).to(device, non_blocking=True)
+                    ok, flags = _clean_pass(model, x, y, checks=checks and bool(attacks))
+                    book, secs = attack_batch(model, x, y, ok, attacks, cascade, device, key, keep=images)
+                    t = {"index": torch.arange(first, first + len(y)), "label": y.cpu().long(),
+                         "clean_correct": ok.cpu(), "stage": book.first.cpu(), "norm": book.norm.cpu(),
+                         "attacked": book.attacked.cpu(), "robust": book.robust.cpu(),
+                         "attack_norm": book.attack_norm.cpu(), "seconds": torch.tensor(secs, dtype=torch.float64),
+                         "calls": torch.tensor([int(getattr(a, "_calls", -1)) for a in attacks.values()],
+                                               dtype=torch.long), **flags}
+                    if images:
+                        t["adv"], t["clean"] = book.kept.cpu(), x.cpu()
+                    if store is not None:
+                        store.write(b, first, t)
+                if world > 1:  # the bar counts the points of every process (their chunks on disk)
+                    if b in done:
+                        bar.skip(len(t["index"]))
+                    else:
+                        everyone = min(len(store.chunks()) * len(t["index"]), total or 10**12)
+                        bar.update(max(everyone - bar.n, 0))
+                    continue
+                fold.add(t)
+                if records:
+                    parts.append(Records(list(attacks), *(t[k] for k in _RECORD_KEYS),
+                                         t.get("adv") if images else None, t.get("clean") if images else None))
+                post = {"clean": fold.clean / fold.n}
                 if attacks:
-                    post["robust"] = worst / n
-                bar.update(len(y), **post)
+                    post["robust"] = fold.worst / fold.n
+                if b in done:
+                    bar.skip(len(t["index"]))
+                    bar.update(0, **post)
+                else:
+                    bar.update(len(t["index"]), **post)
+        if world > 1:  # every process has written its chunks: fold them all, in batch order
+            from rcomp.train.distributed import DistInfo, barrier
+
+            barrier(DistInfo(rank, world))
+            loaded = store.load()
+            for t in (loaded[b] for b in sorted(loaded)):
+                fold.add(t)
+                if records:
+                    parts.append(Records(list(attacks), *(t[k] for k in _RECORD_KEYS),
+                                         t.get("adv") if images else None, t.get("clean") if images else None))
     finally:
         model.train(was_training)
     seconds = time.perf_counter() - t_start
+    n = fold.n
     seeds = {getattr(a, "seed", None) for a in attacks.values()}
-    res = EvalResult(n=n, clean_acc=clean / n if n else 0.0, worst_case_acc=worst / n if n else 0.0,
+    res = EvalResult(n=n, clean_acc=fold.clean / n if n else 0.0, worst_case_acc=fold.worst / n if n else 0.0,
                      seconds=seconds, examples_per_s=n / seconds if seconds > 0 else 0.0,
                      gradient_source=getattr(model, "gradient_source", "exact"),
                      mode="cascade" if cascade else "independent",
                      seed=seeds.pop() if len(seeds) == 1 else None,
-                     gradient_masking_suspected=masked if masking_checkable(attacks, cascade) else None)
-    for name, attack in attacks.items():
-        _fill(res, name, attack, counts[name], n)
+                     gradient_masking_suspected=fold.masked if masking_checkable(attacks, cascade) else None,
+                     records=Records.cat(parts, list(attacks)) if records else None)
+    for (name, attack), c in zip(attacks.items(), fold.counts, strict=True):
+        _fill(res, name, attack, c, n)
+    if attacks and checks:
+        res.checks = checks_of(res, fold.flags, attacks)
     return res
 
 
-def _attack_batch(model, x, y, ok, attacks, counts, cascade: bool, device: str, on_batch):
-    """Run every attack on its points of one batch (see :class:`~rcomp.evaluation.cascade.BatchBook`)."""
-    from rcomp.evaluation.cascade import BatchBook
+def _clean_pass(model, x, y, checks: bool):
+    """Clean correctness, and per point the flags of AutoAttack's checks: outputs that differ between
+    two passes (a randomised model), outputs that look like probabilities (softmax instead of
+    logits), a zero input gradient of the cross-entropy (on the gradients the attacks use)."""
+    with torch.inference_mode():
+        out = model(x)
+        ok = out.argmax(1) == y
+        if not checks:
+            return ok, {}
+        again = model(x)
+        varies = (out - again).abs().flatten(1).amax(1) > 0
+        rowsum = out.float().sum(1)
+        softmax = (out >= 0).all(1) & (out <= 1).all(1) & ((rowsum - 1).abs() < 1e-3)
+    flags = {"varies": varies.cpu(), "softmax": softmax.cpu()}
+    gm = model.gradient_model() if hasattr(model, "gradient_model") else model
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            xg = x.detach().clone().float().requires_grad_(True)
+            loss = torch.nn.functional.cross_entropy(gm(xg), y.detach().clone().long(), reduction="sum")
+            (grad,) = torch.autograd.grad(loss, [xg])
+        flags["zero_grad"] = ((grad.abs().flatten(1).amax(1) == 0) & ok).cpu()
+    except RuntimeError:  # a model with no gradient at all: nothing to check here (the attacks say so)
+        pass
+    return ok, flags
 
-    book = BatchBook(ok, cascade)
-    advs: dict[str, torch.Tensor] = {}
-    for name, attack in attacks.items():
-        c = counts[name]
+
+#: the APGD-T stage fooling this fraction of all points more than APGD-CE did flags saturated CE gradients
+CE_T_GAP = 0.1
+
+
+def checks_of(res: EvalResult, flags: dict[str, int], attacks: dict[str, Any]) -> dict[str, Any]:
+    """AutoAttack's checks (its ``flags_doc``), counted on this evaluation's points, with a warning
+    line for each that fired: a randomised model; softmax outputs; zero gradients at clean points;
+    Square lowering the figure after the gradient stages (``gradient_masking_suspected``); a large
+    gap between APGD-CE and APGD-T (saturated cross-entropy gradients)."""
+    gap = None
+    ce = [k for k, a in attacks.items() if getattr(a, "name", None) == "apgd" and getattr(a, "loss", None) == "ce"]
+    tt = [k for k, a in attacks.items() if getattr(a, "name", None) == "apgd-t"]
+    if ce and tt:
+        if res.mode == "cascade":
+            gap = res.stage_robust_acc[ce[0]] - res.stage_robust_acc[tt[0]]
+        else:
+            gap = res.robust_acc[ce[0]] - res.robust_acc[tt[0]]
+    warn = []
+    if flags["varies"]:
+        warn.append(f"randomised model: {flags['varies']} point(s) got different outputs from two passes; "
+                    "attack it with EOT, and do not trust a single run's figure")
+    if flags["softmax"]:
+        warn.append(f"the model's outputs look like probabilities on {flags['softmax']} point(s) (softmax instead "
+                    "of logits?): cross-entropy gradients vanish; return logits")
+    if flags["zero_grad"]:
+        warn.append(f"{flags['zero_grad']} point(s) correct clean have a zero gradient: gradient attacks cannot "
+                    "move them (masked gradients); trust the gradient-free stages")
+    if res.gradient_masking_suspected:
+        warn.append(f"a gradient-free attack fooled {res.gradient_masking_suspected} point(s) every gradient attack "
+                    "missed: gradient masking suspected")
+    if gap is not None and gap >= CE_T_GAP:
+        warn.append(f"APGD-T fooled {gap:.1%} of the points APGD-CE missed: the cross-entropy gradients look "
+                    "saturated (scaled logits?); trust the DLR/targeted figures")
+    return {"randomized": flags["varies"], "softmax_output": flags["softmax"], "zero_gradients": flags["zero_grad"],
+            "square_after_gradients": res.gradient_masking_suspected, "apgd_ce_t_gap": gap, "warnings": warn}
+
+
+def batch_independent(attack) -> bool:
+    """Whether ``attack``'s example for a point depends only on the point, the seed and the attack
+    (per-point draws: auto's stages, apgd-t, square, fgsm without a random start), not on the other
+    points of its batch nor on how many batches came before: what sharding needs."""
+    from rcomp.attacks.fgsm import FGSM
+    from rcomp.attacks.pointwise import PointwiseStart
+    from rcomp.attacks.square import Square
+
+    if getattr(attack, "targeted", False):
+        return False  # random target classes, drawn per batch
+    if isinstance(attack, (PointwiseStart, Square)):
+        return True
+    return isinstance(attack, FGSM) and not getattr(attack, "random_start_on", True)
+
+
+def attack_batch(model, x, y, ok, attacks, cascade: bool = True, device: str = "cpu", key=None,
+                 keep: bool = False):
+    """Run every attack on its points of one batch: ``(book, seconds per attack)``. The
+    :class:`~rcomp.attacks.cascade.BatchBook` says, per point and attack, who ran, who fooled it
+    first, and (``keep``) holds the example kept for it."""
+    from rcomp.attacks.cascade import BatchBook
+
+    book = BatchBook(ok, cascade, x if keep else None, stages=len(attacks))
+    secs = []
+    for i, attack in enumerate(attacks.values()):
         t0 = time.perf_counter()
         idx = book.pool()
-        full = x.clone() if on_batch is not None else None
         if len(idx):
-            xs, ys = x[idx].clone(), y[idx].clone()
-            x_adv = attack(model, xs, ys)
+            run = attack.for_batch(key) if hasattr(attack, "for_batch") else attack
+            ys = y[idx].clone()
+            if getattr(attack, "whole_batch", False):
+                x_adv = run(model, x.clone(), y.clone())[idx]
+                xs = x[idx]
+            else:
+                xs = x[idx].clone()
+                x_adv = run(model, xs, ys)
             with torch.inference_mode():
                 robust_sub = model(x_adv).argmax(1) == ys
-            norms = flat_norm(x_adv - xs, _norm_of(attack))
-            c.norm_sum += float(norms.double().sum())
-            c.norm_max = max(c.norm_max, float(norms.max()))
-            c.robust += int(robust_sub.sum())
-            c.fooled += int((~robust_sub).sum())
-            c.attacked += len(idx)
-            book.record(attack, idx, robust_sub)
-            if full is not None:
-                full[idx] = x_adv
-        if full is not None:
-            advs[name] = full
+            book.record(attack, i, idx, robust_sub, x_adv, flat_norm(x_adv - xs, _norm_of(attack)))
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-        c.seconds += time.perf_counter() - t0
-        c.stage += int(book.still.sum())
-    if on_batch is not None:
-        on_batch(x, y, advs)
-    return book
+        secs.append(time.perf_counter() - t0)
+    return book, secs
 
 
 def _fill(res: EvalResult, name: str, attack, c: _Counter, n: int) -> None:
@@ -197,44 +467,34 @@ def _norm_of(attack) -> str:
     return getattr(attack, "norm", "linf")
 
 
-def evaluate_pairs(model, images: torch.Tensor, adv_images: torch.Tensor, labels: torch.Tensor,
-                   batch_size: int = 256, device: str = "cpu", name: str = "transfer",
-                   norm: str = "linf") -> EvalResult:
-    """Replay saved adversarial examples against ``model`` (transfer evaluation).
+def _saved(batch):
+    """The 'attack' of :func:`replay`: hand back the saved examples of the batch."""
+    return lambda model, x, y: batch
 
-    A point counts as robust only if ``model`` classifies both its clean image and its
+
+def replay(model, images: torch.Tensor, adv_images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256,
+           device: str = "cpu", name: str = "transfer", norm: str = "linf", params: dict[str, Any] | None = None,
+           records: bool = False) -> EvalResult:
+    """Replay saved adversarial examples against ``model`` (transfer evaluation), through :func:`evaluate`.
+
+    A point counts as robust only if ``model`` classifies both its clean image and its saved
     adversarial image correctly. Streams ``batch_size`` points at a time.
     """
     n = len(labels)
-    clean = robust = fooled = attacked = 0
-    norm_sum = norm_max = 0.0
-    was_training = model.training
-    model.eval()
-    t0 = time.perf_counter()
-    try:
-        with torch.inference_mode():
-            for s in range(0, n, batch_size):
-                x = images[s:s + batch_size].to(device).float()
-                xa = adv_images[s:s + batch_size].to(device).float()
-                y = labels[s:s + batch_size].to(device).long()
-                ok = model(x).argmax(1) == y
-                r = ok & (model(xa).argmax(1) == y)
-                clean += int(ok.sum())
-                robust += int(r.sum())
-                attacked += int(ok.sum())
-                fooled += int((ok & ~r).sum())
-                if ok.any():
-                    norms = flat_norm((xa - x)[ok], norm)
-                    norm_sum += float(norms.double().sum())
-                    norm_max = max(norm_max, float(norms.max()))
-    finally:
-        model.train(was_training)
-    secs = time.perf_counter() - t0
-    ar = AttackResult(params={"attack": name, "norm": norm}, robust_acc=robust / n if n else 0.0,
-                      success_rate=fooled / attacked if attacked else 0.0,
-                      mean_norm=norm_sum / attacked if attacked else 0.0, max_norm=norm_max, attacked=attacked,
-                      seconds=secs, examples_per_s=n / secs if secs > 0 else 0.0)
-    return EvalResult(n=n, clean_acc=clean / n if n else 0.0, robust_acc={name: ar.robust_acc},
-                      worst_case_acc=ar.robust_acc, attacks={name: ar}, seconds=secs,
-                      examples_per_s=n / secs if secs > 0 else 0.0,
-                      gradient_source="none (replayed examples)")
+
+    def loader():
+        for s in range(0, n, batch_size):
+            yield (images[s:s + batch_size].float(), labels[s:s + batch_size].long(),
+                   adv_images[s:s + batch_size].to(device).float())
+
+    attack = PerBatch(_saved, norm, {"attack": name, "norm": norm, **(params or {})})
+    res = evaluate(model, loader(), {name: attack}, device, progress=False, total=n, records=records, checks=False)
+    res.gradient_source = "none (replayed examples)"
+    return res
+
+
+def evaluate_pairs(model, images: torch.Tensor, adv_images: torch.Tensor, labels: torch.Tensor,
+                   batch_size: int = 256, device: str = "cpu", name: str = "transfer",
+                   norm: str = "linf") -> EvalResult:
+    """:func:`replay` under its former name."""
+    return replay(model, images, adv_images, labels, batch_size, device, name, norm)

@@ -1,7 +1,11 @@
 """The file of adversarial examples written by ``rcomp attack -o`` and replayed by ``--from``.
 
 Plain safetensors: ``images``, ``adv_images`` and ``labels``, with the attack's parameters as JSON
-metadata. rcomp's own writer sorts keys, so the same examples give the same bytes.
+metadata; files written since several attacks (a suite, a cascade) can be saved also hold, per
+point, ``index`` (its position in the evaluated data), ``stage`` (the position, in the metadata's
+``stages`` list, of the first attack that fooled it; -1: none) and ``clean_correct``. The
+adversarial image of each point is that of its per-example worst case: the first attack that
+fooled it. rcomp's own writer sorts keys, so the same examples give the same bytes.
 """
 
 from __future__ import annotations
@@ -15,18 +19,26 @@ from rcomp.errors import RcompError
 ADV_KIND = "adversarial-examples"
 
 
-def save_examples(out: Path, images, adv, labels, info: dict[str, Any], inputs: tuple, force: bool) -> None:
+def save_examples(out: Path, images, adv, labels, info: dict[str, Any], inputs: tuple, force: bool,
+                  extra: dict[str, Any] | None = None) -> None:
+    """Write the file; ``extra`` adds per-point tensors (``index``, ``stage``, ``clean_correct``)."""
     from rcomp.io.atomic import atomic_write_bytes, check_output_path
     from rcomp.io.serialize import serialize
 
     check_output_path(out, inputs, force=force)
-    data = serialize({"images": images, "adv_images": adv, "labels": labels},
+    data = serialize({"images": images, "adv_images": adv, "labels": labels, **(extra or {})},
                      {"rcomp.kind": ADV_KIND, "rcomp.adversarial": json.dumps(info, sort_keys=True)})
     atomic_write_bytes(out, data, exclusive=not force)
 
 
 def load_examples(path: Path):
     """(images, adv_images, labels, info) from a file written by ``rcomp attack -o``."""
+    return load_examples_with_points(path)[:4]
+
+
+def load_examples_with_points(path: Path):
+    """(images, adv_images, labels, info, points): ``points`` holds those of the per-point tensors
+    ``stage``, ``index`` and ``clean_correct`` the file has (older files have none), as int64."""
     from rcomp.io.header import read_header
     from rcomp.io.serialize import load_tensors
 
@@ -45,4 +57,12 @@ def load_examples(path: Path):
     if x.shape != xa.shape or x.dim() != 4 or y.dim() != 1 or len(y) != len(x):
         raise RcompError(f"--from {path}: images {tuple(x.shape)}, adv_images {tuple(xa.shape)} and labels "
                          f"{tuple(y.shape)} do not match")
-    return x, xa, y, info if isinstance(info, dict) else {}
+    points = {}
+    for k in ("stage", "index", "clean_correct"):
+        if k in t:
+            v = t[k]
+            if v.dim() != 1 or len(v) != len(y) or v.dtype.is_floating_point or v.dtype.is_complex:
+                raise RcompError(f"--from {path}: its {k!r} tensor does not hold one integer per point; "
+                                 "re-create the file with rcomp attack -o")
+            points[k] = v.long()
+    return x, xa, y, info if isinstance(info, dict) else {}, points

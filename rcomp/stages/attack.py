@@ -77,10 +77,18 @@ class AttackOptions:
                                    help="For .onnx models (no gradients): the checkpoint gradient attacks run on, their "
                                         "examples scored on the ONNX model (default: the source checkpoint the file "
                                         "records, if it is at its recorded path with its recorded sha256).")
+    records: Path | None = O.opt(None, "--records", kind="path",
+                                 help="Keep per-example records in this folder, one file per batch as it is done, so "
+                                      "an interrupted evaluation can continue with --resume.")
+    resume: bool = O.opt(False, "--resume", kind="bool",
+                         help="Continue the evaluation whose records are in --records (same model, data, attacks "
+                              "and seed); ends with the figures of an uninterrupted run.")
 
     def check_attacks(self) -> None:
         if self.attack and not self.eps:
             raise RcompError("give --eps in pixel units, e.g. --eps 8/255 or --eps 0.1")
+        if self.resume and self.records is None:
+            raise RcompError("--resume continues the evaluation kept in --records DIR; give --records")
 
     def build(self, seed: int) -> dict[str, Any]:
         """``{key: attack}`` for every attack and eps."""
@@ -122,8 +130,9 @@ class Config(AttackOptions):
         if not self.attack:
             raise RcompError(f"give --attack, e.g. --attack pgd (choose from {ATTACKS.help_names()})")
         self.check_attacks()
-        if self.output is not None and len(self.attack) * len(self.eps) != 1:
-            raise RcompError("-o saves the examples of one attack at one eps; give a single --attack and --eps")
+        if self.output is not None and len(self.eps) != 1:
+            raise RcompError(f"-o saves the examples of one eps per file, and --eps gives {len(self.eps)}; "
+                             "give a single --eps (one run per eps)")
 
 
 def report_dict(model, path: Path, res, data: str | None, split: str | None, device: str,
@@ -136,6 +145,7 @@ def report_dict(model, path: Path, res, data: str | None, split: str | None, dev
         "mode": getattr(res, "mode", "independent"), "seed": getattr(res, "seed", None),
         "stage_robust_acc": dict(getattr(res, "stage_robust_acc", {}) or {}),
         "gradient_masking_suspected": getattr(res, "gradient_masking_suspected", None),
+        "checks": getattr(res, "checks", None),
         "attacks": {k: {"params": a.params, "robust_acc": a.robust_acc, "success_rate": a.success_rate,
                         "mean_norm": a.mean_norm, "max_norm": a.max_norm, "attacked": a.attacked,
                         "seconds": round(a.seconds, 4), "examples_per_s": round(a.examples_per_s, 2)}
@@ -145,24 +155,86 @@ def report_dict(model, path: Path, res, data: str | None, split: str | None, dev
     }
 
 
-def _save(cfg: Config, path: Path, model, res, attacks, kept: list) -> None:
+def saved_attack_params(attacks: dict) -> dict[str, Any]:
+    """The parameters an examples file records: one attack's own, or for several (a suite, a cascade,
+    a list) the shared eps/norm/seed/mode and every stage's parameters, in order."""
+    if len(attacks) == 1:
+        (atk,) = attacks.values()
+        return atk.params()
+    from rcomp.evaluation.cascade import wants_cascade
+
+    params = {k: a.params() for k, a in attacks.items()}
+    suites = {getattr(a, "suite", None) for a in attacks.values()}
+    name = suites.pop() if len(suites) == 1 and None not in suites else "+".join(attacks)
+
+    def shared(field):
+        vals = {repr(p.get(field)) for p in params.values()}
+        return next(iter(params.values())).get(field) if len(vals) == 1 else None
+
+    return {"attack": name, "eps": shared("eps"), "norm": shared("norm"), "seed": shared("seed"),
+            "mode": "cascade" if wants_cascade(attacks, False) else "per-example worst case",
+            "stages": params}
+
+
+def _save(cfg: Config, path: Path, model, res, attacks) -> None:
     import torch
 
     from rcomp.io.examples import save_examples
 
-    (key, atk), = attacks.items()
-    info = {"attack": atk.params(), "source_checkpoint": str(path), "source_sha256": model.source_sha256,
+    rec = res.records
+    info = {"attack": saved_attack_params(attacks), "stages": list(rec.stages), "mode": res.mode,
+            "source_checkpoint": str(path), "source_sha256": model.source_sha256,
             "arch": model.meta.arch.name, "gradient_source": model.gradient_source, "data": cfg.data,
             "split": cfg.split, "n": res.n, "input_shape": list(model.meta.input.shape), "clean_acc": res.clean_acc,
-            "robust_acc": res.robust_acc[key]}
-    save_examples(Path(cfg.output), torch.cat([k[0] for k in kept]), torch.cat([k[1] for k in kept]),
-                  torch.cat([k[2] for k in kept]), info, (path,), cfg.force)
+            "robust_acc": res.worst_case_acc, "stage_robust_acc": dict(res.stage_robust_acc)}
+    save_examples(Path(cfg.output), rec.clean, rec.adv, rec.label, info, (path,), cfg.force,
+                  extra={"index": rec.index, "stage": rec.stage, "clean_correct": rec.clean_correct.to(torch.uint8)})
 
 
-def apply(model, cfg: Config, log=C.stderr_log, path: Path | None = None, attacks: dict | None = None
-          ) -> C.StageResult:
+def records_info(model, path: Path | None, cfg, attacks: dict, device: str, n: int) -> dict[str, Any]:
+    """What ``--records`` belong to: the digest of a records folder is made from this."""
+    from rcomp.evaluation.cascade import expand_suites, wants_cascade
+
+    sha = getattr(model, "source_sha256", None)
+    if sha is None and path is not None:
+        from rcomp.io.header import sha256_file
+
+        sha = sha256_file(path)
+    return {"model_sha256": sha, "data": cfg.data, "split": cfg.split, "n": n, "batch_size": cfg.batch_size,
+            "seed": cfg.seed, "mode": "cascade" if wants_cascade(attacks, cfg.cascade) else "independent",
+            "attacks": {k: a.params() for k, a in expand_suites(attacks).items()},
+            "device_type": str(device).split(":")[0]}
+
+
+def open_records(cfg, model, path: Path | None, attacks: dict, device: str, n: int, log, folder: Path | None = None,
+                 dist=None):
+    """The :class:`~rcomp.evaluation.records.RecordDir` of ``--records`` (None without it); under
+    torchrun rank 0 makes the folder before the other processes open it."""
+    if cfg.records is None:
+        return None
+    from rcomp.evaluation.records import RecordDir
+    from rcomp.train.distributed import barrier
+
+    info = records_info(model, path, cfg, attacks, device, n)
+    if dist is not None and dist.enabled:
+        if dist.is_main:
+            RecordDir(Path(folder or cfg.records), info, cfg.resume)
+        barrier(dist)
+        store = RecordDir(Path(folder or cfg.records), info, True)
+        barrier(dist)  # every process has looked at the folder before any writes a chunk
+    else:
+        store = RecordDir(Path(folder or cfg.records), info, cfg.resume)
+    if cfg.resume:
+        have = len(store.chunks())
+        log(f"resuming from {store.path}: {have} batch(es) of {cfg.batch_size} already done")
+    return store
+
+
+def apply(model, cfg: Config, log=C.stderr_log, path: Path | None = None, attacks: dict | None = None,
+          dist=None) -> C.StageResult:
     """Attack ``model`` (loaded) on ``cfg.data``; the report is in the result. ``path`` names it;
-    ``attacks`` are ``cfg.build(cfg.seed)`` when the caller built them already."""
+    ``attacks`` are ``cfg.build(cfg.seed)`` when the caller built them already; ``dist`` (under
+    torchrun) splits the batches over the processes, which share their records."""
     from rcomp.attacks.auto import surrogate_note
     from rcomp.data.registry import check_fits, get_dataset, make_loader
     from rcomp.evaluation.robustness import evaluate
@@ -175,49 +247,78 @@ def apply(model, cfg: Config, log=C.stderr_log, path: Path | None = None, attack
     ds = get_dataset(cfg.data, cfg.split, model.meta.input, cfg.data_dir, log=log)
     check_fits(ds, model.meta.num_classes, cfg.data)
     loader = make_loader(ds, cfg.batch_size, n=cfg.n)
+    store = open_records(cfg, model, path, attacks, dev, min(cfg.n or len(ds), len(ds)), log, dist=dist)
+    sharded = dist is not None and dist.enabled
+    if sharded and not dist.is_main:
+        log = _quiet
     log(f"attacking {name} ({model.meta.arch.name}, gradients: {model.gradient_source}) on {cfg.data} "
         f"{cfg.split}, {min(cfg.n or len(ds), len(ds))} points, device {dev}, seed {cfg.seed}")
     note = surrogate_note(attacks, model.gradient_source)
     if note:
         log(note)
-    kept: list = []
-
-    def keep(x, y, advs):
-        (xa,) = advs.values()
-        kept.append((x.cpu(), xa.cpu(), y.cpu()))
-
-    res = evaluate(model, loader, attacks, device=dev, progress=True, desc="attack",
-                   on_batch=keep if cfg.output is not None else None, cascade=cfg.cascade)
-    if cfg.output is not None:
-        _save(cfg, path, model, res, attacks, kept)
+    saving = cfg.output is not None
+    res = evaluate(model, loader, attacks, device=dev, progress=not sharded or dist.is_main, desc="attack",
+                   cascade=cfg.cascade, records="images" if saving else False, store=store,
+                   shard=(dist.rank, dist.world) if sharded else None)
+    if sharded and not dist.is_main:
+        out = C.StageResult(model=model, report={})
+        out.silent = True  # type: ignore[attr-defined]
+        return out
+    if sharded:
+        log(f"{dist.world} processes shared the {res.n} points (records in {cfg.records})")
+    for line in (res.checks or {}).get("warnings", []):
+        log(f"warning: {line}")
+    if saving:
+        _save(cfg, path, model, res, attacks)
         log(f"wrote {res.n} adversarial examples to {cfg.output}")
     report = report_dict(model, path or Path(name), res, cfg.data, cfg.split, dev, output=cfg.output)
     return C.StageResult(model=model, output=cfg.output, report=report)
 
 
+def _quiet(msg: str) -> None:
+    """The log of a torchrun process other than rank 0."""
+
+
 def run(cfg: Config, inputs: list, *, log=C.stderr_log, **_: Any) -> C.StageResult:
-    """Attack (or replay) the checkpoint and return the report; writes only the examples file of -o."""
+    """Attack (or replay) the checkpoint and return the report; writes only the examples file of -o.
+    Under torchrun (``torchrun --nproc-per-node N -m rcomp attack ... --records DIR``) the processes
+    split the batches; rank 0 reports."""
     from rcomp.io.atomic import check_output_path
+    from rcomp.train import distributed as D
 
     path = C.check_input(inputs[0], onnx=True)
     if cfg.from_file is not None:
         return _replay(cfg, path)
     attacks = cfg.build(cfg.seed)  # refuse bad attack settings before loading anything
+    if D.launched() and cfg.records is None:
+        raise RcompError("under torchrun, give --records DIR (a folder every process can reach): the processes "
+                         "hand their results to rank 0 through it")
     if cfg.output is not None:
         check_output_path(Path(cfg.output), (path,), force=cfg.force)
-    model = C.as_model(path, C.resolve_device(cfg.device), cfg.arch, cfg.trust_factory, cfg.surrogate, log)
-    C.check_gradients(model, attacks, path.name, log)
-    return apply(model, cfg, log, path, attacks)
+    dist, dev = D.setup(C.resolve_device(cfg.device))
+    try:
+        model = C.as_model(path, dev, cfg.arch, cfg.trust_factory, cfg.surrogate, log)
+        C.check_gradients(model, attacks, path.name, log)
+        cfg_dev = cfg if dev == C.resolve_device(cfg.device) else _with_device(cfg, dev)
+        return apply(model, cfg_dev, log, path, attacks, dist=dist if dist.enabled else None)
+    finally:
+        D.teardown(dist)
+
+
+def _with_device(cfg: Config, dev: str) -> Config:
+    import dataclasses
+
+    return dataclasses.replace(cfg, device=dev)
 
 
 def _replay(cfg: Config, path: Path) -> C.StageResult:
-    from rcomp.evaluation.robustness import evaluate_pairs
-    from rcomp.io.examples import load_examples
+    from rcomp.evaluation.robustness import replay
+    from rcomp.io.examples import load_examples_with_points
 
     src = Path(cfg.from_file)
     if not src.exists():
         raise RcompError(f"--from {src} does not exist; check the path")
-    x, xa, y, info = load_examples(src)
+    x, xa, y, info, points = load_examples_with_points(src)
     dev = C.resolve_device(cfg.device)
     model = C.as_model(path, dev, cfg.arch, cfg.trust_factory)
     want = tuple(model.meta.input.shape)
@@ -229,12 +330,22 @@ def _replay(cfg: Config, path: Path) -> C.StageResult:
                          f"{model.meta.num_classes} classes; replay examples made for this task")
     if cfg.n is not None:
         x, xa, y = x[:cfg.n], xa[:cfg.n], y[:cfg.n]
+        points = {k: v[:cfg.n] for k, v in points.items()}
     params = info.get("attack", {}) if isinstance(info.get("attack"), dict) else {}
     name = f"{params.get('attack', 'saved')} (transfer)"
-    res = evaluate_pairs(model, x, xa, y, batch_size=cfg.batch_size, device=dev, name=name,
-                         norm=params.get("norm", "linf"))
+    res = replay(model, x, xa, y, batch_size=cfg.batch_size, device=dev, name=name,
+                 norm=params.get("norm") if params.get("norm") in ("linf", "l2") else "linf",
+                 records="stage" in points)
     res.attacks[name].params = {**params, "transfer_from": info.get("source_checkpoint"),
                                 "transfer_from_sha256": info.get("source_sha256")}
     source = {"path": str(src), "source_checkpoint": info.get("source_checkpoint"),
               "source_sha256": info.get("source_sha256"), "data": info.get("data"), "split": info.get("split")}
+    if "stage" in points and "clean_correct" in points and res.records is not None:
+        # the points the file says were robust, against those the replay finds robust
+        saved_robust = (points["clean_correct"] != 0) & (points["stage"] < 0)
+        differ = int((saved_robust != res.records.robust).sum())
+        source["points_differing_from_record"] = differ
+        if differ and info.get("source_sha256") == model.source_sha256:
+            C.stderr_log(f"warning: replayed on the model that made them, {differ} point(s) of {src} changed "
+                         "outcome (a model whose outputs vary between passes?)")
     return C.StageResult(model=model, report=report_dict(model, path, res, None, None, dev, source=source))

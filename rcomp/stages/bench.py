@@ -189,10 +189,21 @@ def expand(attacks: dict) -> dict:
     return expand_suites(attacks)
 
 
+def records_sha(model, path) -> str:
+    sha = getattr(model, "source_sha256", None)
+    if sha is None and path is not None:
+        from rcomp.io.header import sha256_file
+
+        sha = sha256_file(path)
+    return str(sha or "unknown")
+
+
 def run(cfg: Config, inputs: list, *, log=C.stderr_log, **_: Any) -> C.StageResult:
-    """Benchmark the checkpoints (paths or loaded models); writes only the ``-o`` copy of the results."""
-    from rcomp.evaluation.bench import bench, check_metrics, check_thresholds
-    from rcomp.io.atomic import atomic_write_text, check_output_path
+    """Benchmark the checkpoints (paths or loaded models); writes only the ``-o`` copy of the results.
+    Under torchrun (with ``--records DIR``) the processes split each model's batches; rank 0 reports."""
+    from rcomp.evaluation.bench import check_metrics
+    from rcomp.io.atomic import check_output_path
+    from rcomp.train import distributed as D
 
     paths = [C.check_input(p, onnx=True) if isinstance(p, (str, Path)) else p for p in inputs]
     if cfg.output is not None:
@@ -206,11 +217,41 @@ def run(cfg: Config, inputs: list, *, log=C.stderr_log, **_: Any) -> C.StageResu
 
         parsed = parse_thresholds(cfg.fail_under)
     thresholds = check_metrics(parsed, list(attacks))
-    dev = C.resolve_device(cfg.device)
-    batches = (1, cfg.latency_batch) if cfg.latency_batch > 1 else (1,)
+    if D.launched() and cfg.records is None:
+        raise RcompError("under torchrun, give --records DIR (a folder every process can reach): the processes "
+                         "hand their results to rank 0 through it")
+    dist, dev = D.setup(C.resolve_device(cfg.device))
+    try:
+        return _run(cfg, paths, models, attacks, thresholds, dist, dev, log)
+    finally:
+        D.teardown(dist)
+
+
+def _run(cfg: Config, paths: list, models: list, attacks: dict, thresholds: dict, dist, dev: str, log) -> C.StageResult:
+    from rcomp.evaluation.bench import bench, check_thresholds
+    from rcomp.io.atomic import atomic_write_text
+
+    main = dist.is_main
+    # latency: rank 0 alone, so that the processes do not slow each other's timings
+    batches = () if not main else (1, cfg.latency_batch) if cfg.latency_batch > 1 else (1,)
+
+    def records(model, path, n):  # one sub-folder per model, named by its content
+        from rcomp.stages.attack import open_records
+
+        sha = records_sha(model, path)
+        return open_records(cfg, model, path, attacks, dev, n, log if main else _silent,
+                            Path(cfg.records) / f"model-{sha[:16]}",
+                            dist=dist if dist.enabled else None)
+
     result = bench(models, cfg.data, attacks, split=cfg.split, n=cfg.n, batch_size=cfg.batch_size, device=dev,
                    data_dir=cfg.data_dir, latency_batches=batches, arch=cfg.arch, trust_factory=cfg.trust_factory,
-                   progress=True, log=log, cascade=cfg.cascade)
+                   progress=main, log=log if main else None, cascade=cfg.cascade,
+                   records=records if cfg.records is not None else None,
+                   shard=(dist.rank, dist.world) if dist.enabled else None)
+    if not main:
+        out = C.StageResult(report={})
+        out.silent = True  # type: ignore[attr-defined]
+        return out
     for m, name in zip(result["models"], unique_names(paths), strict=True):
         m["name"] = name
     from rcomp.onnx.runtime import thread_policy
@@ -221,3 +262,7 @@ def run(cfg: Config, inputs: list, *, log=C.stderr_log, **_: Any) -> C.StageResu
         atomic_write_text(Path(cfg.output), text + "\n", exclusive=not cfg.force)
         log(f"wrote {cfg.output}")
     return C.StageResult(output=cfg.output, report=result, text=text, failures=check_thresholds(result, thresholds))
+
+
+def _silent(msg: str) -> None:
+    """The log of a torchrun process other than rank 0."""

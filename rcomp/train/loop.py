@@ -166,8 +166,8 @@ def evaluate_split(model, ds, idx: list[int], cfg: TrainConfig, eps: float | Non
     batching of other points.
     """
     from rcomp.attacks import make_attack
-    from rcomp.evaluation.accuracy import PerBatchAttack, batches, clean_accuracy
-    from rcomp.evaluation.robustness import evaluate
+    from rcomp.evaluation.accuracy import batches, clean_accuracy
+    from rcomp.evaluation.robustness import PerBatch, evaluate
 
     mine = idx[info.rank::info.world]
     bs = cfg.batch_size
@@ -176,11 +176,11 @@ def evaluate_split(model, ds, idx: list[int], cfg: TrainConfig, eps: float | Non
         c, n = D.all_sum([correct, n], info, device)
         return {"clean_acc": c / max(n, 1)}
     adv = AdvConfig("pgd", eps, None, 10, cfg.adv.norm).resolved()
-    wrapper = PerBatchAttack(lambda seed: make_attack("pgd", adv.eps, norm=adv.norm, steps=adv.steps,
-                                                      alpha=adv.alpha, seed=seed), adv.norm)
+    attack = PerBatch(lambda seed: make_attack("pgd", adv.eps, norm=adv.norm, steps=adv.steps,
+                                               alpha=adv.alpha, seed=seed), adv.norm)
     keyed = ((*fetch(ds, mine[s:s + bs], device), derive_seed(cfg.seed, 7, epoch, s))
              for s in range(0, len(mine), bs))
-    res = evaluate(model, wrapper.loader(keyed), {"pgd": wrapper}, device, progress=False)
+    res = evaluate(model, keyed, {"pgd": attack}, device, progress=False, checks=False)
     c, r, n = D.all_sum([round(res.clean_acc * res.n), round(res.worst_case_acc * res.n), res.n], info, device)
     return {"clean_acc": c / max(n, 1), "robust_acc": r / max(n, 1)}
 
