@@ -333,8 +333,10 @@ def _replay(cfg: Config, path: Path) -> C.StageResult:
         points = {k: v[:cfg.n] for k, v in points.items()}
     params = info.get("attack", {}) if isinstance(info.get("attack"), dict) else {}
     name = f"{params.get('attack', 'saved')} (transfer)"
+    from rcomp.attacks.catalog import NORMS
+
     res = replay(model, x, xa, y, batch_size=cfg.batch_size, device=dev, name=name,
-                 norm=params.get("norm") if params.get("norm") in ("linf", "l2") else "linf",
+                 norm=params.get("norm") if params.get("norm") in NORMS else NORMS[0],
                  records="stage" in points)
     res.attacks[name].params = {**params, "transfer_from": info.get("source_checkpoint"),
                                 "transfer_from_sha256": info.get("source_sha256")}
