@@ -30,9 +30,13 @@ def _config(name: str, options: dict[str, Any]):
     return make_config(get_stage(name).config, options, command=name)
 
 
-def _model(model: Any, cfg: Any, device: str = "cpu"):
-    from rcomp.stages.common import as_model
+def _model(model: Any, cfg: Any, device: str = "cpu", stage: Any = None):
+    """The model to operate on: ``model`` itself, or the checkpoint it names, loaded after the header has
+    been checked against the stage's options (an unsupported combination is refused before loading)."""
+    from rcomp.stages.common import as_model, check_input, check_source
 
+    if stage is not None and isinstance(model, (str, Path)):
+        check_source(stage, cfg, check_input(Path(model)))
     return as_model(model, device, getattr(cfg, "arch", None), getattr(cfg, "trust_factory", False))
 
 
@@ -43,7 +47,7 @@ def prune(model: Any, *, log: Log = stderr_log, **options: Any):
 
     cfg = _config("prune", options)
     seed_everything(cfg.seed)
-    return stage.apply(_model(model, cfg), cfg, log).model
+    return stage.apply(_model(model, cfg, stage=stage), cfg, log).model
 
 
 def quantize(model: Any, *, log: Log = stderr_log, **options: Any):
@@ -53,7 +57,7 @@ def quantize(model: Any, *, log: Log = stderr_log, **options: Any):
 
     cfg = _config("quantize", options)
     seed_everything(cfg.seed)
-    return stage.apply(_model(model, cfg), cfg, log).model
+    return stage.apply(_model(model, cfg, stage=stage), cfg, log).model
 
 
 def finetune(model: Any = None, *, log: Log = stderr_log, **options: Any):
@@ -71,12 +75,20 @@ def finetune(model: Any = None, *, log: Log = stderr_log, **options: Any):
 
 
 def attack(model: Any, *, log: Log = stderr_log, **options: Any) -> dict[str, Any]:
-    """Attack ``model`` on ``data`` and return the report (what ``rcomp attack --json`` prints)."""
+    """Attack ``model`` on ``data`` and return the report (what ``rcomp attack --json`` prints); with
+    ``from_file``, replay saved examples against it instead (``rcomp attack --from``)."""
+    from rcomp.io.atomic import check_output_path
     from rcomp.stages import attack as stage
+    from rcomp.stages.common import check_input
 
     cfg = _config("attack", options)
-    path = Path(model) if isinstance(model, (str, Path)) else None
-    return stage.apply(_model(model, cfg), cfg, log, path).report
+    path = check_input(Path(model)) if isinstance(model, (str, Path)) else None
+    if cfg.from_file is not None:
+        return stage.replay(cfg, path, None if path is not None else model).report
+    attacks = cfg.build(cfg.seed)  # refuse bad attack settings before loading anything
+    if cfg.output is not None:
+        check_output_path(Path(cfg.output), (path,) if path is not None else (), force=cfg.force)
+    return stage.apply(_model(model, cfg), cfg, log, path, attacks).report
 
 
 def bench(models: list, *, log: Log = stderr_log, **options: Any) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from rcomp.attacks.catalog import ATTACKS
 from rcomp.errors import RcompError
 
 DEFAULT_LATENCY_BATCHES = (1, 64)
@@ -44,8 +45,14 @@ def build_attacks(names: Sequence[str], eps: Sequence[float], *, lenient: bool =
     for name in names:
         for e in eps:
             key = attack_key(name, e, several)
-            for k, a in expand_suites({key: make_attack(name, float(e), lenient=lenient, **kw)}).items():
+            stages = expand_suites({key: make_attack(name, float(e), lenient=lenient, **kw)})
+            for k, a in stages.items():
                 if k in out:
+                    suites = [n for n in names if n != name and ATTACKS.get(n).get("suite")]
+                    if len(stages) > 1 or suites:  # a suite's stage met the same attack listed on its own
+                        suite = name if len(stages) > 1 else suites[0]
+                        raise RcompError(f"{suite} already runs {k.split('@')[0]} as one of its stages; list "
+                                         f"{suite} or {k.split('@')[0]}, not both")
                     raise RcompError(f"attack {k} is listed twice; list each attack and eps once")
                 out[k] = a
     return out

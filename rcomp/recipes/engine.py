@@ -251,7 +251,15 @@ def _configure(recipe: Recipe, st: Stage, out: Path, allow_factories: frozenset[
         make_config(cls, {}, from_file={} if key in given else {key: st.options[key]}, file_source=where,
                     command=st.command, partial=True)
     cfg = make_config(cls, given, from_file=from_file, file_source=w, command=st.command)
-    return dataclasses.replace(cfg, output=out, force=True)
+    # the stage's output is the recipe's; a replay (attack --from) writes nothing, so it gets none
+    cfg = dataclasses.replace(cfg, output=None if getattr(cfg, "from_file", None) is not None else out, force=True)
+    check = getattr(cfg, "check", None)
+    if check is not None:  # the config with its output must still be one the stage runs to the end
+        try:
+            check()
+        except RcompError as exc:
+            raise RcompError(f"{w}: {exc}") from None
+    return cfg
 
 
 def plan(recipe: Recipe, out_dir: Path, allow_factories: frozenset[str] = frozenset()) -> list[Stage]:

@@ -288,7 +288,7 @@ def run(cfg: Config, inputs: list, *, log=C.stderr_log, **_: Any) -> C.StageResu
 
     path = C.check_input(inputs[0], onnx=True)
     if cfg.from_file is not None:
-        return _replay(cfg, path)
+        return replay(cfg, path)
     attacks = cfg.build(cfg.seed)  # refuse bad attack settings before loading anything
     if D.launched() and cfg.records is None:
         raise RcompError("under torchrun, give --records DIR (a folder every process can reach): the processes "
@@ -311,8 +311,9 @@ def _with_device(cfg: Config, dev: str) -> Config:
     return dataclasses.replace(cfg, device=dev)
 
 
-def _replay(cfg: Config, path: Path) -> C.StageResult:
-    from rcomp.evaluation.robustness import replay
+def replay(cfg: Config, path: Path | None, model=None) -> C.StageResult:
+    """Replay the examples of ``cfg.from_file`` against the checkpoint ``path`` (or ``model``, loaded)."""
+    from rcomp.evaluation.robustness import replay as replay_pairs
     from rcomp.io.examples import load_examples_with_points
 
     src = Path(cfg.from_file)
@@ -320,7 +321,8 @@ def _replay(cfg: Config, path: Path) -> C.StageResult:
         raise RcompError(f"--from {src} does not exist; check the path")
     x, xa, y, info, points = load_examples_with_points(src)
     dev = C.resolve_device(cfg.device)
-    model = C.as_model(path, dev, cfg.arch, cfg.trust_factory)
+    model = C.as_model(model if model is not None else path, dev, cfg.arch, cfg.trust_factory)
+    path = Path(path) if path is not None else Path("model")
     want = tuple(model.meta.input.shape)
     if tuple(x.shape[1:]) != want:
         raise RcompError(f"--from {src} holds {'x'.join(map(str, x.shape[1:]))} images but {path.name} takes "
@@ -335,9 +337,9 @@ def _replay(cfg: Config, path: Path) -> C.StageResult:
     name = f"{params.get('attack', 'saved')} (transfer)"
     from rcomp.attacks.catalog import NORMS
 
-    res = replay(model, x, xa, y, batch_size=cfg.batch_size, device=dev, name=name,
-                 norm=params.get("norm") if params.get("norm") in NORMS else NORMS[0],
-                 records="stage" in points)
+    res = replay_pairs(model, x, xa, y, batch_size=cfg.batch_size, device=dev, name=name,
+                       norm=params.get("norm") if params.get("norm") in NORMS else NORMS[0],
+                       records="stage" in points)
     res.attacks[name].params = {**params, "transfer_from": info.get("source_checkpoint"),
                                 "transfer_from_sha256": info.get("source_sha256")}
     source = {"path": str(src), "source_checkpoint": info.get("source_checkpoint"),

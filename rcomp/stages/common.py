@@ -124,6 +124,28 @@ def check_input(path: Path, onnx: bool = False) -> Path:
     return Path(path)
 
 
+def check_source(stage_module: Any, cfg: Any, path: Path) -> None:
+    """Refuse, from the checkpoint's header alone (no torch, nothing loaded), a combination of options and
+    model kind the stage does not support: ``stage_module.check_source(cfg, meta, tensor_names, where)``
+    where the stage defines one."""
+    check = getattr(stage_module, "check_source", None)
+    if check is None:
+        return
+    from rcomp.io.format import CheckpointMeta
+    from rcomp.io.header import read_header
+
+    header = read_header(Path(path))
+    check(cfg, CheckpointMeta.from_metadata(header.metadata, where=str(path)), tuple(header.tensors), str(path))
+
+
+def quant_text(meta) -> str | None:
+    """'int8' or 'simulated int4' for a quantized checkpoint's metadata, else None."""
+    q = meta.compression.get("quantization") if isinstance(meta.compression, dict) else None
+    if not q:
+        return None
+    return f"simulated int{q.get('bits')}" if isinstance(q, dict) and q.get("mode") == "simulated" else "int8"
+
+
 def load_model(path: Path, device: str = "cpu", arch: str | None = None, trust: bool = False,
                surrogate: Path | None = None, log: Log | None = None):
     """A checkpoint as a Classifier, or an ONNX file as an :class:`~rcomp.onnx.runtime.OnnxClassifier`

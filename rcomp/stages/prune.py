@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,9 @@ class Config:
             raise RcompError("give exactly one of --ratio, --target-macs or --target-params, e.g. --ratio 0.5")
         if self.method in IMPORTANCES.builtin and needs_data(self.method) and not self.data:
             raise RcompError(f"--method {self.method} needs gradients from data: add --data NAME (e.g. --data digits)")
+        if self.method == "hydra" and self.adv_eps is None:
+            raise RcompError("--method hydra learns scores against adversarial examples: add --adv-eps E "
+                             "(e.g. --adv-eps 0.1)")
         if self.method in IMPORTANCES.builtin and self.adv_eps is not None and \
                 "adv_eps" not in IMPORTANCES.get(self.method).takes:
             raise RcompError(f"--adv-eps scores channels by gradients: use it with --method "
@@ -79,6 +83,17 @@ class Config:
             return f"prune{self.ratio:g}"
         return f"prune-macs{self.target_macs:g}" if self.target_macs is not None else \
             f"prune-params{self.target_params:g}"
+
+
+def check_source(cfg: Config, meta, tensors: tuple[str, ...], where: str) -> None:
+    """What the checkpoint's header already rules out: pruning a quantized model, bn-scale without BatchNorm."""
+    q = C.quant_text(meta)
+    if q:
+        raise RcompError(f"{where} is quantized ({q}); pruning works on float models: prune the float checkpoint "
+                         "it was made from, then quantize the result")
+    if cfg.method == "bn-scale" and not any(t.endswith(".running_var") for t in tensors):
+        raise RcompError(f"--method bn-scale needs BatchNorm layers and {where} ({meta.arch.name}) has none; use "
+                         "--method l1")
 
 
 def _taylor_batches(model, cfg: Config, log) -> list:
@@ -104,6 +119,7 @@ def apply(model, cfg: Config, log=C.stderr_log, source: str = "model") -> C.Stag
     from rcomp.pruning.pruner import check_prunable, resolve_ignore
 
     check_prunable(model.net, model.meta.arch.name)  # before any data is loaded
+    check_source(cfg, model.meta, tuple(name for name, _ in model.named_buffers()), source)
     ignore_list = resolve_ignore(model.net, list(cfg.ignore))
     batches = _taylor_batches(model, cfg, log) if needs_data(cfg.method) else None
     if cfg.data and batches is None:
@@ -135,6 +151,7 @@ def apply(model, cfg: Config, log=C.stderr_log, source: str = "model") -> C.Stag
 def run(cfg: Config, inputs: list, *, log=C.stderr_log, **_: Any) -> C.StageResult:
     """Load -> prune -> record -> save."""
     inp = C.check_input(inputs[0])
+    C.check_source(sys.modules[__name__], cfg, inp)
     out = C.resolve_output(cfg.output, inp, cfg.suffix, cfg.force)
     dev = C.resolve_device(cfg.device)
     C.seed_everything(cfg.seed)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,14 @@ class Config:
         return qc.MODES.get(qc.mode_for(self.simulate)).get("suffix").format(bits=self.bits)
 
 
+def check_source(cfg: Config, meta, tensors: tuple[str, ...], where: str) -> None:
+    """Quantizing works on float models only; the header says whether this one already is quantized."""
+    q = C.quant_text(meta)
+    if q:
+        raise RcompError(f"{where} is already quantized ({q}); quantize the float checkpoint it was made from, or "
+                         "fine-tune this one as it is (rcomp finetune keeps its format)")
+
+
 def _dataset(model, cfg: Config, source: str) -> str:
     name = cfg.data or model.meta.dataset
     if not name:
@@ -92,8 +101,7 @@ def apply(model, cfg: Config, log=C.stderr_log, source: str = "model") -> C.Stag
     from rcomp.data.registry import check_fits, get_dataset, make_loader
     from rcomp.quant.ptq import quantize as ptq
 
-    if model.is_quantized:
-        raise RcompError(f"{source} is already quantized; quantize the float checkpoint it was made from")
+    check_source(cfg, model.meta, (), source)
     data_name = _dataset(model, cfg, source)
     if cfg.data is None:
         log(f"calibration data: {data_name} (recorded in {source}; --data overrides)")
@@ -119,6 +127,7 @@ def run(cfg: Config, inputs: list, *, log=C.stderr_log, **_: Any) -> C.StageResu
         from rcomp.stages.export import quantize_onnx
 
         return quantize_onnx(cfg, path, log)
+    C.check_source(sys.modules[__name__], cfg, path)
     out = C.resolve_output(cfg.output, path, cfg.suffix, cfg.force)
     C.seed_everything(cfg.seed)
     model = C.as_model(path, "cpu", cfg.arch, cfg.trust_factory)
