@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -275,6 +276,10 @@ def check_cell(cell: Cell, kinds, examples, work: Path, spy) -> Outcome:
     o = run_cell(cell, kinds, examples, work / "cell")
     if o.refused is None:
         check_valid(cell, o)
+        written = set(snapshot(work, *{p.parent for p in kinds.values()})) - set(before)
+        expected = {str(p) for p in (o.output, work / "cell" / "recipe.yaml", work / "cell" / "config.yaml")}
+        stray = {p for p in written - expected if "/.rcomp-run/" not in p}
+        assert not stray, f"files left besides the output: {sorted(stray)}"
         return o
     msg = o.refused
     assert not must_work(cell), f"{cell.id} must work, but was refused: {msg}"
@@ -292,7 +297,11 @@ def check_cell(cell: Cell, kinds, examples, work: Path, spy) -> Outcome:
 
 @pytest.mark.parametrize("cell", CELLS, ids=[c.id for c in CELLS])
 def test_cell(cell: Cell, kinds, examples, tmp_path, spy):
-    check_cell(cell, kinds, examples, tmp_path, spy)
+    o = check_cell(cell, kinds, examples, tmp_path, spy)
+    log = os.environ.get("RCOMP_MATRIX_LOG")  # one JSON line per cell, for reports: what ran, what was refused
+    if log:
+        with open(log, "a") as f:
+            f.write(json.dumps({"cell": cell.id, "refused": o.refused, "seconds": round(o.seconds, 3)}) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------
