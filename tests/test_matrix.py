@@ -393,3 +393,14 @@ def test_budgets_come_from_the_declarations():
         decl = declared(a.command)
         assert set(a.options) <= set(decl), a.name
     assert math.isclose(float(acts["attack:pgd"].options["eps"]), float(EPS))
+
+
+def test_a_refusal_after_loading_fails_its_cell(monkeypatch, kinds, examples, tmp_path, spy):
+    """The oracle can fail: with the header check of prune switched off, pruning an int8 model is still
+    refused, but only by the pruner, after the model was loaded; the cell must fail on that."""
+    import rcomp.stages.prune as prune_stage
+
+    monkeypatch.setattr(prune_stage, "check_source", lambda *a, **kw: None)
+    action = next(a for a in actions() if a.name == "prune:l1")
+    with pytest.raises(AssertionError, match="after loading"):
+        check_cell(Cell("int8", action, "flags", None), kinds, examples, tmp_path, spy)
