@@ -84,7 +84,7 @@ def attack(model: Any, *, log: Log = stderr_log, **options: Any) -> dict[str, An
     cfg = _config("attack", options)
     path = check_input(Path(model)) if isinstance(model, (str, Path)) else None
     if cfg.from_file is not None:
-        return stage.replay(cfg, path, None if path is not None else model).report
+        return stage._replay(cfg, path, None if path is not None else model).report
     attacks = cfg.build(cfg.seed)  # refuse bad attack settings before loading anything
     if cfg.output is not None:
         check_output_path(Path(cfg.output), (path,) if path is not None else (), force=cfg.force)

@@ -255,7 +255,7 @@ def _examples_checked(path: Path, action: Action) -> None:
     assert len(y) == TINY["n"] and x.shape == xa.shape
     assert bool(torch.isfinite(xa).all()) and float(xa.min()) >= 0 and float(xa.max()) <= 1
     assert float((xa - x).abs().max()) <= float(EPS) + 1e-6
-    assert info.get("attack"), info
+    assert isinstance(info, dict) and info, info  # the attack's parameters (their layout is the writer's)
 
 
 #: variants rcomp refuses on the dense model, and why (each must still be refused up front)
@@ -280,6 +280,7 @@ def check_cell(cell: Cell, kinds, examples, work: Path, spy) -> Outcome:
         expected = {str(p) for p in (o.output, work / "cell" / "recipe.yaml", work / "cell" / "config.yaml")}
         stray = {p for p in written - expected if "/.rcomp-run/" not in p}
         assert not stray, f"files left besides the output: {sorted(stray)}"
+        _same_bytes_as_flags(cell, o, kinds, examples, work)
         return o
     msg = o.refused
     assert not must_work(cell), f"{cell.id} must work, but was refused: {msg}"
@@ -293,6 +294,29 @@ def check_cell(cell: Cell, kinds, examples, work: Path, spy) -> Outcome:
         flags = run_cell(dataclasses.replace(cell, way="flags"), kinds, examples, work / "flags")
         assert flags.refused is not None, f"refused via {cell.way} ({msg}) but the command line accepts it"
     return o
+
+
+#: sha256 of what the plain command line wrote, per (kind, action, save): every way must write the same bytes
+_FLAGS_SHA: dict[tuple, str] = {}
+
+
+def _same_bytes_as_flags(cell: Cell, o: Outcome, kinds, examples, work: Path) -> None:
+    """A checkpoint or examples file is the same bytes whichever way the command was called (recipes and the
+    API build the same config and call the same stage; SOURCE_DATE_EPOCH fixes the history's times)."""
+    import hashlib
+
+    if o.output is None or cell.action.command == "bench" or "from_file" in cell.action.options:
+        return
+    key = (cell.kind, cell.action.name, "-o" if cell.way == "recipe" and cell.action.saves else cell.save)
+    sha = hashlib.sha256(o.output.read_bytes()).hexdigest()
+    if cell.way == "flags":
+        _FLAGS_SHA[key] = sha
+        return
+    if key not in _FLAGS_SHA:
+        flags = run_cell(Cell(cell.kind, cell.action, "flags", key[2]), kinds, examples, work / "flags")
+        assert flags.refused is None and flags.code == 0, flags.stderr[-2000:]
+        _FLAGS_SHA[key] = hashlib.sha256(flags.output.read_bytes()).hexdigest()
+    assert sha == _FLAGS_SHA[key], f"{cell.way} wrote other bytes than the command line for {cell.id}"
 
 
 @pytest.mark.parametrize("cell", CELLS, ids=[c.id for c in CELLS])
@@ -404,3 +428,14 @@ def test_a_refusal_after_loading_fails_its_cell(monkeypatch, kinds, examples, tm
     action = next(a for a in actions() if a.name == "prune:l1")
     with pytest.raises(AssertionError, match="after loading"):
         check_cell(Cell("int8", action, "flags", None), kinds, examples, tmp_path, spy)
+
+
+def test_api_replays_saved_examples_against_a_loaded_model_as_against_its_path(kinds, examples):
+    """rcomp.attack(..., from_file=F) is the API's `rcomp attack --from F` (it used to fail with an internal error)."""
+    import rcomp
+
+    by_path = rcomp.attack(str(kinds["pruned"]), from_file=examples, log=_quiet)
+    by_model = rcomp.attack(rcomp.load(kinds["pruned"]), from_file=examples, log=_quiet)
+    assert by_path["source"]["path"] == str(examples) and by_path["n"] == 8
+    for key in ("clean_acc", "robust_acc", "worst_case_acc", "n"):
+        assert by_model[key] == by_path[key]

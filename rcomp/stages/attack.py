@@ -288,7 +288,7 @@ def run(cfg: Config, inputs: list, *, log=C.stderr_log, **_: Any) -> C.StageResu
 
     path = C.check_input(inputs[0], onnx=True)
     if cfg.from_file is not None:
-        return replay(cfg, path)
+        return _replay(cfg, path)
     attacks = cfg.build(cfg.seed)  # refuse bad attack settings before loading anything
     if D.launched() and cfg.records is None:
         raise RcompError("under torchrun, give --records DIR (a folder every process can reach): the processes "
@@ -311,7 +311,7 @@ def _with_device(cfg: Config, dev: str) -> Config:
     return dataclasses.replace(cfg, device=dev)
 
 
-def replay(cfg: Config, path: Path | None, model=None) -> C.StageResult:
+def _replay(cfg: Config, path: Path | None, model=None) -> C.StageResult:
     """Replay the examples of ``cfg.from_file`` against the checkpoint ``path`` (or ``model``, loaded)."""
     from rcomp.evaluation.robustness import replay as replay_pairs
     from rcomp.io.examples import load_examples_with_points
