@@ -258,7 +258,8 @@ def _configure(recipe: Recipe, st: Stage, out: Path, allow_factories: frozenset[
         try:
             check()
         except RcompError as exc:
-            raise RcompError(f"{w}: {exc}") from None
+            why = " (a recipe's attack stage saves its examples to the stage's output)" if st.command == "attack" else ""
+            raise RcompError(f"{w}: {exc}{why}") from None
     return cfg
 
 
