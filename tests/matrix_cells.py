@@ -8,7 +8,8 @@ Nothing here lists a cell by hand. The factors come from rcomp's own tables:
   (``prune --method`` choices, ``quantize`` int8 and ``--simulate --bits``, ``finetune --adv`` choices,
   ``attack --attack`` = every attack and suite of :mod:`rcomp.attacks`, all single attacks as a
   ``--cascade``, ``--from``; ``bench`` with several attacks and ``--fail-under``);
-* whether the examples / results are saved (``-o``) where the command can save them;
+* whether the examples / results are saved (``-o``) where the command can save them, and one eps or a
+  sweep of two where it takes ``--eps``;
 * ways of calling: flags, ``--config FILE``, a recipe stage (``rcomp run``), a pipe (path on stdin),
   ``--json`` and the Python API -- each where the command offers it.
 
@@ -245,10 +246,18 @@ class Cell:
     way: str
     #: "-o" or "" where the command may save (attack, bench); None where it always writes or never does
     save: str | None
+    #: the --eps list of an attack or bench cell (one eps, or a sweep of two); None for other commands
+    eps: str | None = None
 
     @property
     def id(self) -> str:
-        return f"{self.kind}-{self.action.name}-{self.way}" + (f"{self.save}" if self.save else "")
+        return (f"{self.kind}-{self.action.name}-{self.way}" + (f"{self.save}" if self.save else "")
+                + ("-sweep" if self.eps and "," in self.eps else ""))
+
+    @property
+    def several(self) -> bool:
+        """Several attacks or several eps in one run."""
+        return len(self.action.attacks) > 1 or bool(self.eps and "," in self.eps)
 
 
 def all_pairs(factors: Mapping[str, list], valid: Callable[[dict], bool]) -> list[dict]:
@@ -280,9 +289,15 @@ def _key(v: Any) -> Any:
     return v.name if isinstance(v, Action) else v
 
 
+#: the eps factor of attack and bench cells: one eps, or a sweep of two
+EPS_LISTS = (EPS, f"0.05,{EPS}")
+
+
 def _valid(c: dict) -> bool:
     a: Action = c["action"]
     if c["way"] not in ways_for(a.command):
+        return False
+    if (c["eps"] is not None) != ("eps" in a.options):
         return False
     if not a.saves:
         return c["save"] is None
@@ -295,14 +310,14 @@ def _valid(c: dict) -> bool:
 def matrix(kinds: Iterable[str] | None = None) -> list[Cell]:
     """The generated cells: all-pairs over kind x action x way x save."""
     factors = {"kind": list(kinds or MODEL_KINDS), "action": actions(), "way": list(WAYS),
-               "save": [None, "", "-o"]}
-    return [Cell(c["kind"], c["action"], c["way"], c["save"]) for c in all_pairs(factors, _valid)]
+               "save": [None, "", "-o"], "eps": [None, *EPS_LISTS]}
+    return [Cell(c["kind"], c["action"], c["way"], c["save"], c["eps"]) for c in all_pairs(factors, _valid)]
 
 
 def full_product_size(kinds: Iterable[str] | None = None) -> int:
     ks = list(kinds or MODEL_KINDS)
-    return sum(1 for k, a, w, s in itertools.product(ks, actions(), WAYS, [None, "", "-o"])
-               if _valid({"kind": k, "action": a, "way": w, "save": s}))
+    return sum(1 for k, a, w, s, e in itertools.product(ks, actions(), WAYS, [None, "", "-o"], [None, *EPS_LISTS])
+               if _valid({"kind": k, "action": a, "way": w, "save": s, "eps": e}))
 
 
 # ---------------------------------------------------------------------------------------------
