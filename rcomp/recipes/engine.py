@@ -283,7 +283,25 @@ def plan(recipe: Recipe, out_dir: Path, allow_factories: frozenset[str] = frozen
         st.config = _configure(recipe, st, out, allow_factories, w)
     for st in recipe.stages:
         _link_inputs(recipe, st, names, out_dir)
+        _check_sources(recipe, st, out_dir)
     return _order(recipe, names)
+
+
+def _check_sources(recipe: Recipe, st: Stage, out_dir: Path) -> None:
+    """A stage's inputs that are files already (not other stages' outputs) are checked against its options
+    from their headers now, before any stage runs (e.g. pruning a quantized checkpoint)."""
+    from rcomp.stages import get_stage
+    from rcomp.stages.common import check_source
+
+    produced = {str(out_dir / recipe_stage.output) for recipe_stage in recipe.stages}
+    for p in st.input_paths:
+        if p in produced:
+            continue
+        try:
+            check_source(get_stage(st.command).module, st.config, Path(p))
+        except RcompError as exc:
+            w = f"{recipe.source} line {st.line}" if st.line else recipe.source
+            raise RcompError(f"{w}: {exc}") from None
 
 
 def _link_inputs(recipe: Recipe, st: Stage, names: dict[str, Stage], out_dir: Path) -> None:
