@@ -135,6 +135,8 @@ def _options(action: Action, examples: Path) -> dict:
 
 def _output(cell: Cell, work: Path) -> Path | None:
     cmd = cell.action.command
+    if cmd == "export":
+        return work / "out.onnx"
     if cmd in ("prune", "quantize", "finetune") or (cell.way == "recipe" and cmd != "info"):
         return work / ("out.txt" if cmd == "bench" else "out.safetensors")
     if cell.save == "-o":
@@ -158,7 +160,7 @@ def run_cell(cell: Cell, kinds: dict[str, Path], examples: Path, work: Path) -> 
     t0 = time.perf_counter()
     if cell.way == "api":
         fn = getattr(rcomp, cmd)
-        kw = {**opts, **({"output": out} if cell.save == "-o" else {})}
+        kw = {**opts, **({"output": out} if cell.save == "-o" or cmd == "export" else {})}
         try:
             res = fn([str(ckpt)] if cmd == "bench" else str(ckpt), log=_quiet, **kw)
         except RcompError as exc:
@@ -222,6 +224,8 @@ def check_valid(cell: Cell, o: Outcome) -> None:
             assert o.stdout.strip() == str(o.output)
         if cell.way == "json":
             assert o.report["path"] == str(o.output)
+    elif cmd == "export":  # an ONNX file (rcomp checks it against the model before publishing it)
+        assert o.output.stat().st_size > 0
     elif cmd == "info":
         if cell.way == "json":
             assert o.report["arch"] == "convnet8" and len(o.report["sha256"]) == 64
@@ -306,7 +310,7 @@ def _same_bytes_as_flags(cell: Cell, o: Outcome, kinds, examples, work: Path) ->
     API build the same config and call the same stage; SOURCE_DATE_EPOCH fixes the history's times)."""
     import hashlib
 
-    if o.output is None or cell.action.command == "bench" or "from_file" in cell.action.options:
+    if o.output is None or cell.action.command in ("bench", "export") or "from_file" in cell.action.options:
         return
     key = (cell.kind, cell.action.name, "-o" if cell.way == "recipe" and cell.action.saves else cell.save, cell.eps)
     sha = hashlib.sha256(o.output.read_bytes()).hexdigest()

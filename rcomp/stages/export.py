@@ -7,6 +7,7 @@ stage hands ONNX work to, so that everything ONNX stays out of the torch.ao path
 from __future__ import annotations
 
 import copy
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,12 +125,23 @@ def export_bytes(model, cfg: Config, source: Path, log=C.stderr_log) -> tuple[by
     return data, report
 
 
+def check_source(cfg: Config, meta, tensors: tuple, where: str) -> None:
+    """A torch.ao int8 checkpoint is refused from its header, before it is loaded."""
+    q = meta.compression.get("quantization") if isinstance(meta.compression, dict) else None
+    if isinstance(q, dict) and q.get("mode") == "int8":
+        from rcomp.onnx.export import INT8_REFUSAL
+        from rcomp.text import printable
+
+        raise RcompError(INT8_REFUSAL.format(name=printable(Path(where).name)))
+
+
 def run(cfg: Config, inputs: list, *, log=C.stderr_log, **_: Any) -> C.StageResult:
     """Load -> export -> parity check -> record -> write (atomically, only if the parity check passed)."""
     from rcomp.io.atomic import atomic_write_bytes
     from rcomp.onnx.deps import require
 
     path = C.check_input(inputs[0])
+    C.check_source(sys.modules[__name__], cfg, path)
     out = onnx_output(cfg.output, path, "", cfg.force)
     require("rcomp export", ("onnx", "onnxruntime", "onnxscript") if cfg.exporter == "dynamo"
             else ("onnx", "onnxruntime"))
