@@ -21,6 +21,7 @@ from typing import Any
 
 from rcomp.errors import RcompError
 from rcomp.parsing import Eps, parse_eps, parse_eps_list, parse_number, parse_shape
+from rcomp.text import echo
 
 #: value kinds and what they become: see :meth:`Option.parse`
 KINDS = ("str", "choice", "int", "float", "number", "eps", "eps_list", "fraction", "bool", "path", "shape",
@@ -114,9 +115,9 @@ class Option:
             v = parse_number(str(value), f) if not isinstance(value, (int, float)) or isinstance(value, bool) \
                 else float(value)
             if not math.isfinite(v):
-                raise RcompError(f"{f} {value!r} is not a finite number")
+                raise RcompError(f"{f} {echo(value)} is not a finite number")
             if k == "fraction" and not 0 < v < 1:
-                raise RcompError(f"{f} {value!r} must lie strictly between 0 and 1, e.g. {f} 0.5")
+                raise RcompError(f"{f} {echo(value)} must lie strictly between 0 and 1, e.g. {f} 0.5")
         self._check_range(v, value)
         return v
 
@@ -126,14 +127,14 @@ class Option:
 
         close = difflib.get_close_matches(str(value).strip().lower(), self.choices, n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
-        return RcompError(f"unknown {self.key} {value!r} for {self.flag}; choose one of {', '.join(self.choices)}{hint}")
+        return RcompError(f"unknown {self.key} {echo(value)} for {self.flag}; choose one of {', '.join(self.choices)}{hint}")
 
     def _check_range(self, v: float, raw: Any) -> None:
         lo, hi = self.min, self.max
         bad_lo = lo is not None and (v <= lo if self.min_open else v < lo)
         bad_hi = hi is not None and (v >= hi if self.max_open else v > hi)
         if bad_lo or bad_hi:
-            raise RcompError(f"{self.flag} {raw!r} is out of range: {self.range_text()}")
+            raise RcompError(f"{self.flag} {echo(raw)} is out of range: {self.range_text()}")
 
     def range_text(self) -> str:
         lo = "" if self.min is None else f"{'>' if self.min_open else '>='} {self.min:g}"
@@ -155,7 +156,12 @@ def _parts(value: Any) -> list[str]:
 
 
 def _shape_ok(v) -> bool:
-    return len(v) == 3 and all(isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= 65536 for d in v)
+    from rcomp.parsing import check_shape_caps
+
+    ok = len(v) == 3 and all(isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= 65536 for d in v)
+    if ok:
+        check_shape_caps(v)
+    return ok
 
 
 def _bool(value: Any, flag: str) -> bool:
@@ -166,20 +172,22 @@ def _bool(value: Any, flag: str) -> bool:
         return True
     if s in ("0", "false", "no", "off"):
         return False
-    raise RcompError(f"{flag} {value!r} is not true or false")
+    raise RcompError(f"{flag} {echo(value)} is not true or false")
 
 
 def _int(value: Any, flag: str) -> int:
     if isinstance(value, bool):
-        raise RcompError(f"{flag} {value!r} is not an integer")
+        raise RcompError(f"{flag} {echo(value)} is not an integer")
     if isinstance(value, int):
         return value
     if isinstance(value, float) and value.is_integer():
         return int(value)
     try:
+        if len(str(value).strip()) > 100:  # int() of huge text is slow; no option takes such a number
+            raise ValueError
         return int(str(value).strip())
     except ValueError:
-        raise RcompError(f"{flag} {value!r} is not an integer") from None
+        raise RcompError(f"{flag} {echo(value)} is not an integer") from None
 
 
 def _json_object(value: Any, flag: str) -> dict:
@@ -252,7 +260,7 @@ def make_config(config_cls: type, given: Mapping[str, Any] | None = None, *,
         if o.file_check is not None and raw is not None:
             reason = o.file_check(raw)
             if reason:
-                raise RcompError(f"{where}{o.flag} {raw!r}: {reason}")
+                raise RcompError(f"{where}{o.flag} {echo(raw)}: {reason}")
         values[o.name] = _parse_at(o, raw, where)
     for key, raw in (given or {}).items():
         o = lookup(config_cls, key, command)

@@ -8,33 +8,41 @@ import math
 import re
 
 from rcomp.errors import RcompError
+from rcomp.text import echo
 
-_NUM = r"[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?"
+# unambiguous (no two ways to split a run of digits), so matching is linear, never a ReDoS
+_NUM = r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?"
+#: a number written as text is at most this long (Python's float() and int() are slow on huge text)
+MAX_NUMBER_CHARS = 100
+#: implied input sizes: channels, pixels a side, values in one image (as rcomp.models.checks caps files)
+MAX_CHANNELS, MAX_SIDE, MAX_PIXELS = 4096, 16384, 1 << 26
 
 
 def parse_number(text: str, what: str) -> float:
     """``0.03``, ``8/255`` or ``1e-3`` to a float; anything else is a one-line error."""
     s = str(text).strip()
+    if len(s) > MAX_NUMBER_CHARS:
+        raise RcompError(f"{what} {echo(s)} is not a number ({len(s)} characters); write e.g. 0.03 or 8/255")
     m = re.fullmatch(rf"({_NUM})\s*/\s*({_NUM})", s)
     try:
         if m:
             den = float(m.group(2))
             if den == 0:
-                raise RcompError(f"{what} {s!r} divides by zero; write e.g. 8/255")
+                raise RcompError(f"{what} {echo(s)} divides by zero; write e.g. 8/255")
             v = float(m.group(1)) / den
         else:
             v = float(s)
     except ValueError:
-        raise RcompError(f"{what} {s!r} is not a number; write e.g. 0.03 or 8/255") from None
+        raise RcompError(f"{what} {echo(s)} is not a number; write e.g. 0.03 or 8/255") from None
     if not math.isfinite(v):
-        raise RcompError(f"{what} {s!r} is not a finite number")
+        raise RcompError(f"{what} {echo(s)} is not a finite number")
     return v
 
 
 def parse_eps(text: str, what: str = "--eps") -> float:
     v = parse_number(text, what)
     if not 0 <= v <= 1:
-        raise RcompError(f"{what} {text!r} is outside [0, 1]; eps is in pixel units of [0, 1] images (e.g. 8/255)")
+        raise RcompError(f"{what} {echo(text)} is outside [0, 1]; eps is in pixel units of [0, 1] images (e.g. 8/255)")
     return v
 
 
@@ -90,11 +98,14 @@ def parse_thresholds(text: str | None, what: str = "--fail-under") -> dict[str, 
 def parse_shape(text: str, what: str = "--input-shape") -> tuple[int, int, int]:
     parts = str(text).replace("x", ",").split(",")
     try:
+        if len(str(text)) > MAX_NUMBER_CHARS:
+            raise ValueError
         dims = tuple(int(p) for p in parts)
     except ValueError:
-        raise RcompError(f"{what} {text!r} must be C,H,W integers, e.g. 3,32,32") from None
+        raise RcompError(f"{what} {echo(text)} must be C,H,W integers, e.g. 3,32,32") from None
     if len(dims) != 3 or any(d < 1 or d > 65536 for d in dims):
-        raise RcompError(f"{what} {text!r} must be three positive integers C,H,W, e.g. 3,32,32")
+        raise RcompError(f"{what} {echo(text)} must be three positive integers C,H,W, e.g. 3,32,32")
+    check_shape_caps(dims, what)
     return dims  # type: ignore[return-value]
 
 
@@ -112,3 +123,11 @@ def parse_json_kwargs(text: str | None, what: str = "--arch-kwargs") -> dict:
     if not isinstance(v, dict):
         raise RcompError(f"{what} must be a JSON object, e.g. '{{\"width\": 32}}'")
     return v
+
+
+def check_shape_caps(dims, what: str = "--input-shape") -> None:
+    """Refuse input shapes whose implied sizes no model should be built for (before anything is built)."""
+    c, h, w = dims
+    if c > MAX_CHANNELS or h > MAX_SIDE or w > MAX_SIDE or c * h * w > MAX_PIXELS:
+        raise RcompError(f"{what} {c},{h},{w} is over the limits ({MAX_CHANNELS} channels, {MAX_SIDE} pixels a side, "
+                         f"{MAX_PIXELS} values an image); give the model's real input shape")

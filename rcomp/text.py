@@ -12,7 +12,8 @@ import shlex
 from collections.abc import Iterable
 
 # C0 controls, DEL, C1 controls, and the Unicode line/paragraph separators and bidi overrides
-_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+# and lone UTF-16 surrogates (from JSON "\\ud800" or undecodable file names), which no terminal can encode
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
 
 
 def _escape(m: re.Match) -> str:
@@ -43,3 +44,10 @@ def shell_quote(args: Iterable[object]) -> str:
     "rcomp prune 'my model.safetensors'"
     """
     return " ".join(shlex.quote(printable(a, limit=None)) for a in args)
+
+
+def echo(value: object, limit: int = 80) -> str:
+    """A value the user gave, quoted for an error message and cut to ``limit`` characters (a 900 kB
+    option value is shown as its start and an ellipsis, not whole)."""
+    text = printable(repr(value), limit=None)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -7,6 +7,7 @@ time, so ``rcomp --help`` stays fast and bad option values are refused before to
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -25,7 +26,8 @@ so stages chain in pipelines:
     | rcomp bench --data digits --attack fgsm,pgd --eps 0.1
 
 Exit codes: 0 success, 1 a --fail-under threshold was missed or a training run diverged,
-2 bad input or usage. Add --debug anywhere for a traceback on errors.
+2 bad input or usage, 130 Ctrl-C, 143 SIGTERM, 141 the reader of stdout went away.
+Add --debug anywhere for a traceback on errors.
 """
 
 app = typer.Typer(
@@ -64,6 +66,42 @@ def _register() -> None:
 _register()
 
 
+#: exit code when the reader of stdout went away (``rcomp info X | head -1``): 128 + SIGPIPE, as a
+#: command killed by SIGPIPE would give; nothing more is printed.
+EXIT_PIPE = 141
+
+
+class StdoutFailed(Exception):
+    """Writing to stdout failed (the reader left, or stdout is a full device)."""
+
+    def __init__(self, exc: OSError):
+        super().__init__(exc.strerror or str(exc))
+        self.errno = exc.errno
+
+
+class _Stdout:
+    """sys.stdout, with a failed write or flush raised as :class:`StdoutFailed` (not an OSError that
+    could be mistaken for a file's error, nor typer's broken-pipe handling, which exits 1)."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except OSError as exc:
+            raise StdoutFailed(exc) from None
+
+    def flush(self):
+        try:
+            return self._stream.flush()
+        except OSError as exc:
+            raise StdoutFailed(exc) from None
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: runs the app, turning errors into one line and an exit code."""
     from rcomp.signals import install_handlers
@@ -81,31 +119,72 @@ def main(argv: list[str] | None = None) -> None:
     from rcomp.deprecations import spare_users, users_spared
 
     spare_users(not debug)
+    real_stdout = sys.stdout
+    sys.stdout = _Stdout(real_stdout)
     try:
-        with warnings.catch_warnings():  # scoped: an in-process caller (the tests) keeps its own filters
-            if users_spared():  # library warnings (torchvision, PIL, torch.ao deprecations) are not the user's to act on
-                for module in ("torch", "torchvision", "PIL", "torch_pruning", "safetensors", "onnx", "onnxruntime"):
-                    warnings.filterwarnings("ignore", module=rf"{module}(\..*)?$")
-                warnings.simplefilter("ignore", DeprecationWarning)
-                warnings.simplefilter("ignore", FutureWarning)
-            elif debug:  # --debug: show deprecations (Python's defaults show them only for __main__)
-                warnings.simplefilter("default", DeprecationWarning)
-            try:
-                rv = app(args=args, prog_name="rcomp", standalone_mode=False)
-            finally:
-                spare_users(False)
-        code = rv if isinstance(rv, int) else 0
-    except BrokenPipeError:  # e.g. `rcomp info X | head`: the reader left, which is fine
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        code = 0
-    except (Exception, KeyboardInterrupt) as exc:
-        if debug and not isinstance(exc, KeyboardInterrupt):
-            import traceback
+        try:
+            with warnings.catch_warnings():  # scoped: an in-process caller (the tests) keeps its own filters
+                if users_spared():  # library warnings (torchvision, PIL, torch.ao deprecations) are not the user's to act on
+                    for module in ("torch", "torchvision", "PIL", "torch_pruning", "safetensors", "onnx", "onnxruntime",
+                                   "onnxscript", "timm", "torchao"):
+                        warnings.filterwarnings("ignore", module=rf"{module}(\..*)?$")
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    warnings.simplefilter("ignore", FutureWarning)
+                elif debug:  # --debug: show deprecations (Python's defaults show them only for __main__)
+                    warnings.simplefilter("default", DeprecationWarning)
+                try:
+                    _check_environment()
+                    code = _invoke(args)
+                finally:
+                    spare_users(False)
+            sys.stdout.flush()
+        except StdoutFailed as exc:
+            code = _stdout_failed(exc, real_stdout)
+        except (Exception, KeyboardInterrupt) as exc:
+            if debug and not isinstance(exc, KeyboardInterrupt):
+                import traceback
 
-            traceback.print_exc()
-        code = _exit_code(exc, args)
-    sys.stdout.flush()
+                traceback.print_exc()
+            code = _exit_code(exc, args)
+    finally:
+        sys.stdout = real_stdout
     sys.exit(code)
+
+
+def _invoke(args: list[str]) -> int:
+    """Run the command without typer's own error handling, which turns Ctrl-C and SIGTERM alike into
+    exit 130 without a word and a broken pipe into exit 1: rcomp says what happened itself."""
+    from typer.main import get_command
+
+    cmd = get_command(app)
+    with cmd.make_context("rcomp", list(args)) as ctx:
+        rv = cmd.invoke(ctx)
+    return rv if isinstance(rv, int) else 0
+
+
+def _check_environment() -> None:
+    """What every command needs from its environment, checked before any work."""
+    from rcomp.io.format import check_source_date_epoch
+
+    try:
+        os.getcwd()
+    except OSError:
+        raise RcompError("the current directory no longer exists (it was deleted or moved); cd to an existing "
+                         "folder and rerun") from None
+    check_source_date_epoch()
+
+
+def _stdout_failed(exc: StdoutFailed, real_stdout) -> int:
+    """The reader of stdout left (exit 141, quietly), or stdout cannot be written (one line, exit 2)."""
+    import errno
+
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # no second error at interpreter exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), real_stdout.fileno())
+    if exc.errno == errno.EPIPE:
+        return EXIT_PIPE
+    print(f"rcomp: error: standard output cannot be written ({exc}); the results were not printed: "
+          "give stdout a file or pipe that can take them", file=sys.stderr)
+    return 2
 
 
 def _exit_code(exc: BaseException, args: list[str]) -> int:
@@ -125,6 +204,9 @@ def _exit_code(exc: BaseException, args: list[str]) -> int:
         return 130
     if isinstance(exc, RcompError):
         msg, code = str(exc), exc.exit_code
+    elif isinstance(exc, OSError) and exc.filename is not None:  # the file system refused a path
+        msg, code = (f"cannot use {printable(str(exc.filename), 80)}: {exc.strerror or type(exc).__name__}; "
+                     "check the path"), 2
     elif isinstance(exc, ClickException):
         msg, code = f"{exc.format_message()} (see rcomp {_command(args)}--help)", 2
     else:  # an unexpected failure: still one line; --debug printed the traceback

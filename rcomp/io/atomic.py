@@ -58,7 +58,7 @@ def check_replaceable(output: Path, force: bool) -> None:
 def check_writable_folder(output: Path) -> None:
     """The folder of ``output`` exists and a file can be created in it (probed, so read-only mounts count)."""
     parent = _folder(Path(output))
-    shown = printable(str(parent))
+    shown = printable(str(parent), 80)
     if not parent.exists():
         raise RcompError(f"output folder {shown} does not exist; create it first")
     if not parent.is_dir():
@@ -80,13 +80,20 @@ def check_output_path(output: Path, inputs: tuple[Path, ...] = (), force: bool =
     file even with ``force``; a missing or unwritable folder.
     """
     output = Path(output)
-    for inp in inputs:
-        inp = Path(inp)
-        same = inp.exists() and output.exists() and os.path.samefile(inp, output)
-        if same or output.resolve() == inp.resolve():
-            raise RcompError(f"output {printable(str(output))} is the input file; choose another path with -o")
-    check_replaceable(output, force)
-    check_writable_folder(output)
+    if str(output) in ("/dev/stdout", "/dev/stderr", "/dev/fd/1", "/dev/fd/2", "/proc/self/fd/1", "/proc/self/fd/2", "-"):
+        raise RcompError(f"output {output} is not a file: rcomp writes checkpoints to a file with -o and prints "
+                         "that file's path on stdout; pipe the path to the next rcomp command")
+    try:
+        for inp in inputs:
+            inp = Path(inp)
+            same = inp.exists() and output.exists() and os.path.samefile(inp, output)
+            if same or output.resolve() == inp.resolve():
+                raise RcompError(f"output {printable(str(output))} is the input file; choose another path with -o")
+        check_replaceable(output, force)
+        check_writable_folder(output)
+    except OSError as exc:  # a name too long (ENAMETOOLONG), a deleted working directory...
+        raise RcompError(f"output {printable(str(output), 80)} cannot be used: {exc.strerror or exc}; "
+                         "choose another path") from None
     return output
 
 

@@ -64,8 +64,8 @@ class CheckpointMeta:
                 "turn it into one with: rcomp convert FILE --arch NAME"
             )
         ver = meta[f"{PREFIX}format"]
-        if not ver.isdigit() or len(ver) > 6:
-            raise RcompError(f"{where} has a malformed format version {ver[:40]!r}")
+        if not (ver.isascii() and ver.isdigit()) or len(ver) > 6:  # str.isdigit alone accepts '²'
+            raise RcompError(f"{where} has a malformed format version {printable(repr(ver[:40]), 60)}")
         if int(ver) > FORMAT_VERSION:
             raise RcompError(
                 f"{where} uses checkpoint format {ver}, newer than this rcomp reads ({FORMAT_VERSION}); upgrade rcomp"
@@ -106,8 +106,7 @@ class CheckpointMeta:
         stats = _or_default(field_json("stats", required=False), {})
         if not isinstance(compression, dict):
             raise RcompError(f"{where} has malformed metadata field {PREFIX}compression")
-        if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
-            raise RcompError(f"{where} has malformed metadata field {PREFIX}history")
+        check_history(history, where)
         if not isinstance(stats, dict):
             raise RcompError(f"{where} has malformed metadata field {PREFIX}stats")
         known = {"format", "version", "arch", "input", "classes", "dataset", "compression", "history", "stats"}
@@ -116,6 +115,18 @@ class CheckpointMeta:
             arch=ArchSpec(arch["name"], dict(arch.get("kwargs", {}))), input=spec, num_classes=nc,
             class_names=names, dataset=dataset, compression=compression, history=history, stats=stats, extra=extra,
         )
+
+
+def check_history(history: Any, where: str) -> None:
+    """A history is a list of objects whose ``command`` is text and ``params`` / ``metrics`` are objects."""
+    if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
+        raise RcompError(f"{where} has malformed metadata field {PREFIX}history (a list of objects)")
+    for i, h in enumerate(history, 1):
+        for key, kind, name in (("command", str, "text"), ("params", dict, "an object"),
+                                ("metrics", dict, "an object"), ("results", dict, "an object")):
+            if h.get(key) is not None and not isinstance(h[key], kind):
+                raise RcompError(f"{where} has a malformed history entry {i}: its {key} is "
+                                 f"{type(h[key]).__name__}, not {name}; the metadata is damaged or edited")
 
 
 def _or_default(value: Any, default: Any) -> Any:
@@ -177,12 +188,34 @@ def utc_now() -> str:
     import datetime
     import os
 
-    epoch = os.environ.get("SOURCE_DATE_EPOCH")
-    if epoch and epoch.isdigit():
-        t = datetime.datetime.fromtimestamp(int(epoch), datetime.UTC)
+    epoch = check_source_date_epoch()
+    if epoch is not None:
+        t = datetime.datetime.fromtimestamp(epoch, datetime.UTC)
     else:
         t = datetime.datetime.now(datetime.UTC)
     return t.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+#: the last second of year 9999, the largest time an ISO 8601 history entry can hold
+MAX_EPOCH = 253402300799
+
+
+def check_source_date_epoch() -> int | None:
+    """``SOURCE_DATE_EPOCH`` as seconds (None when unset or empty); a malformed value is refused.
+
+    The reproducible-builds convention: a non-negative whole number of seconds since 1970, in ASCII
+    digits (``str.isdigit`` alone would accept '²'), here at most :data:`MAX_EPOCH`.
+    """
+    import os
+
+    raw = os.environ.get("SOURCE_DATE_EPOCH", "")
+    if raw == "":
+        return None
+    text = raw.strip()
+    if not (text.isascii() and text.isdigit()) or len(text) > 12 or int(text) > MAX_EPOCH:
+        raise RcompError(f"SOURCE_DATE_EPOCH={printable(repr(raw), 40)} is not a whole number of seconds since "
+                         f"1970 (0 to {MAX_EPOCH}); fix or unset it")
+    return int(text)
 
 
 def _jsonable(obj: Any) -> Any:

@@ -30,6 +30,23 @@ from rcomp.train.catalog import SINGLE_STEP
 DEFAULT_TRAIN_SIZE = 1437
 
 
+#: a count read from a history (steps, epochs, images, batch size) is a whole number up to this
+MAX_COUNT = 10**12
+#: the largest budget --steps-budget accepts (rcomp.stages.finetune declares the same)
+MAX_BUDGET_STEPS = 10**9
+
+
+def _count(value, what: str, default=None):
+    """A whole, non-negative count from a file's history; anything else (text, inf, 1e308) is refused."""
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            isinstance(value, int) or (math.isfinite(value) and value.is_integer())) or not 0 <= value <= MAX_COUNT:
+        raise RcompError(f"the training history records {what} as {str(value)[:40]!r}, not a whole number up to "
+                         f"{MAX_COUNT}; the reference checkpoint is damaged or edited")
+    return int(value)
+
+
 #: extra passes a step of GradAlign costs (see the module docstring)
 GRAD_ALIGN_PASSES = 4
 
@@ -37,14 +54,17 @@ GRAD_ALIGN_PASSES = 4
 def passes_per_step(adv: str | None, attack_steps: int | None, grad_align: float | None = 0.0) -> int:
     """Forward+backward passes of one training step (see the module docstring)."""
     adv = adv or "none"
+    if not isinstance(adv, str):
+        raise RcompError(f"the training history records adv as {str(adv)[:40]!r}, not a name; the reference "
+                         "checkpoint is damaged or edited")
     if adv == "none":
         base = 1
     elif adv in SINGLE_STEP:
         base = 2
     elif adv == "pgd":
-        base = 1 + int(attack_steps or 10)
+        base = 1 + (_count(attack_steps, "the attack steps") or 10)
     elif adv == "trades":
-        base = 2 + int(attack_steps or 10)
+        base = 2 + (_count(attack_steps, "the attack steps") or 10)
     else:
         raise RcompError(f"no pass count for --adv {adv!r}; the checkpoint was written by a newer rcomp")
     return base + (GRAD_ALIGN_PASSES if grad_align else 0)
@@ -56,12 +76,16 @@ def training_cost(entry: dict, train_size: int = DEFAULT_TRAIN_SIZE) -> float | 
     Steps are those recorded as taken, else the budget, else ``epochs x ceil(train images / batch)``."""
     params = entry.get("params") or {}
     results = entry.get("results") or entry.get("metrics") or {}
-    steps = results.get("steps", results.get("steps_taken", params.get("steps_taken")))
+    if not isinstance(params, dict) or not isinstance(results, dict):
+        raise RcompError("a training history entry has params or metrics that are not objects; the reference "
+                         "checkpoint is damaged or edited")
+    steps = _count(results.get("steps", results.get("steps_taken", params.get("steps_taken"))), "the steps taken")
     if steps is None:
-        epochs, batch = params.get("epochs"), params.get("batch_size") or 128
-        n = params.get("n") or train_size
+        epochs = _count(params.get("epochs"), "the epochs")
+        batch = _count(params.get("batch_size"), "the batch size") or 128
+        n = _count(params.get("n"), "the training images") or train_size
         full = epochs * math.ceil(n / batch) if epochs else None
-        budget = params.get("steps_budget")
+        budget = _count(params.get("steps_budget"), "the step budget")
         steps = min(x for x in (full, budget) if x is not None) if (full or budget) else None
     if steps is None:
         return None
@@ -81,4 +105,9 @@ def steps_for_fraction(fraction: float, reference_history: list[dict], adv: str,
     ref = history_cost(reference_history)
     if not ref:
         raise RcompError(f"{reference} records no training to take a fraction of; give --steps-budget instead")
-    return max(1, round(fraction * ref / passes_per_step(adv, attack_steps, grad_align)))
+    steps = fraction * ref / passes_per_step(adv, attack_steps, grad_align)
+    if not math.isfinite(steps) or steps > MAX_BUDGET_STEPS:
+        raise RcompError(f"{reference}'s recorded training makes a budget of {steps:.3g} steps, over the "
+                         f"{MAX_BUDGET_STEPS:,} --steps-budget allows; its history is damaged or edited, or give "
+                         "--steps-budget instead")
+    return max(1, round(steps))
