@@ -59,6 +59,25 @@ def _loader():
             self._check()
             return node
 
+        def construct_mapping(self, node, deep=False):
+            """Refuse a key given twice in one mapping (YAML would keep the last one silently)."""
+            if isinstance(node, yaml.MappingNode):
+                lines: dict = {}
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        continue  # keys merged in with << may be overridden: that is what << is for
+                    key = self.construct_object(key_node, deep=True)
+                    line = key_node.start_mark.line + 1
+                    try:
+                        first = lines.get(key)
+                    except TypeError:
+                        continue  # an unhashable key: the constructor refuses it with its own message
+                    if first is not None:
+                        raise RcompError(f"{self._what}: key {printable(repr(key), 60)} is given twice in one "
+                                         f"mapping (lines {first} and {line}); keep one")
+                    lines[key] = line
+            return super().construct_mapping(node, deep=deep)
+
         def _add(self, weight: int, what: str) -> None:
             self._total += weight
             self._check(what)

@@ -67,7 +67,7 @@ def run(cfg: RunOptions, inputs: list[Path]) -> None:
     from rcomp.recipes.engine import load_recipe, run_recipe
 
     rec = load_recipe(inputs[0], parse_sets(cfg.set), max_stages=cfg.max_stages)
-    folder = Path(cfg.out_dir or rec.out_dir or rec.name)
+    folder = Path(cfg.out_dir or rec.default_out_dir())
     records = run_recipe(rec, folder, dry_run=cfg.dry_run, log=log, allow_factories=frozenset(cfg.allow_factory))
     if cfg.json:
         emit_json({"recipe": rec.name, "out_dir": str(folder),

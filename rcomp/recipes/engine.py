@@ -30,12 +30,14 @@ it last ran is skipped, so an interrupted sweep resumes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
 import hashlib
 import itertools
 import json
 import math
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -43,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from rcomp.errors import RcompError
+from rcomp.text import printable
 
 STAMP_DIR = ".rcomp-run"
 #: a recipe expands to at most this many stages unless the user raises it (rcomp run --max-stages)
@@ -65,6 +68,7 @@ class Stage:
     index: int = 0
     deps: list[str] = field(default_factory=list)
     input_paths: list[str] = field(default_factory=list)
+    file_inputs: list[str] = field(default_factory=list)  # inputs that are files, not stage outputs
     config: Any = None
 
 
@@ -118,10 +122,11 @@ def _coerce(text: str) -> Any:
 
 class Recipe:
     def __init__(self, text: str, source: str = "recipe", overrides: dict[str, str] | None = None,
-                 max_stages: int = MAX_STAGES):
+                 max_stages: int = MAX_STAGES, path: Path | None = None):
         from rcomp.safeyaml import compose_yaml_text, load_yaml_text
 
         self.source = source
+        self.path = path  # the recipe file: no stage may write over it
         self.max_stages = max_stages
         self._stage_overrides: dict[str, dict[str, Any]] = {}
         doc = load_yaml_text(text, what=source)
@@ -133,9 +138,13 @@ class Recipe:
         self.lines = _line_map(compose_yaml_text(text, what=source))
         self.name = str(doc.get("name", Path(source).stem))
         self.description = doc.get("description", "")
+        for key in ("vars", "defaults"):
+            if doc.get(key) is not None and not isinstance(doc[key], dict):
+                raise RcompError(f"{self.where(key)}: {key} must be a mapping of names to values, e.g. "
+                                 f"{key}: {{eps: 0.1}}")
         self.vars = dict(doc.get("vars") or {})
         self.defaults = dict(doc.get("defaults") or {})
-        self.out_dir = doc.get("out_dir")
+        self.out_dir = _recipe_out_dir(doc.get("out_dir"), self.where("out_dir"))
         for key, val in (overrides or {}).items():
             if "." in key:
                 stage_name, opt = key.split(".", 1)
@@ -144,6 +153,10 @@ class Recipe:
                 self.vars[key] = _coerce(val)
         self.defaults = _subst(self.defaults, self.vars, f"{source} defaults")
         self.stages = self._expand(doc["stages"])
+
+    def default_out_dir(self) -> str:
+        """The folder used without --out-dir: the recipe's out_dir, else its name (both relative, no '..')."""
+        return self.out_dir or _recipe_out_dir(self.name, f"{self.where('name')}: as the default output folder, name")
 
     def where(self, *key) -> str:
         line = self.lines.get(tuple(key)) or self.lines.get(tuple(key[:2]))
@@ -204,12 +217,25 @@ class Recipe:
                      line=self.lines.get(("stages", i), 0), index=i)
 
 
+def _recipe_out_dir(value: Any, where: str) -> str | None:
+    """A recipe's own ``out_dir``: a relative folder without '..' (only --out-dir may name any folder)."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise RcompError(f"{where}: out_dir must be a folder name")
+    p = Path(value)
+    if p.is_absolute() or ".." in p.parts:
+        raise RcompError(f"{where}: out_dir {printable(repr(value), 80)} must be a relative folder without '..' (a "
+                         "recipe writes only below where it is run); give another folder with --out-dir")
+    return value
+
+
 def load_recipe(path: Path, overrides: dict[str, str] | None = None, max_stages: int = MAX_STAGES) -> Recipe:
     from rcomp.safeyaml import read_yaml_source
 
     path = Path(path)
     return Recipe(read_yaml_source(path, what="recipe"), source=str(path), overrides=overrides,
-                  max_stages=max_stages)
+                  max_stages=max_stages, path=path)
 
 
 # ------------------------------------------------------------------------------------------
@@ -284,6 +310,7 @@ def plan(recipe: Recipe, out_dir: Path, allow_factories: frozenset[str] = frozen
     for st in recipe.stages:
         _link_inputs(recipe, st, names, out_dir)
         _check_sources(recipe, st, out_dir)
+    _check_overwrites(recipe, out_dir)
     return _order(recipe, names)
 
 
@@ -304,9 +331,46 @@ def _check_sources(recipe: Recipe, st: Stage, out_dir: Path) -> None:
             raise RcompError(f"{w}: {exc}") from None
 
 
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of an existing file (two names of one file share it: hard links), else None."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _check_overwrites(recipe: Recipe, out_dir: Path) -> None:
+    """No stage output is the recipe file or a file some stage reads, nor the same file as another output
+    (a hard link, or a symlink the path check let through)."""
+    outs = {st.name: out_dir / st.output for st in recipe.stages}
+    protected: dict[Any, str] = {}
+    if recipe.path is not None:
+        protected[Path(recipe.path).resolve()] = "the recipe file"
+        protected[_identity(Path(recipe.path))] = "the recipe file"
+    for st in recipe.stages:
+        for p in st.file_inputs:
+            protected.setdefault(Path(p).resolve(), f"an input of stage {st.name!r}")
+            protected.setdefault(_identity(Path(p)), f"an input of stage {st.name!r}")
+    protected.pop(None, None)
+    seen: dict[tuple[int, int], str] = {}
+    for st in recipe.stages:
+        w = f"{recipe.source} line {st.line}" if st.line else recipe.source
+        out, ident = outs[st.name], _identity(outs[st.name])
+        what = protected.get(out.resolve()) or (protected.get(ident) if ident else None)
+        if what:
+            raise RcompError(f"{w}: output {printable(repr(st.output), 80)} of stage {st.name!r} is {what}; a "
+                             "recipe never writes over its own inputs: choose another output name")
+        if ident is not None:
+            if ident in seen:
+                raise RcompError(f"{w}: output {printable(repr(st.output), 80)} is the same file as stage "
+                                 f"{seen[ident]!r}'s output (a hard link); remove one of them or rename an output")
+            seen[ident] = st.name
+
+
 def _link_inputs(recipe: Recipe, st: Stage, names: dict[str, Stage], out_dir: Path) -> None:
     w = f"{recipe.source} line {st.line}" if st.line else recipe.source
-    st.deps, st.input_paths = [], []
+    st.deps, st.input_paths, st.file_inputs = [], [], []
     for ref in st.inputs:
         matches = [n for n in names if fnmatch.fnmatchcase(n, ref)] if any(c in ref for c in "*?[") else \
             ([ref] if ref in names else [])
@@ -314,6 +378,7 @@ def _link_inputs(recipe: Recipe, st: Stage, names: dict[str, Stage], out_dir: Pa
             if not Path(ref).is_file():
                 raise RcompError(f"{w}: input {ref!r} is neither a stage name nor an existing file")
             st.input_paths.append(ref)
+            st.file_inputs.append(ref)
         for m in matches:
             if m in st.deps:
                 continue
@@ -362,14 +427,72 @@ def _fingerprint(st: Stage) -> str:
     return h.hexdigest()
 
 
-def _up_to_date(out: Path, stamp: Path, fp: str) -> dict | None:
-    if not (out.exists() and stamp.exists()):
+#: a stamp is a few hundred bytes of JSON; a larger one is not rcomp's
+STAMP_MAX_BYTES = 64 * 1024
+
+
+def _read_stamp(stamp: Path) -> dict | None:
+    """The stamp's JSON, or None when there is none or it is unreadable (the stage then runs again).
+    Read as a bounded regular file: a FIFO or device planted there is refused, never waited on."""
+    from rcomp.io.bounded import read_bounded
+
+    if not os.path.lexists(stamp):
         return None
     try:
-        prev = json.loads(stamp.read_text())
-    except (json.JSONDecodeError, OSError, UnicodeDecodeError):
+        prev = json.loads(read_bounded(stamp, STAMP_MAX_BYTES, "recipe stamp").decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         return None
-    return prev if isinstance(prev, dict) and prev.get("fingerprint") == fp else None
+    return prev if isinstance(prev, dict) else None
+
+
+def _up_to_date(out: Path, stamp: Path, fp: str, log=None) -> dict | None:
+    """The stamp when the stage need not run: same fingerprint, and the output's bytes are those the stamp
+    recorded (an output changed or damaged since is made again, and the log says why)."""
+    from rcomp.io.header import sha256_file
+
+    prev = _read_stamp(stamp)
+    if prev is None or prev.get("fingerprint") != fp or not out.exists():
+        return None
+    try:
+        digest = sha256_file(out)
+    except RcompError:
+        digest = None
+    if digest is None or digest != prev.get("output_sha256"):
+        if log is not None:
+            log(f"{out}: its content is not what its last run wrote (sha256 differs); running the stage again")
+        return None
+    return prev
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    """Before anything is created: the output folder is (or can be made) a writable folder, and its stamp
+    folder, if there, is a real folder holding only regular files (no symlink or FIFO planted there)."""
+    import stat
+
+    from rcomp.io.atomic import check_writable_folder
+
+    shown = printable(str(out_dir), 80)
+    probe = out_dir
+    try:
+        while not os.path.lexists(probe) and probe != probe.parent:
+            probe = probe.parent
+        if os.path.lexists(probe) and not probe.is_dir():
+            what = "is" if probe == out_dir else f"lies below {printable(str(probe), 80)}, which is"
+            raise RcompError(f"--out-dir {shown} {what} not a folder; choose another output folder")
+        check_writable_folder(probe / "x")
+        stamps = out_dir / STAMP_DIR
+        if os.path.lexists(stamps):
+            st = os.lstat(stamps)
+            if not stat.S_ISDIR(st.st_mode):
+                raise RcompError(f"{printable(str(stamps), 120)} is not a folder (a symlink or other file was put "
+                                 "there); remove it and rerun")
+            for entry in os.scandir(stamps):
+                if not entry.is_file(follow_symlinks=False):
+                    raise RcompError(f"recipe stamp {printable(entry.path, 120)} is not a regular file (a symlink, "
+                                     "FIFO or folder was put there); remove it and rerun")
+    except OSError as exc:
+        raise RcompError(f"--out-dir {shown} cannot be used: {exc.strerror or exc}; choose another "
+                         "output folder") from None
 
 
 def _run_stage(st: Stage, log) -> Any:
@@ -387,12 +510,25 @@ def _run_stage(st: Stage, log) -> Any:
 def run_recipe(recipe: Recipe, out_dir: Path, *, dry_run: bool = False, log=print,
                allow_factories: frozenset[str] = frozenset()) -> list[dict]:
     """Run the stages in order; returns one record per stage (name, status, seconds, output)."""
-    from rcomp.io.atomic import atomic_write_text
-
     out_dir = Path(out_dir)
     order = plan(recipe, out_dir, allow_factories)
+    _check_out_dir(out_dir)
     if dry_run:
         return [{"stage": st.name, "status": "planned", "command": command_line(st)} for st in order]
+    made = [p for p in (out_dir, out_dir / STAMP_DIR) if not os.path.lexists(p)]
+    try:
+        return _run_all(order, out_dir, log)
+    except BaseException:
+        for p in reversed(made):  # a run that failed before writing anything leaves no folder behind
+            with contextlib.suppress(OSError):
+                p.rmdir()
+        raise
+
+
+def _run_all(order: list[Stage], out_dir: Path, log) -> list[dict]:
+    from rcomp.io.atomic import atomic_write_text
+    from rcomp.io.header import sha256_file
+
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / STAMP_DIR).mkdir(exist_ok=True)
     records = []
@@ -400,7 +536,7 @@ def run_recipe(recipe: Recipe, out_dir: Path, *, dry_run: bool = False, log=prin
         out = out_dir / st.output
         stamp = out_dir / STAMP_DIR / f"{st.name}.json"
         fp = _fingerprint(st)
-        prev = _up_to_date(out, stamp, fp)
+        prev = _up_to_date(out, stamp, fp, log)
         base = {"stage": st.name, "output": str(out), "command": st.command}
         if prev is not None:
             log(f"[{i}/{len(order)}] {st.name}: up to date, skipped")
@@ -410,7 +546,8 @@ def run_recipe(recipe: Recipe, out_dir: Path, *, dry_run: bool = False, log=prin
         t0 = time.perf_counter()
         res = _run_stage(st, log)
         seconds = time.perf_counter() - t0
-        atomic_write_text(stamp, json.dumps({"fingerprint": fp, "seconds": seconds}))
+        atomic_write_text(stamp, json.dumps({"fingerprint": fp, "seconds": seconds,
+                                             "output_sha256": sha256_file(out) if out.exists() else None}))
         records.append({**base, "status": "ran", "seconds": seconds,
                         **({"result": res.report} if st.command == "bench" else {})})
     return records
