@@ -63,11 +63,28 @@ def _resize(net, shapes: dict[str, list[int]], where: str) -> None:
 
 
 def check_scales(tensors: dict[str, torch.Tensor], where: str) -> None:
-    """Every quantization scale is a finite positive number: zero, negative or NaN scales are refused."""
+    """Every quantization scale is a finite positive number: zero, negative or NaN scales are refused.
+
+    Shapes too: a layer's weight scales and zero points hold one value per output channel of its
+    integer weights (``.weight_q``), an activation's one value; anything else is refused here, before
+    torch's own shape errors could reach the user."""
     for key, t in tensors.items():
         if key.endswith(".scale") and t.is_floating_point() and not bool(((t > 0) & torch.isfinite(t)).all()):
             raise RcompError(f"{where}: quantization scale {printable(key)} holds zero, negative or NaN values; "
                              "the file is damaged or edited: re-quantize the float checkpoint")
+        leaf = key.rpartition(".")[2]
+        if leaf not in ("scale", "zero_point"):
+            continue
+        owner = key[: -len(leaf) - 1]
+        if owner.endswith(".weight_fake_quant"):
+            q = tensors.get(owner[: -len(".weight_fake_quant")] + SUFFIX)
+            want = (q.shape[0],) if q is not None and q.dim() >= 1 else None
+        else:
+            want = (1,)
+        if want is not None and tuple(t.shape) != want:
+            raise RcompError(f"{where}: quantization {leaf} {printable(key, 120)} has shape {tuple(t.shape)}, but "
+                             f"its layer needs {want}; the file is damaged or edited: re-quantize the float "
+                             "checkpoint")
 
 
 def restore(model, tensors: dict[str, torch.Tensor], where: str = "checkpoint"):

@@ -16,12 +16,14 @@ optimizer buffer its parameter's shape. A corrupt or edited state is refused wit
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from rcomp.errors import RcompError
+from rcomp.text import printable
 
 KEY = "rcomp.train_state"
 VERSION = 2
@@ -113,16 +115,74 @@ def restore(model, optimizer, info: dict[str, Any], tensors: dict[str, torch.Ten
     state: dict[int, dict[str, Any]] = {}
     for k, v in tensors.items():
         if k.startswith("optim."):
-            _, idx, name = k.split(".", 2)
-            state.setdefault(int(idx), {})[name] = v
+            idx, name = _optim_key(k, where)
+            state.setdefault(idx, {})[name] = v
     _check_optim_shapes(optimizer, state, where)
-    for idx, name in info.get("optim_none", []):
+    none = info.get("optim_none", [])
+    if not isinstance(none, list) or not all(
+            isinstance(e, list) and len(e) == 2 and _whole(e[0]) and isinstance(e[1], str) for e in none):
+        raise RcompError(f"--resume {where}: the state's optimizer entries are malformed; {_FIX}")
+    for idx, name in none:
         state.setdefault(int(idx), {})[name] = None
+    groups = check_param_groups(info.get("param_groups"), optimizer, where)
+    before = optimizer.state_dict()
     try:
-        optimizer.load_state_dict({"state": state, "param_groups": info["param_groups"]})
-    except (ValueError, KeyError) as exc:
-        raise RcompError(f"--resume {where}: optimizer state does not fit ({exc}); use the same --optimizer") from None
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+    except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as exc:
+        optimizer.load_state_dict(before)
+        raise RcompError(f"--resume {where}: the optimizer state does not fit this optimizer "
+                         f"({type(exc).__name__}); use the same --optimizer and model, or {_FIX}") from None
     torch.set_rng_state(tensors["rng.torch"])
+
+
+def _whole(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1_000_000
+
+
+def _optim_key(key: str, where: str) -> tuple[int, str]:
+    """``optim.<index>.<buffer>`` -> (index, buffer name); anything else is refused."""
+    parts = key.split(".", 2)
+    if len(parts) != 3 or not (parts[1].isascii() and parts[1].isdigit()) or len(parts[1]) > 6 or not parts[2]:
+        raise RcompError(f"--resume {where}: the state holds a malformed optimizer tensor name "
+                         f"{printable(repr(key), 80)}; {_FIX}")
+    return int(parts[1]), parts[2]
+
+
+def _same_kind(saved: Any, current: Any) -> bool:
+    """``saved`` (from the state's JSON) has the type of ``current`` (the optimizer's own value)."""
+    if isinstance(current, bool) or current is None:
+        return saved is current or (isinstance(saved, bool) and isinstance(current, bool))
+    if isinstance(current, (int, float)):
+        return isinstance(saved, (int, float)) and not isinstance(saved, bool) and math.isfinite(saved)
+    if isinstance(current, (list, tuple)):
+        return isinstance(saved, list) and len(saved) == len(current) and all(
+            _same_kind(a, b) for a, b in zip(saved, current, strict=True))
+    return isinstance(saved, type(current))
+
+
+def check_param_groups(groups: Any, optimizer, where: str) -> list[dict[str, Any]]:
+    """The state's param_groups, checked against the optimizer's: same groups and keys, every value of the
+    same kind (a learning rate that is text, NaN or a list is refused), and the same parameters."""
+    current = optimizer.state_dict()["param_groups"]
+    if not isinstance(groups, list) or len(groups) != len(current) or not all(isinstance(g, dict) for g in groups):
+        raise RcompError(f"--resume {where}: the state's optimizer settings (param_groups) are malformed or for "
+                         f"another optimizer; use the same --optimizer, or {_FIX}")
+    for saved, cur in zip(groups, current, strict=True):
+        if set(saved) != set(cur):
+            raise RcompError(f"--resume {where}: the state's optimizer settings have keys "
+                             f"{printable(sorted(map(str, saved))[:8], 120)}, this --optimizer "
+                             f"{printable(sorted(cur)[:8], 120)}; use the same --optimizer, or {_FIX}")
+        for key, value in saved.items():
+            if key == "params":
+                ok = isinstance(value, list) and value == list(cur["params"])
+            else:
+                ok = _same_kind(value, cur[key]) and not (key == "lr" and not (isinstance(value, (int, float))
+                                                                            and 0 <= value <= 1e3))
+            if not ok:
+                raise RcompError(f"--resume {where}: the state's optimizer setting {printable(key, 40)} is "
+                                 f"{printable(repr(value), 60)}, not a value of its kind; the state is damaged or "
+                                 f"edited: {_FIX}")
+    return groups
 
 
 def _check_optim_shapes(optimizer, state: dict[int, dict[str, Any]], where: str) -> None:
@@ -133,6 +193,12 @@ def _check_optim_shapes(optimizer, state: dict[int, dict[str, Any]], where: str)
             raise RcompError(f"--resume {where}: optimizer state for parameter {idx}, but the model has "
                              f"{len(params)}; use the same --optimizer and model")
         for name, v in bufs.items():
+            if not v.is_floating_point() and v.numel() > 1:
+                raise RcompError(f"--resume {where}: optimizer buffer {printable(name, 40)} of parameter {idx} holds "
+                                 f"{str(v.dtype).replace('torch.', '')} values, not floats; {_FIX}")
+            if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+                raise RcompError(f"--resume {where}: optimizer buffer {printable(name, 40)} of parameter {idx} holds "
+                                 f"NaN or infinite values; {_FIX}")
             if v.numel() > 1 and tuple(v.shape) != tuple(params[idx].shape):
                 raise RcompError(f"--resume {where}: optimizer buffer {name} of parameter {idx} has shape "
                                  f"{tuple(v.shape)}, the parameter {tuple(params[idx].shape)}; {_FIX}")
