@@ -57,6 +57,7 @@ def load_examples_with_points(path: Path):
     if x.shape != xa.shape or x.dim() != 4 or y.dim() != 1 or len(y) != len(x):
         raise RcompError(f"--from {path}: images {tuple(x.shape)}, adv_images {tuple(xa.shape)} and labels "
                          f"{tuple(y.shape)} do not match")
+    check_example_values(path, x, xa, y)
     points = {}
     for k in ("stage", "index", "clean_correct"):
         if k in t:
@@ -66,3 +67,18 @@ def load_examples_with_points(path: Path):
                                  "re-create the file with rcomp attack -o")
             points[k] = v.long()
     return x, xa, y, info if isinstance(info, dict) else {}, points
+
+
+def check_example_values(path: Path, x, xa, y) -> None:
+    """Labels are whole class indices (an integer tensor, >= 0: NaN or fractional labels are refused);
+    images are finite values in [0, 1]."""
+    import torch
+
+    if y.is_floating_point() or y.dtype == torch.bool or (len(y) and int(y.min()) < 0):
+        raise RcompError(f"--from {path}: labels must be whole class indices >= 0 (an integer tensor), found "
+                         f"{str(y.dtype).replace('torch.', '')} values; re-create the file with rcomp attack -o")
+    for name, t in (("images", x), ("adv_images", xa)):
+        if not t.is_floating_point() or not bool(torch.isfinite(t).all()) or (
+                t.numel() and (float(t.min()) < 0 or float(t.max()) > 1)):
+            raise RcompError(f"--from {path}: {name} must be finite values in [0, 1]; re-create the file with "
+                             "rcomp attack -o")

@@ -1,6 +1,6 @@
 """Guards of a training run: a non-finite loss or weights stop it; a collapse to chance fails it.
 
-A run that produces NaN or infinite numbers, or a model that predicts no better than chance,
+A run that produces NaN or infinite numbers, or whose loss explodes (divergence), or a model that predicts no better than chance,
 must not end in a saved model with exit 0. Both raise :class:`~rcomp.errors.TrainingFailed`
 (exit code 1) before anything is written.
 
@@ -24,6 +24,8 @@ from typing import Any
 from rcomp.errors import TrainingFailed
 
 FIX = "lower --lr (or --beta for trades) or use --optimizer adam"
+#: an epoch whose mean loss exceeds this many times the starting loss (or log K) has diverged
+DIVERGE_FACTOR = 100
 
 
 def check_finite_loss(losses, epoch: int, step: int) -> None:
@@ -51,6 +53,8 @@ class CollapseMonitor:
 
     num_classes: int
     start_acc: float | None = None
+    #: a loss the run started from, when known (the reference for divergence is at least log K)
+    start_loss: float | None = None
     losses: list[float] = field(default_factory=list)
     accs: list[float] = field(default_factory=list)
 
@@ -69,8 +73,20 @@ class CollapseMonitor:
         uniform = math.log(self.num_classes)
         return abs(last - uniform) <= 0.05 * uniform and abs(last - prev) <= 0.005 * max(abs(prev), 1e-12)
 
+    def diverged(self, row: dict[str, Any]) -> None:
+        """Raise :class:`TrainingFailed` when an epoch's loss exploded: over :data:`DIVERGE_FACTOR` times
+        the larger of the starting loss and ``log K`` (a uniform guess). No ``--allow-collapse`` keeps such
+        a model: collapse is not divergence. (``--lr 10 --optimizer adam`` reaches losses of 1e19 while its
+        accuracy can sit just above the collapse level, so the collapse check alone let it through.)"""
+        loss = float(row["loss"])
+        ref = max(self.start_loss or 0.0, math.log(max(self.num_classes, 2)))
+        if not math.isfinite(loss) or loss > DIVERGE_FACTOR * ref:
+            raise TrainingFailed(f"training diverged in epoch {row['epoch']}: the loss rose to {loss:.4g}, over "
+                                 f"{DIVERGE_FACTOR}x the loss of a uniform guess or its start ({ref:.4g}); nothing was written; {FIX}")
+
     def epoch(self, row: dict[str, Any]) -> str | None:
         """Record an epoch's row; a warning line if the epoch looks collapsed, else None."""
+        self.diverged(row)
         self.losses.append(float(row["loss"]))
         self.accs.append(float(row["train_acc"]))
         acc, best = self.accs[-1], max([*self.accs, self.start_acc or 0.0])
