@@ -233,3 +233,26 @@ def internal_errors(where: str) -> Iterator[None]:
                              "or edited") from None
         raise RcompError(f"{where} cannot be loaded: its metadata and tensors are inconsistent "
                          f"({type(exc).__name__}: {_first_line(exc)}); re-create it with rcomp convert") from None
+
+
+#: a freshly built model (``--arch NAME --arch-kwargs ...``) holds at most this many values (8 GiB of float32)
+MAX_FRESH_ELEMENTS = 1 << 31
+
+
+def check_fresh_build(name: str, kwargs: dict, build) -> None:
+    """Build the network once on the meta device (no memory) and refuse one whose sizes are beyond
+    :data:`MAX_FRESH_ELEMENTS`, or that cannot be built with these kwargs, before it is built for real."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            net = build()
+    except RcompError:
+        raise
+    except (RuntimeError, ValueError, OverflowError, MemoryError, IndexError, ZeroDivisionError) as exc:
+        raise RcompError(f"architecture {printable(name, 60)} cannot be built with {printable(kwargs, 120)} "
+                         f"({type(exc).__name__}); check --arch-kwargs") from None
+    n = sum(t.numel() for t in net.parameters()) + sum(t.numel() for t in net.buffers())
+    if n > MAX_FRESH_ELEMENTS:
+        raise RcompError(f"architecture {printable(name, 60)} with {printable(kwargs, 120)} needs {n:,} values, over "
+                         f"the limit of {MAX_FRESH_ELEMENTS:,}; give smaller sizes in --arch-kwargs")

@@ -171,6 +171,10 @@ def build_model(name: str, num_classes: int = 10, input_shape: tuple[int, int, i
     if not isinstance(num_classes, int) or num_classes < 1:
         raise RcompError(f"--num-classes must be a positive integer, got {num_classes!r}")
     arch = ArchSpec(name, dict(kwargs or {}))
+    if not is_user_factory(name):  # sizes checked on the meta device first (a user's factory is built as is)
+        from rcomp.models.checks import check_fresh_build
+
+        check_fresh_build(name, arch.kwargs, lambda: build_net(arch, spec, num_classes))
     net = build_net(arch, spec, num_classes, allow_factory=name, trust_factory=trust_factory)
     meta = CheckpointMeta(arch=arch, input=spec, num_classes=num_classes, class_names=class_names, dataset=dataset)
     return Classifier(net, meta)
