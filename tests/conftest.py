@@ -88,6 +88,15 @@ def pytest_runtest_call(item):
     return res
 
 
+def pytest_configure(config):
+    """One torch thread for the whole session, whichever files run: figures computed in-process then
+    do not depend on the machine's core count or on whether tests/test_train_core.py (which sets the same)
+    was collected."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @dataclass
 class Result:
     code: int

@@ -368,15 +368,15 @@ def test_every_torchvision_model_converts_and_round_trips(tmp_path, name, side):
 # ---------------------------------------------------------------------------------------------
 
 _RACER = textwrap.dedent("""
-    import sys, time
+    import sys
     from rcomp.errors import RcompError
     from rcomp.models.loading import save
     from rcomp.models.registry import build_model
     import torch
     torch.manual_seed(int(sys.argv[2]))
     model = build_model("mlp", 3, (1, 4, 4))
-    while time.time() < float(sys.argv[3]):
-        pass
+    print("ready", flush=True)
+    sys.stdin.readline()  # the parent says go once both are ready: they save at the same moment
     try:
         save(model, sys.argv[1])
     except RcompError as exc:
@@ -387,11 +387,20 @@ _RACER = textwrap.dedent("""
 
 
 def test_two_racing_writers_exactly_one_wins(tmp_path):
+    """Two processes save the same new file at the same moment: exactly one wins, the other gets one line.
+
+    The start is a handshake (each child says "ready" after importing torch, then waits for "go"), not a
+    guess of how long imports take, so a loaded machine makes the test slower, never wrong."""
     out = tmp_path / "out.safetensors"
-    start = time.time() + 3  # both children are ready by then; they start saving at the same moment
-    procs = [subprocess.Popen([sys.executable, "-c", _RACER, str(out), str(seed), str(start)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for seed in (1, 2)]
-    results = [(p.wait(60), *p.communicate()) for p in procs]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    procs = [subprocess.Popen([sys.executable, "-c", _RACER, str(out), str(seed)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for seed in (1, 2)]
+    for p in procs:
+        assert p.stdout.readline().strip() == "ready", p.stderr.read() if p.poll() is not None else ""
+    for p in procs:
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    results = [(p.wait(600), p.stdout.read(), p.stderr.read()) for p in procs]
     codes = sorted(r[0] for r in results)
     assert codes == [0, 2], results
     loser = next(r for r in results if r[0] == 2)

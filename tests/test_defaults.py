@@ -78,7 +78,13 @@ def test_trades_from_a_trained_checkpoint_keeps_the_model(cli, trained_digits, t
     res = cli("finetune", trained_digits, "--data", "digits", "--adv", "trades", "--eps", "0.1", "--epochs", "2",
               "-n", "400", "--eval-n", "200", "--device", "cpu", "--json", "-o", out)
     assert res.code == 0, res.stderr
-    assert json.loads(res.stdout)["test_clean_acc"] > 0.8
+    report = json.loads(res.stdout)
+    # The claim is that TRADES keeps the model (beta 6 collapsed it to chance, 0.1): clean test accuracy stays
+    # far above chance and training accuracy near the start (0.96). Measured over seeds 0-2 on one CPU: test
+    # 0.80-0.96, last-epoch training 0.905-0.97. The bound used to be "> 0.8", which seed 0 meets exactly on
+    # one CPU and misses on another (float kernels differ), so it failed by machine, not by behaviour.
+    assert report["test_clean_acc"] >= 0.7, report
+    assert all(e["train_acc"] >= 0.85 for e in report["epochs"]), report["epochs"]
 
 
 def test_finetune_of_int8_reports_its_real_parameter_count(cli, trained_digits, tmp_path):
@@ -137,21 +143,35 @@ def test_help_examples_are_verbatim(cli, args, lines):
 
 
 def test_library_warnings_do_not_leak(tmp_path):
-    """torchvision's FutureWarning on building googlenet reaches the user without rcomp's filter."""
+    """torchvision's FutureWarning on building googlenet reaches the user without rcomp's filter.
+
+    A real process (what a user runs) without --debug shows no warning; the check can fail, since with
+    --debug (in-process, every warning shown each time) the FutureWarning is there. The subprocess's
+    timeout only guards against a hang: on a loaded machine it used to be 120 s and was exceeded."""
     import subprocess
     import sys
+    import warnings
 
     import torchvision
 
+    from conftest import run_cli
+
     src = tmp_path / "g.pth"
-    torch.save(torchvision.models.googlenet(num_classes=10, init_weights=False).state_dict(), src)
-    args = [sys.executable, "-m", "rcomp", "convert", str(src), "--arch", "googlenet", "--normalize", "imagenet",
-            "--input-shape", "3,64,64", "-o", str(tmp_path / "g.safetensors")]
-    res = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.save(torchvision.models.googlenet(num_classes=10, init_weights=False).state_dict(), src)
+    args = ["convert", str(src), "--arch", "googlenet", "--normalize", "imagenet", "--input-shape", "3,64,64"]
+    res = subprocess.run([sys.executable, "-m", "rcomp", *args, "-o", str(tmp_path / "g.safetensors")],
+                         capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr
     assert "Warning" not in res.stderr, res.stderr
-    debug = subprocess.run([*args[:-2], "-o", str(tmp_path / "h.safetensors"), "--debug"], capture_output=True,
-                           text=True, timeout=120)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        # as Python's default hook does (pytest records warnings instead): to stderr, which run_cli captures
+        warnings.showwarning = lambda msg, cat, fn, ln, file=None, line=None: sys.stderr.write(
+            warnings.formatwarning(msg, cat, fn, ln, line))
+        debug = run_cli(*args, "-o", tmp_path / "h.safetensors", "--debug")
+    assert debug.code == 0, debug.stderr
     assert "FutureWarning" in debug.stderr  # the check can fail: --debug shows them
 
 
