@@ -412,6 +412,26 @@ CASES = [
 ]
 
 
+# --- issue 22: values that used to end in an internal error ---------------------------------------
+CASES += [
+    ("format-superscript-digit", meta(format="\u00b2"), LOAD, "malformed format version"),
+    ("format-arabic-digit", meta(format="\u0661"), CLI, "malformed format version"),
+    ("history-params-a-list", meta(history=[{"command": "finetune", "params": [1, 2]}]), CLI,
+     "history entry 1: its params is list"),
+    ("history-metrics-a-string", meta(history=[{"command": "finetune", "metrics": "abc"}]), LOAD,
+     "its metrics is str"),
+    ("history-command-a-number", meta(history=[{"command": 5}]), LOAD, "its command is int"),
+    ("quant-weight-scale-short", tensors_edit(setitem("net.layers.1.weight_fake_quant.scale",
+                                                      lambda t: t[:-1].clone()), "quant"), LOAD, "has shape"),
+    ("quant-weight-scale-scalar", tensors_edit(setitem("net.layers.1.weight_fake_quant.scale",
+                                                       lambda t: t[0].clone()), "quant"), LOAD, "has shape"),
+    ("quant-zero-point-long", tensors_edit(setitem("net.layers.1.weight_fake_quant.zero_point",
+                                                   lambda t: torch.cat([t, t])), "quant"), LOAD, "zero_point"),
+    ("quant-act-scale-two", tensors_edit(setitem("net.activation_post_process_1.scale",
+                                                 lambda t: torch.cat([t, t])), "quant"), LOAD, "has shape"),
+]
+
+
 # --- YAML through rcomp.safeyaml -------------------------------------------------------------------
 
 def yaml_file(text: str | bytes):
@@ -616,3 +636,14 @@ def test_stdin_paths_are_read_when_bounded():
     assert read_stdin_lines(Stdin(io.BytesIO(b"\n a.safetensors \nb.safetensors\n"))) == ["a.safetensors",
                                                                                           "b.safetensors"]
     assert read_stdin_lines(io.StringIO("x\n")) == ["x"]
+
+
+def test_lone_surrogates_in_metadata_are_escaped_not_a_crash(base, tmp_path):
+    """Class names and history holding lone UTF-16 surrogates (JSON '\\ud800') print escaped; exit 0."""
+    path = meta(classes={"num_classes": 3, "names": ["\ud800a", "b\udfff", "c"]},
+                history=[{"command": "finetune", "params": {"note": "\udc80x"}}])(tmp_path, base)
+    res = run_cli("info", path)
+    assert res.code == 0, res.stderr
+    assert "\\ud800a" in res.stdout and "\ud800" not in res.stdout
+    res = run_cli("info", path, "--json")
+    assert res.code == 0 and json.loads(res.stdout)

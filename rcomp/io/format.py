@@ -186,7 +186,6 @@ def history_entry(command: str, params: dict[str, Any], input_sha256: str | None
 def utc_now() -> str:
     """UTC time as ISO 8601; honours SOURCE_DATE_EPOCH so reruns can give byte-identical files."""
     import datetime
-    import os
 
     epoch = check_source_date_epoch()
     if epoch is not None:
