@@ -385,10 +385,14 @@ def test_unusable_out_dirs_are_one_line(cli, tmp_path, tiny_ckpt, monkeypatch, w
     assert _files(tmp_path) == before
 
 
-def test_a_stage_that_fails_leaves_no_output_folder(cli, tmp_path, tiny_ckpt):
-    bad = tmp_path / "notes.txt"  # exists, so the plan accepts it; loading it fails in the stage
-    bad.write_text("not a checkpoint")
-    rec = _recipe(tmp_path, [{**PRUNE, "input": str(bad)}])
+def test_a_stage_that_fails_leaves_no_output_folder(cli, tmp_path, tiny_ckpt, monkeypatch):
+    from rcomp.errors import RcompError
+    from rcomp.recipes import engine
+
+    def fails(st, log):  # a stage that fails at run time, after every plan-time check passed
+        raise RcompError(f"stage {st.name} (line {st.line}) failed: boom")
+    monkeypatch.setattr(engine, "_run_stage", fails)
+    rec = _recipe(tmp_path, [{**PRUNE, "input": str(tiny_ckpt)}])
     res = cli("run", rec, "--out-dir", tmp_path / "out")
     assert res.code == 2 and "stage p (line 3) failed" in res.stderr.splitlines()[-1], res.stderr
     assert not (tmp_path / "out").exists()
