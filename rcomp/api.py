@@ -41,17 +41,19 @@ def _model(model: Any, cfg: Any, device: str = "cpu", stage: Any = None):
 
 
 def prune(model: Any, *, log: Log = stderr_log, **options: Any):
-    """Prune ``model`` (a loaded model or a checkpoint path); returns the pruned model."""
+    """Prune ``model`` (a loaded model or a checkpoint path); returns the pruned model, a new one: ``model``
+    is left as it was."""
     from rcomp.stages import prune as stage
     from rcomp.stages.common import seed_everything
 
     cfg = _config("prune", options)
     seed_everything(cfg.seed)
-    return stage.apply(_model(model, cfg, stage=stage), cfg, log).model
+    return stage.apply(_model(model, cfg, stage=stage), cfg, log, copy=not isinstance(model, (str, Path))).model
 
 
 def quantize(model: Any, *, log: Log = stderr_log, **options: Any):
-    """Quantize ``model`` to int8 or (``simulate=True``) fake-quant ``bits``; returns the quantized model."""
+    """Quantize ``model`` to int8 or (``simulate=True``) fake-quant ``bits``; returns the quantized model, a new
+    one: ``model`` is left as it was."""
     from rcomp.stages import quantize as stage
     from rcomp.stages.common import seed_everything
 
@@ -61,7 +63,8 @@ def quantize(model: Any, *, log: Log = stderr_log, **options: Any):
 
 
 def finetune(model: Any = None, *, log: Log = stderr_log, **options: Any):
-    """Train ``model`` (or, with ``model=None`` and ``arch=NAME``, a new one) on ``data``; returns it."""
+    """Train ``model`` (or, with ``model=None`` and ``arch=NAME``, a new one) on ``data`` (default: the dataset
+    ``model`` records); returns the trained model, a new one: ``model`` is left as it was."""
     from rcomp.stages import finetune as stage
     from rcomp.stages.common import resolve_device, seed_everything
 
@@ -70,7 +73,7 @@ def finetune(model: Any = None, *, log: Log = stderr_log, **options: Any):
     source = Path(model) if isinstance(model, (str, Path)) else None
     net = stage.build(cfg, log) if model is None else _model(model, cfg)
     res = stage.apply(net, cfg, source=source, dev=resolve_device(cfg.device), log=log,
-                      from_scratch=model is None)
+                      from_scratch=model is None, copy=model is not None and source is None)
     return res.model.cpu()
 
 
@@ -92,7 +95,9 @@ def attack(model: Any, *, log: Log = stderr_log, **options: Any) -> dict[str, An
 
 
 def bench(models: list, *, log: Log = stderr_log, **options: Any) -> dict[str, Any]:
-    """Benchmark ``models`` (loaded or paths) side by side; returns the result (``--format json``)."""
+    """Benchmark ``models`` (loaded or paths) side by side; returns the result (``--format json``). Rows are
+    named by file name, or for a model made in memory by its architecture and last command (``convnet8
+    prune``), made unique with its position (``[2]``)."""
     from rcomp.stages import bench as stage
 
     res = stage.run(_config("bench", options), list(models), log=log)

@@ -362,7 +362,8 @@ def trust_opt(help: str = "Import the user factory a checkpoint names (only for 
                file_note="it lets a checkpoint run code, so only the person running rcomp may allow it")
 
 
-def n_opt(help: str = "Evaluate the first N points (default: all)."):
+def n_opt(help: str = "Evaluate N points (default: all): a stratified sample of the split with the fixed "
+                      "subset seed 0, the same points for every model and command."):
     return opt(None, "-n", "--n", kind="int", min=1, max=10**8, help=help)
 
 

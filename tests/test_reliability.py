@@ -33,7 +33,7 @@ BAD = [
     (["prune", "{ck}", "--ratio", "-0.5", "-o", "{out}"], "ratio"),
     (["prune", "{ck}", "--ratio", "half", "-o", "{out}"], "ratio"),
     (["prune", "{ck}", "--ratio", "0.5", "--ignore", "no.such.layer", "-o", "{out}"], "no.such.layer"),
-    (["prune", "{ck}", "--ratio", "0.5", "--method", "taylor", "-o", "{out}"], "data"),
+    (["prune", "{ck}", "--ratio", "0.5", "--method", "taylor", "--data", "imagefolder", "-o", "{out}"], "data-dir"),
     (["prune", "{ck}", "--ratio", "0.5", "--method", "magic", "-o", "{out}"], "method"),
     (["quantize", "{ck}", "--bits", "0", "--data", "digits", "-o", "{out}"], "bits"),
     (["quantize", "{ck}", "--bits", "32", "--data", "digits", "-o", "{out}"], "bits"),

@@ -17,7 +17,10 @@ import typer
 
 from rcomp.catalog import Choices
 from rcomp.errors import RcompError
-from rcomp.options import Option, make_config, options_of
+from rcomp.options import Option, make_config, option_index, options_of
+
+#: command name -> config class of every command that takes --config (filled by make_command)
+CONFIG_COMMANDS: dict[str, type] = {}
 
 #: how a command takes its inputs: "one" checkpoint (or a path on stdin), "many", "source" (required
 #: file), "optional" (a checkpoint, or none), "recipe" (required file), None (no positional input)
@@ -91,6 +94,7 @@ def make_command(app: typer.Typer, name: str, config_cls: type, inputs: str | No
     if inputs is not None:
         params.insert(0, _input_param(inputs))
     if with_config:
+        CONFIG_COMMANDS[name] = config_cls
         params.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],  # noqa: UP045
                                         default=typer.Option(None, "--config", help=CONFIG_HELP, show_default=False)))
 
@@ -98,7 +102,7 @@ def make_command(app: typer.Typer, name: str, config_cls: type, inputs: str | No
         given_inputs = kw.pop("inputs", None)
         config_file = kw.pop("config", None)
         given = {k: v for k, v in kw.items() if v is not None}
-        from_file = load_config_file(config_file, name) if config_file else None
+        from_file = load_config_file(config_file, name, config_cls) if config_file else None
         cfg = make_config(config_cls, given, from_file=from_file, file_source=str(config_file or ""), command=name)
         handler(cfg, resolve(cfg, given_inputs) if resolve else resolve_inputs(inputs, given_inputs, cfg))
 
@@ -109,16 +113,38 @@ def make_command(app: typer.Typer, name: str, config_cls: type, inputs: str | No
     app.command(name, help=help, no_args_is_help=False)(command)
 
 
-def load_config_file(path: Path, command: str) -> dict[str, Any]:
-    """A ``--config`` file: a mapping of option names, optionally nested under the command's name."""
+def _key(k: Any) -> str:
+    return str(k).strip().lstrip("-").replace("_", "-").lower()
+
+
+def load_config_file(path: Path, command: str, config_cls: type | None = None) -> dict[str, Any]:
+    """A ``--config`` file's values for ``command``: top-level option names (each applied to the commands
+    that take it, as recipe ``defaults`` are), merged with the command's own section (``prune: {ratio:
+    0.5}``), which wins key by key. Other commands' sections are skipped; a top-level key that no
+    command takes is refused, and so is any key of the command's own section it does not take."""
     from rcomp.safeyaml import load_yaml_file
 
     doc = load_yaml_file(Path(path), what="config file") or {}
     if not isinstance(doc, dict):
         raise RcompError(f"config file {path} must map option names to values")
-    if isinstance(doc.get(command), dict):  # nested: {prune: {ratio: 0.5}}
-        doc = doc[command]
-    return doc
+    commands = {**CONFIG_COMMANDS, command: config_cls} if config_cls is not None else dict(CONFIG_COMMANDS)
+    sections = {k for k, v in doc.items() if isinstance(v, dict) and k in commands}
+    own = doc.get(command) if command in sections else {}
+    if config_cls is None:
+        return {**{k: v for k, v in doc.items() if k not in sections}, **own}
+    takes = option_index(config_cls)
+    known = set().union(*(option_index(c) for c in commands.values() if c is not None))
+    out: dict[str, Any] = {}
+    for k, v in doc.items():
+        if k in sections:
+            continue
+        if _key(k) in takes:
+            out[k] = v
+        elif _key(k) not in known:
+            raise RcompError(f"{path}: command {command} has no option --{_key(k)}, nor does any other command "
+                             f"(top-level key {k!r}); see rcomp {command} --help")
+    out = {k: v for k, v in out.items() if _key(k) not in {_key(j) for j in own}}
+    return {**out, **own}
 
 
 def resolve_inputs(inputs: str | None, given: Any, cfg: Any) -> list[Path]:

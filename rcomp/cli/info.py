@@ -73,15 +73,17 @@ def _print_human(d: dict[str, Any]) -> None:
         print("\nhistory:")
         hrows = []
         for i, h in enumerate(d["history"], 1):
-            params = ", ".join(f"{p(k)}={p(v)}" for k, v in (h.get("params") or {}).items() if v is not None)
-            metrics = ", ".join(f"{p(k)}={_fmt(v)}" for k, v in (h.get("metrics") or {}).items())
-            hrows.append((i, p(h.get("command")), p(h.get("time")), params[:80], metrics[:80],
+            params = _clip([f"{p(k)}={_fmt(v)}" for k, v in (h.get("params") or {}).items() if v is not None])
+            metrics = _clip([f"{p(k)}={_fmt(v)}" for k, v in (h.get("metrics") or {}).items()])
+            hrows.append((i, p(h.get("command")), p(h.get("time")), params, metrics,
                           p(h.get("input_sha256") or "-")[:12]))
         print(tabulate(hrows, headers=["#", "command", "time (UTC)", "parameters", "metrics", "input sha256"],
                        tablefmt="simple", disable_numparse=True))
 
 
 def _fmt(v):
+    if isinstance(v, dict) and "per_class" in v and "of" in v:  # which points a figure covers
+        return f"{v.get('n')}/{v.get('of')} {printable(v.get('sampling'))}"
     return f"{v:.4g}" if isinstance(v, float) else printable(v)
 
 
@@ -103,6 +105,17 @@ def _list_catalogue(cat, as_json: bool) -> None:
         emit_json({e.name: _entry_dict(e) for e in entries})
         return
     _print_entries(entries)
+
+
+def _clip(items: list[str], width: int = 80) -> str:
+    """``a=1, b=2, ...``: whole items up to ``width`` characters, never a value cut in two (``lr=0`` for 0.003)."""
+    out = ""
+    for i, item in enumerate(items):
+        text = item if not out else f"{out}, {item}"
+        if len(text) > width and out:
+            return f"{out}, ... ({len(items) - i} more)"
+        out = text
+    return out
 
 
 def _list_models(as_json: bool) -> None:

@@ -36,9 +36,12 @@ def print_training(report: dict[str, Any]) -> None:
     rows = [[r.get(k, "") for k in cols] for r in report.get("epochs", [])]
     log(tabulate(rows, headers=["epoch", "lr", "loss", "train acc", "train adv acc", "val clean", "val robust"],
                  tablefmt="simple"))
-    test = {k[5:]: v for k, v in report.items() if k.startswith("test_")}
+    from rcomp.data.subset import points_text
+
+    test = {k[5:]: v for k, v in report.items() if k.startswith("test_") and k != "test_points"}
     if test:
-        log("test: " + ", ".join(f"{k} {v}" for k, v in test.items()))
+        log("test: " + ", ".join(f"{k} {v}" for k, v in test.items())
+            + (f"; on {points_text(report['test_points'])}" if report.get("test_points") else ""))
 
 
 def print_attack_report(d: dict[str, Any]) -> None:
@@ -47,6 +50,10 @@ def print_attack_report(d: dict[str, Any]) -> None:
     where = f"{d['data']} {d['split']}" if d["data"] else f"examples from {printable(d['source']['path'])}"
     print(f"model: {printable(d['path'])} ({printable(d['arch'])}; attack gradients: {d['gradient_source']})")
     print(f"data: {where}, n={d['n']}, device {d['device']}, seed {d.get('seed')}, mode {d.get('mode')}")
+    if d.get("points"):
+        from rcomp.data.subset import points_text
+
+        print(f"points: {points_text(d['points'])}")
     print(f"clean accuracy: {d['clean_acc']:.4f}\n")
     rows = []
     for key, a in d["attacks"].items():

@@ -52,6 +52,35 @@ def data_root(data_dir: str | Path | None) -> Path:
     return Path(root).expanduser() if root else Path("data")
 
 
+def check_data(name: str, data_dir: str | Path | None = None) -> None:
+    """Refuse a dataset choice that cannot work, before any model loads (no torch): an unknown name,
+    ``imagefolder`` without a folder, a folder that does not exist, or one class's folder given
+    instead of the folder of class sub-folders."""
+    data_info(name)
+    if name != "imagefolder":
+        return
+    if not (data_dir or os.environ.get("RCOMP_DATA")):
+        raise RcompError("--data imagefolder needs --data-dir DIR (a folder with one sub-folder of images per class, "
+                         "or DIR/train and DIR/test)")
+    root = data_root(data_dir)
+    if not root.is_dir():
+        raise RcompError(f"--data-dir {root} does not exist or is not a folder; give the folder that holds one "
+                         "sub-folder per class")
+    from rcomp.data.images import EXTENSIONS
+
+    try:
+        entries = list(os.scandir(root))
+    except OSError as exc:
+        raise RcompError(f"cannot read --data-dir {root}: {exc.strerror or exc}") from None
+    has_dirs = any(e.is_dir() for e in entries)
+    images = [e.name for e in entries if e.is_file() and Path(e.name).suffix.lower() in EXTENSIONS]
+    if images and not has_dirs:
+        raise RcompError(f"--data-dir {root} holds images but no class sub-folders: it looks like one class's "
+                         f"folder; give its parent ({root.parent}), which has one sub-folder per class")
+    if not has_dirs:
+        raise RcompError(f"--data-dir {root} has no class sub-folders; put each class's images in DIR/CLASS/")
+
+
 def get_dataset(name: str, split: str, spec, data_dir: str | Path | None = None, *, seed: int = 0,
                 fake_size: int | None = None, log=None):
     """Dataset ``name``/``split`` adapted to ``spec`` (an :class:`~rcomp.spec.InputSpec`).
@@ -99,22 +128,46 @@ def check_fits(ds, num_classes: int, data_name: str) -> None:
 
 def make_loader(ds, batch_size: int = 128, *, shuffle: bool = False, seed: int = 0, n: int | None = None,
                 drop_last: bool = False, sampler=None):
-    """A DataLoader over the first ``n`` items of ``ds`` (all if None), deterministic with ``seed``."""
-    import torch
-    from torch.utils.data import DataLoader, Subset
+    """A DataLoader over ``n`` items of ``ds`` (all if None), deterministic with ``seed``.
 
-    if n is not None:
-        if n < 1:
-            raise RcompError(f"-n must be at least 1, got {n}")
-        if n < len(ds):
-            ds = _subset(ds, n) if hasattr(ds, "subset") else Subset(ds, range(n))
+    ``n`` items are a stratified sample of the whole split with the fixed subset seed
+    (:mod:`rcomp.data.subset`), the same for every command and model; never the first ``n``.
+    The loader's ``points`` attribute describes them (count, per-class counts, sampling, seed)."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from rcomp.data.subset import choose
+
+    if n is not None and n < 1:
+        raise RcompError(f"-n must be at least 1, got {n}")
     if batch_size < 1:
         raise RcompError(f"--batch-size must be at least 1, got {batch_size}")
+    idx, points = choose(ds, n)
+    if len(idx) < len(ds):
+        ds = take(ds, idx)
     g = torch.Generator()
     g.manual_seed(seed)
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle if sampler is None else False, generator=g,
-                      num_workers=0, drop_last=drop_last, sampler=sampler)
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=shuffle if sampler is None else False, generator=g,
+                        num_workers=0, drop_last=drop_last, sampler=sampler)
+    loader.points = points
+    return loader
 
 
-def _subset(ds, n):
-    return ds.subset(range(n))
+def take(ds, idx):
+    """The items ``idx`` of ``ds`` as a dataset (``ds.subset`` where it has one), keeping ``num_classes``."""
+    from torch.utils.data import Subset
+
+    if hasattr(ds, "subset"):
+        return ds.subset(idx)
+    sub = Subset(ds, list(idx))
+    sub.num_classes = getattr(ds, "num_classes", None)
+    sub.classes = getattr(ds, "classes", None)
+    return sub
+
+
+def subset(ds, n: int | None):
+    """``(dataset, points)``: ``n`` items of ``ds`` chosen as :func:`make_loader` chooses them."""
+    from rcomp.data.subset import choose
+
+    idx, points = choose(ds, n)
+    return (take(ds, idx) if len(idx) < len(ds) else ds), points

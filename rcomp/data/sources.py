@@ -65,6 +65,11 @@ class FakeImages(Dataset):
     def __len__(self) -> int:
         return self.n
 
+    def label(self, i: int) -> int:
+        """The label of image ``i``, without making the image (the first draw of its stream)."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        return int(torch.randint(self.num_classes, (1,), generator=g))
+
     def __getitem__(self, i):
         if not 0 <= i < self.n:
             raise IndexError(i)

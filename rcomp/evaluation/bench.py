@@ -88,7 +88,7 @@ def bench(paths_or_models: Sequence, data: str, attacks: dict[str, Any], *, spli
           latency_batches: Sequence[int] = DEFAULT_LATENCY_BATCHES, arch: str | None = None,
           trust_factory: bool = False, progress: bool = True, log: Callable[[str], None] | None = None,
           cascade: bool = False, records: Callable[[Any, Path | None, int], Any] | None = None,
-          shard: tuple[int, int] | None = None) -> dict[str, Any]:
+          shard: tuple[int, int] | None = None, names: Sequence[str] | None = None) -> dict[str, Any]:
     """Benchmark each checkpoint (path or loaded Classifier) on the first ``n`` points of ``data``.
 
     ``attacks`` maps display keys to attacks (see :func:`build_attacks`); each model is attacked
@@ -104,7 +104,9 @@ def bench(paths_or_models: Sequence, data: str, attacks: dict[str, Any], *, spli
     earlier ones (always on for the ``auto`` suite's stages). ``records(model, path, n)``, if given,
     returns the :class:`~rcomp.evaluation.records.RecordDir` each model's evaluation writes to;
     ``shard=(rank, world)`` splits each evaluation's batches over torchrun processes (see
-    :func:`~rcomp.evaluation.robustness.evaluate`).
+    :func:`~rcomp.evaluation.robustness.evaluate`). ``names`` label the models (default:
+    the file name, else ``model{i}``). The result's ``points`` says which points were evaluated
+    (``n`` of a split is a stratified sample with a fixed seed: :mod:`rcomp.data.subset`).
     """
     import torch
 
@@ -118,10 +120,10 @@ def bench(paths_or_models: Sequence, data: str, attacks: dict[str, Any], *, spli
         raise RcompError("give at least one checkpoint to benchmark")
     attacks = expand_suites(attacks)
     rows = []
-    n_eval = None
+    n_eval = points = None
     for i, item in enumerate(paths_or_models):
         model, path = _load(item, device, arch, trust_factory)
-        name = path.name if path is not None else f"model{i}"
+        name = names[i] if names else path.name if path is not None else f"model{i}"
         if log:
             log(f"[{i + 1}/{len(paths_or_models)}] {name}: {model.meta.arch.name}, gradient {model.gradient_source}")
             note = surrogate_note(attacks, model.gradient_source)
@@ -138,7 +140,7 @@ def bench(paths_or_models: Sequence, data: str, attacks: dict[str, Any], *, spli
                        store=store, shard=shard)
         for line in (res.checks or {}).get("warnings", []) if log else ():
             log(f"warning: {name}: {line}")
-        n_eval = res.n
+        n_eval, points = res.n, getattr(loader, "points", None)
         shape = tuple(model.meta.input.shape)
         spread = {str(b): measure_latency(model, shape, b, device=device) for b in latency_batches if b > 0}
         lat = {b: round(st["median_ms"], 4) for b, st in spread.items()}
@@ -176,6 +178,7 @@ def bench(paths_or_models: Sequence, data: str, attacks: dict[str, Any], *, spli
         "data": data,
         "split": split,
         "n": n_eval,
+        "points": points,
         "device": device,
         "threads": torch.get_num_threads(),
         "attacks": {k: a.params() for k, a in attacks.items()},

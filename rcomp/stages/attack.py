@@ -3,6 +3,7 @@ examples; or replay saved examples against another checkpoint (transfer evaluati
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,7 +103,7 @@ class AttackOptions:
 
 @dataclass
 class Config(AttackOptions):
-    data: str | None = O.data_opt(help=C.DATA_HELP)
+    data: str | None = O.data_opt(help=C.RECORDED_DATA_HELP)
     split: str = O.opt("test", "--split", kind="choice", choices=("train", "test"), help="train or test.")
     n: int | None = O.n_opt()
     from_file: Path | None = O.opt(None, "--from", kind="path",
@@ -125,8 +126,7 @@ class Config(AttackOptions):
             if self.output is not None:
                 raise RcompError("--from replays saved examples; it writes none, so drop -o")
             return
-        if not self.data:
-            raise RcompError("give --data (e.g. --data digits), or --from FILE to replay saved examples")
+        C.check_data(self.data, self.data_dir)
         if not self.attack:
             raise RcompError(f"give --attack, e.g. --attack pgd (choose from {ATTACKS.help_names()})")
         self.check_attacks()
@@ -136,7 +136,8 @@ class Config(AttackOptions):
 
 
 def report_dict(model, path: Path, res, data: str | None, split: str | None, device: str,
-                output: Path | None = None, source: dict | None = None) -> dict[str, Any]:
+                output: Path | None = None, source: dict | None = None, points: dict | None = None
+                ) -> dict[str, Any]:
     """The attack report as JSON-able data (what ``--json`` prints)."""
     return {
         "path": str(path), "sha256": model.source_sha256, "arch": model.meta.arch.name,
@@ -151,7 +152,7 @@ def report_dict(model, path: Path, res, data: str | None, split: str | None, dev
                         "seconds": round(a.seconds, 4), "examples_per_s": round(a.examples_per_s, 2)}
                     for k, a in res.attacks.items()},
         "seconds": round(res.seconds, 4), "examples_per_s": round(res.examples_per_s, 2),
-        "output": str(output) if output is not None else None, "source": source,
+        "output": str(output) if output is not None else None, "source": source, "points": points,
     }
 
 
@@ -237,8 +238,12 @@ def apply(model, cfg: Config, log=C.stderr_log, path: Path | None = None, attack
     torchrun) splits the batches over the processes, which share their records."""
     from rcomp.attacks.auto import surrogate_note
     from rcomp.data.registry import check_fits, get_dataset, make_loader
+    from rcomp.data.subset import points_text
     from rcomp.evaluation.robustness import evaluate
 
+    cfg = dataclasses.replace(cfg, data=C.resolve_data(cfg.data, model.meta.dataset,
+                                                       str(path) if path is not None else "the model", cfg.data_dir,
+                                                       log))
     C.seed_everything(cfg.seed)
     attacks = attacks if attacks is not None else cfg.build(cfg.seed)
     dev = C.resolve_device(cfg.device)
@@ -252,7 +257,7 @@ def apply(model, cfg: Config, log=C.stderr_log, path: Path | None = None, attack
     if sharded and not dist.is_main:
         log = _quiet
     log(f"attacking {name} ({model.meta.arch.name}, gradients: {model.gradient_source}) on {cfg.data} "
-        f"{cfg.split}, {min(cfg.n or len(ds), len(ds))} points, device {dev}, seed {cfg.seed}")
+        f"{cfg.split}, {points_text(loader.points)}, device {dev}, seed {cfg.seed}")
     note = surrogate_note(attacks, model.gradient_source)
     if note:
         log(note)
@@ -271,7 +276,8 @@ def apply(model, cfg: Config, log=C.stderr_log, path: Path | None = None, attack
     if saving:
         _save(cfg, path, model, res, attacks)
         log(f"wrote {res.n} adversarial examples to {cfg.output}")
-    report = report_dict(model, path or Path(name), res, cfg.data, cfg.split, dev, output=cfg.output)
+    report = report_dict(model, path or Path(name), res, cfg.data, cfg.split, dev, output=cfg.output,
+                         points=loader.points)
     return C.StageResult(model=model, output=cfg.output, report=report)
 
 
@@ -319,7 +325,7 @@ def _replay(cfg: Config, path: Path | None, model=None) -> C.StageResult:
     src = Path(cfg.from_file)
     if not src.exists():
         raise RcompError(f"--from {src} does not exist; check the path")
-    x, xa, y, info, points = load_examples_with_points(src)
+    x, xa, y, info, saved = load_examples_with_points(src)
     dev = C.resolve_device(cfg.device)
     model = C.as_model(model if model is not None else path, dev, cfg.arch, cfg.trust_factory)
     path = Path(path) if path is not None else Path("model")
@@ -330,26 +336,40 @@ def _replay(cfg: Config, path: Path | None, model=None) -> C.StageResult:
     if len(y) and (int(y.min()) < 0 or int(y.max()) >= model.meta.num_classes):
         raise RcompError(f"--from {src} has labels up to {int(y.max())} but {path.name} outputs "
                          f"{model.meta.num_classes} classes; replay examples made for this task")
-    if cfg.n is not None:
-        x, xa, y = x[:cfg.n], xa[:cfg.n], y[:cfg.n]
-        points = {k: v[:cfg.n] for k, v in points.items()}
+    from rcomp.data.subset import choose
+
+    idx, points = choose(_Labels(y, model.meta.num_classes), cfg.n)
+    if len(idx) < len(y):
+        x, xa, y = x[idx], xa[idx], y[idx]
+        saved = {k: v[idx] for k, v in saved.items()}
     params = info.get("attack", {}) if isinstance(info.get("attack"), dict) else {}
     name = f"{params.get('attack', 'saved')} (transfer)"
     from rcomp.attacks.catalog import NORMS
 
     res = replay_pairs(model, x, xa, y, batch_size=cfg.batch_size, device=dev, name=name,
                        norm=params.get("norm") if params.get("norm") in NORMS else NORMS[0],
-                       records="stage" in points)
+                       records="stage" in saved)
     res.attacks[name].params = {**params, "transfer_from": info.get("source_checkpoint"),
                                 "transfer_from_sha256": info.get("source_sha256")}
     source = {"path": str(src), "source_checkpoint": info.get("source_checkpoint"),
               "source_sha256": info.get("source_sha256"), "data": info.get("data"), "split": info.get("split")}
-    if "stage" in points and "clean_correct" in points and res.records is not None:
+    if "stage" in saved and "clean_correct" in saved and res.records is not None:
         # the points the file says were robust, against those the replay finds robust
-        saved_robust = (points["clean_correct"] != 0) & (points["stage"] < 0)
+        saved_robust = (saved["clean_correct"] != 0) & (saved["stage"] < 0)
         differ = int((saved_robust != res.records.robust).sum())
         source["points_differing_from_record"] = differ
         if differ and info.get("source_sha256") == model.source_sha256:
             C.stderr_log(f"warning: replayed on the model that made them, {differ} point(s) of {src} changed "
                          "outcome (a model whose outputs vary between passes?)")
-    return C.StageResult(model=model, report=report_dict(model, path, res, None, None, dev, source=source))
+    return C.StageResult(model=model, report=report_dict(model, path, res, None, None, dev, source=source,
+                                                         points=points))
+
+
+class _Labels:
+    """Saved examples' labels seen as a dataset, so -n picks them by the one subset rule."""
+
+    def __init__(self, labels, num_classes: int):
+        self.labels, self.num_classes = labels, num_classes
+
+    def __len__(self) -> int:
+        return len(self.labels)

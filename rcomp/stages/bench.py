@@ -4,6 +4,7 @@ table, markdown, JSON or CSV, with ``--fail-under`` thresholds for CI."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ rcomp bench model.safetensors --data digits --attack pgd --eps 0.1 --format json
 
 @dataclass
 class Config(AttackOptions):
-    data: str | None = O.data_opt(help=C.DATA_HELP)
+    data: str | None = O.data_opt(help=C.RECORDED_DATA_HELP)
     split: str = O.opt("test", "--split", kind="choice", choices=("train", "test"), help="train or test.")
     n: int | None = O.n_opt()
     format: str = O.opt("table", "--format", kind="choice", choices=FORMATS, help="table, markdown, json or csv.")
@@ -62,8 +63,7 @@ class Config(AttackOptions):
             if self.format not in ("table", "json"):
                 raise RcompError(f"--json and --format {self.format} disagree; give one of them")
             self.format = "json"
-        if not self.data:
-            raise RcompError("give --data (e.g. --data digits)")
+        C.check_data(self.data, self.data_dir)
         if not self.attack and self.eps:
             raise RcompError("--eps needs --attack (e.g. --attack pgd)")
         self.check_attacks()
@@ -137,7 +137,10 @@ def render(result: dict[str, Any], fmt: str) -> str:
         f"{k}: " + ", ".join(f"{p}={v:.4g}" if isinstance(v, float) else f"{p}={v}" for p, v in a.items()
                              if p != "attack")
         for k, a in result["attacks"].items())
-    foot = (f"data {result['data']} {result['split']}, n={result['n']}, device {result['device']}, "
+    from rcomp.data.subset import points_text
+
+    pts = f" ({points_text(result['points'])})" if result.get("points") else ""
+    foot = (f"data {result['data']} {result['split']}, n={result['n']}{pts}, device {result['device']}, "
             f"{result['threads']} threads (wait policy {result.get('thread_policy', '-')}); latency = median ms per batch (ms@B) of 10 repeats after 3 warm-up "
             "under inference_mode (the JSON has the spread)")
     if attacks:
@@ -153,17 +156,46 @@ def render(result: dict[str, Any], fmt: str) -> str:
     return f"{body}\n\n{foot}"
 
 
+def _label(item: Any) -> tuple[str, ...]:
+    """A path's parts; for a model in memory, its file's parts if it is still that file, else
+    ``(arch last-command,)``."""
+    if isinstance(item, (str, Path)):
+        return Path(item).resolve().parts
+    if getattr(item, "source_path", None) is not None:
+        return Path(item.source_path).resolve().parts
+    meta = getattr(item, "meta", None)
+    arch = getattr(getattr(meta, "arch", None), "name", None) or "model"
+    hist = getattr(meta, "history", None) or []
+    last = hist[-1].get("command") if hist and isinstance(hist[-1], dict) else None
+    return (f"{arch} {last}" if last else arch,)
+
+
 def unique_names(items: list) -> list[str]:
-    """The shortest path suffix that tells each file apart: ``a/base.safetensors``, ``b/base.safetensors``;
-    ``model{i}`` for a model given in memory."""
-    parts = [Path(p).resolve().parts if isinstance(p, (str, Path)) else (f"model{i}",) for i, p in enumerate(items)]
+    """A distinct name per model: the shortest path suffix that tells each file apart (``a/base.safetensors``,
+    ``b/base.safetensors``); for a model made in memory its architecture and last command (``convnet8
+    prune``); still equal names get their position in the list (``convnet8 prune[2]``)."""
+    parts = [_label(p) for p in items]
     names = []
     for i, p in enumerate(parts):
         k = 1
         while k < len(p) and any(j != i and q[-k:] == p[-k:] for j, q in enumerate(parts)):
             k += 1
-        names.append(str(Path(*p[-k:])))
-    return names
+        names.append(str(Path(*p[-k:])) if len(p) > 1 else p[0])
+    return [f"{n}[{i}]" if names.count(n) > 1 else n for i, n in enumerate(names)]
+
+
+def _data(cfg: Config, paths: list, names: list[str], log) -> str:
+    """--data, else the dataset every model records (one rule: :func:`rcomp.stages.common.resolve_data`)."""
+    if cfg.data:
+        return cfg.data
+    if not paths:
+        raise RcompError("give at least one checkpoint to benchmark")
+    recorded = [C.recorded_dataset(p) for p in paths]
+    if len(set(recorded)) > 1:
+        which = ", ".join(f"{n}: {r or 'none'}" for n, r in zip(names, recorded, strict=True))
+        raise RcompError(f"the models record different datasets ({which}); give --data NAME to compare them on one")
+    source = names[0] if len(paths) == 1 else f"every model ({len(paths)})"
+    return C.resolve_data(None, recorded[0], source, cfg.data_dir, log)
 
 
 def _load_onnx(paths: list, attacks: dict, cfg: Config, log) -> list:
@@ -206,11 +238,13 @@ def run(cfg: Config, inputs: list, *, log=C.stderr_log, **_: Any) -> C.StageResu
     from rcomp.train import distributed as D
 
     paths = [C.check_input(p, onnx=True) if isinstance(p, (str, Path)) else p for p in inputs]
+    names = unique_names(paths)
     if cfg.output is not None:
         check_output_path(Path(cfg.output), tuple(p for p in paths if isinstance(p, Path)), force=cfg.force)
     C.seed_everything(cfg.seed)
     attacks = cfg.build(cfg.seed) if cfg.attack else {}
     models = _load_onnx(paths, attacks, cfg, log)
+    data = _data(cfg, models, names, log)
     parsed = getattr(cfg, "thresholds", None)  # set by check(); a config built without it is parsed here
     if parsed is None:
         from rcomp.parsing import parse_thresholds
@@ -222,12 +256,13 @@ def run(cfg: Config, inputs: list, *, log=C.stderr_log, **_: Any) -> C.StageResu
                          "hand their results to rank 0 through it")
     dist, dev = D.setup(C.resolve_device(cfg.device))
     try:
-        return _run(cfg, paths, models, attacks, thresholds, dist, dev, log)
+        return _run(cfg, paths, models, attacks, thresholds, dist, dev, log, data, names)
     finally:
         D.teardown(dist)
 
 
-def _run(cfg: Config, paths: list, models: list, attacks: dict, thresholds: dict, dist, dev: str, log) -> C.StageResult:
+def _run(cfg: Config, paths: list, models: list, attacks: dict, thresholds: dict, dist, dev: str, log,
+         data: str, names: list[str]) -> C.StageResult:
     from rcomp.evaluation.bench import bench, check_thresholds
     from rcomp.io.atomic import atomic_write_text
 
@@ -235,24 +270,26 @@ def _run(cfg: Config, paths: list, models: list, attacks: dict, thresholds: dict
     # latency: rank 0 alone, so that the processes do not slow each other's timings
     batches = () if not main else (1, cfg.latency_batch) if cfg.latency_batch > 1 else (1,)
 
+    rcfg = dataclasses.replace(cfg, data=data)  # the records' digest names the data the models ran on
+
     def records(model, path, n):  # one sub-folder per model, named by its content
         from rcomp.stages.attack import open_records
 
         sha = records_sha(model, path)
-        return open_records(cfg, model, path, attacks, dev, n, log if main else _silent,
+        return open_records(rcfg, model, path, attacks, dev, n, log if main else _silent,
                             Path(cfg.records) / f"model-{sha[:16]}",
                             dist=dist if dist.enabled else None)
 
-    result = bench(models, cfg.data, attacks, split=cfg.split, n=cfg.n, batch_size=cfg.batch_size, device=dev,
+    result = bench(models, data, attacks, split=cfg.split, n=cfg.n, batch_size=cfg.batch_size, device=dev,
                    data_dir=cfg.data_dir, latency_batches=batches, arch=cfg.arch, trust_factory=cfg.trust_factory,
                    progress=main, log=log if main else None, cascade=cfg.cascade,
                    records=records if cfg.records is not None else None,
-                   shard=(dist.rank, dist.world) if dist.enabled else None)
+                   shard=(dist.rank, dist.world) if dist.enabled else None, names=names)
     if not main:
         out = C.StageResult(report={})
         out.silent = True  # type: ignore[attr-defined]
         return out
-    for m, name in zip(result["models"], unique_names(paths), strict=True):
+    for m, name in zip(result["models"], names, strict=True):
         m["name"] = name
     from rcomp.onnx.runtime import thread_policy
 

@@ -17,14 +17,16 @@ from rcomp.errors import RcompError
 Log = Callable[[str], None]
 
 
-def _data_help() -> str:
+def _data_help(default: str = "") -> str:
     from rcomp.data.catalog import DATASETS
 
-    return f"Dataset: {DATASETS.help_names()}."
+    return f"Dataset: {DATASETS.help_names()}{default}."
 
 
 #: the --data help of every stage, from the dataset catalogue
 DATA_HELP = _data_help()
+#: the same, for stages that default to the dataset the checkpoint records
+RECORDED_DATA_HELP = _data_help(" (default: the one the checkpoint records)")
 
 
 def stderr_log(msg: str) -> None:
@@ -146,6 +148,39 @@ def quant_text(meta) -> str | None:
     return f"simulated int{q.get('bits')}" if isinstance(q, dict) and q.get("mode") == "simulated" else "int8"
 
 
+def check_data(data: str | None, data_dir: Path | None) -> None:
+    """Config-time check of ``--data``/``--data-dir`` (no torch): see :func:`rcomp.data.registry.check_data`."""
+    if data:
+        from rcomp.data.registry import check_data as check
+
+        check(data, data_dir)
+
+
+def recorded_dataset(item: Any) -> str | None:
+    """The dataset a checkpoint (path: read from its header, no torch) or a loaded model records."""
+    if isinstance(item, (str, Path)):
+        from rcomp.io.format import CheckpointMeta
+        from rcomp.io.header import read_header
+
+        return CheckpointMeta.from_metadata(read_header(Path(item)).metadata, where=str(item)).dataset
+    meta = getattr(item, "meta", None)
+    return getattr(meta, "dataset", None)
+
+
+def resolve_data(given: str | None, recorded: str | None, source: str, data_dir: Path | None = None,
+                 log: Log = stderr_log, why: str = "") -> str:
+    """The one rule for ``--data``: given, else the dataset the checkpoint records (said on stderr),
+    else a refusal. ``why`` says what needs the data (e.g. ``--method taylor``)."""
+    if given:
+        return given
+    if recorded:
+        check_data(recorded, data_dir)
+        log(f"data: {recorded} (recorded in {source}; --data overrides)")
+        return recorded
+    need = f"{why} needs data: " if why else ""
+    raise RcompError(f"{need}{source} records no dataset; give --data NAME (e.g. --data digits)")
+
+
 def load_model(path: Path, device: str = "cpu", arch: str | None = None, trust: bool = False,
                surrogate: Path | None = None, log: Log | None = None):
     """A checkpoint as a Classifier, or an ONNX file as an :class:`~rcomp.onnx.runtime.OnnxClassifier`
@@ -177,6 +212,19 @@ def check_gradients(model, attacks: dict, name: str, log: Log | None = None) -> 
     from rcomp.onnx.runtime import refuse_gradient_attacks
 
     refuse_gradient_attacks(model, attacks, name, log)
+def copy_model(model):
+    """A deep copy of ``model`` (weights, meta and history, gradient twin): what a stage operates on, so the
+    caller's model is never changed (Python API: ``p = rcomp.prune(m)`` leaves ``m`` as it was)."""
+    import copy
+
+    return copy.deepcopy(model)
+
+
+def derived(model):
+    """Mark ``model`` as made in memory by a stage: it is no longer the file it was loaded from."""
+    model.source_path = None
+    model.source_sha256 = None
+    return model
 
 
 def record(model, command: str, params: dict[str, Any], input_sha256: str | None,

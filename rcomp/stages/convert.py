@@ -59,6 +59,7 @@ class Config:
             raise RcompError("give --mean and --std together (one value per channel)")
         if self.normalize and self.mean is not None:
             raise RcompError("give either --normalize or --mean/--std, not both")
+        C.check_data(self.data, self.data_dir)
 
 
 def _normalisation(cfg: Config, shape) -> tuple[list[float] | None, list[float] | None, str]:
@@ -91,6 +92,27 @@ def _normalisation(cfg: Config, shape) -> tuple[list[float] | None, list[float] 
     return None, None, "none (inputs used as they are)" if norm == "none" else "none given: mean 0, std 1"
 
 
+def _check_shape(cfg: Config, shape, log) -> None:
+    """With --data (or --dataset), the input spec must fit the data's images: a defaulted shape whose size
+    differs is refused with the fix; a given one that differs is said (images are resized)."""
+    from rcomp.data.catalog import DATASETS
+    from rcomp.data.registry import native_shape
+
+    name = cfg.data or (cfg.dataset if cfg.dataset in DATASETS and cfg.dataset != "imagefolder" else None)
+    if not name:
+        return
+    (c, h, w), _ = native_shape(name, cfg.data_dir)
+    if tuple(shape[1:]) == (h, w):
+        return
+    opt = "--data" if cfg.data else "--dataset"
+    if cfg.input_shape is None:
+        raise RcompError(f"{cfg.arch}'s default input shape {'x'.join(map(str, shape))} does not match {opt} {name}'s "
+                         f"{c}x{h}x{w} images; give the shape the weights were trained at, e.g. --input-shape "
+                         f"{shape[0]},{h},{w}, with --normalize imagenet|none or --mean/--std")
+    log(f"note: {opt} {name} has {c}x{h}x{w} images; they are resized to the given --input-shape "
+        f"{'x'.join(map(str, shape))}")
+
+
 def _check_accuracy(model, cfg: Config, log) -> dict[str, Any]:
     from rcomp.data.registry import check_fits, get_dataset, make_loader
     from rcomp.evaluation.accuracy import clean_accuracy
@@ -119,6 +141,7 @@ def convert(cfg: Config, src: Path, log=C.stderr_log) -> C.StageResult:
     if cfg.input_shape is None and cfg.arch.startswith("timm:"):
         log(f"input size {'x'.join(map(str, shape))} from timm's pretrained config for {cfg.arch} "
             "(give --input-shape C,H,W to change it)")
+    _check_shape(cfg, shape, log)
     mean, std, note = _normalisation(cfg, shape)
     kwargs = dict(cfg.arch_kwargs or {})
     model = convert_state_dict(src, cfg.arch, cfg.num_classes, shape, mean, std, kwargs, dataset=cfg.dataset)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from dataclasses import dataclass
@@ -42,7 +43,8 @@ class Config:
                                                    help="With --arch: C,H,W (default: the dataset's native shape, "
                                                         "digits 1,8,8; an image folder's own image size).")
     arch_kwargs: dict | None = O.opt(None, "--arch-kwargs", kind="json", help="With --arch: JSON constructor arguments.")
-    data: str = O.data_opt("digits", help=C.DATA_HELP)
+    data: str | None = O.data_opt(None, help=C.DATA_HELP[:-1] + " (default: the one the checkpoint records; "
+                                             "required with --arch).")
     data_dir: Path | None = O.data_dir_opt()
     epochs: int = O.opt(3, "--epochs", kind="int", min=1, max=100000, help="Epochs to train (the study fine-tunes for 3).")
     steps_budget: int | None = O.opt(None, "--steps-budget", kind="int", min=1, max=10**9,
@@ -98,11 +100,14 @@ class Config:
                            help="Fraction of the training set held out; clean and robust (PGD-10) accuracy on it "
                                 "each epoch.")
     eval_n: int = O.opt(1000, "--eval-n", kind="int", min=0, max=10**8,
-                        help="Test images for the final clean/robust evaluation (0: skip).")
+                        help="Test images for the final clean/robust evaluation (0: skip); a stratified sample of the split "
+                             "(fixed subset seed 0), the points bench -n N uses.")
     eval_attack: str = O.opt("pgd", "--eval-attack", kind="choice", choices=EVAL_CHOICES,
                              help="The final robust evaluation's attack at --eps: pgd (PGD-10, cheap) or auto "
                                   "(AutoAttack's suite as a cascade, the figure to trust).")
-    n: int | None = O.opt(None, "-n", kind="int", min=1, max=10**9, help="Train on the first N training images only.")
+    n: int | None = O.opt(None, "-n", kind="int", min=1, max=10**9,
+                           help="Train on N training images only: a stratified sample of the split (fixed subset "
+                                "seed 0).")
     save_every: int = O.opt(0, "--save-every", kind="int", min=0, max=100000,
                           help="Write a resumable training state every K epochs, to OUT with suffix "
                                ".state.safetensors (0: never).")
@@ -134,6 +139,7 @@ class Config:
                              f"not {self.adv}")
         if self.adv == "n-fgsm" and self.norm != "linf":
             raise RcompError("--adv n-fgsm is defined for --norm linf only; use fgsm or pgd with --norm l2")
+        C.check_data(self.data, self.data_dir)
 
 
 def build(cfg: Config, log=C.stderr_log):
@@ -142,6 +148,8 @@ def build(cfg: Config, log=C.stderr_log):
     from rcomp.models.registry import build_model
     from rcomp.spec import InputSpec
 
+    if not cfg.data:
+        raise RcompError(f"training {cfg.arch} from scratch needs a dataset: give --data NAME (e.g. --data digits)")
     info = data_info(cfg.data)
     shape, note = cfg.input_shape, None
     if shape is None:
@@ -161,18 +169,6 @@ def build(cfg: Config, log=C.stderr_log):
     if note:
         log(f"{note} (--input-shape overrides)")
     return model
-
-
-def _first(ds, n: int):
-    if n >= len(ds):
-        return ds
-    if hasattr(ds, "subset"):
-        return ds.subset(range(n))
-    from torch.utils.data import Subset
-
-    sub = Subset(ds, range(n))
-    sub.num_classes = getattr(ds, "num_classes", None)
-    return sub
 
 
 def _default_output(cfg: Config, source: Path | None) -> Path | None:
@@ -224,16 +220,18 @@ def _state_path(cfg: Config, out: Path) -> Path | None:
 
 def _test_metrics(model, cfg: Config, tcfg, dist, dev, log) -> dict[str, Any]:
     from rcomp.data.registry import get_dataset
+    from rcomp.data.subset import choose
     from rcomp.train.loop import evaluate_split
 
     test_ds = get_dataset(cfg.data, "test", model.meta.input, cfg.data_dir, seed=cfg.seed, log=log)
-    idx = list(range(min(cfg.eval_n, len(test_ds))))
+    idx, points = choose(test_ds, cfg.eval_n)
     if cfg.eval_attack == "auto" and cfg.adv != "none":
         res = _auto_figures(model, test_ds, idx, cfg, dev)
     else:
         res = evaluate_split(model, test_ds, idx, tcfg, cfg.eps if cfg.adv != "none" else None, 10_000, dist, dev)
     out = {f"test_{k}": round(v, 6) for k, v in res.items()}
     out["test_n"] = len(idx)
+    out["test_points"] = points
     if cfg.adv != "none":
         out["test_attack"] = f"{cfg.eval_attack} (seed {cfg.seed})"
     return out
@@ -251,13 +249,15 @@ def _auto_figures(model, ds, idx: list[int], cfg: Config, dev: str) -> dict[str,
     return {"clean_acc": res.clean_acc, "robust_acc": res.worst_case_acc}
 
 
-def _log_start(cfg: Config, tcfg, source, n_images: int, dist, log) -> None:
-    what = f"{cfg.arch} from scratch" if source is None else str(source)
+def _log_start(cfg: Config, tcfg, what: str, n_images: int, dist, log) -> None:
     a = tcfg.adv
-    log(f"training {what} on {cfg.data} ({n_images} images) for {cfg.epochs} epochs, adv {cfg.adv}"
+    n_train = n_images - (max(1, round(n_images * cfg.val_split)) if cfg.val_split else 0)
+    spe = max(1, n_train // cfg.batch_size)
+    length = (f"for {tcfg.max_steps} optimizer steps (the budget: {-(-tcfg.max_steps // spe)} epoch(s) of {spe} "
+              "steps)" if tcfg.max_steps else f"for {cfg.epochs} epochs")
+    log(f"training {what} on {cfg.data} ({n_images} images) {length}, adv {cfg.adv}"
         + (f" eps {cfg.eps:.4g} {a.norm} steps {a.steps} alpha {a.alpha:.4g}" if cfg.adv != "none" else "")
         + f", {tcfg.optimizer} lr {tcfg.lr:g} {cfg.schedule}, batch {cfg.batch_size}"
-        + (f", budget {tcfg.max_steps} steps" if tcfg.max_steps else "")
         + (f" over {dist.world} processes" if dist.enabled else ""))
 
 
@@ -286,8 +286,10 @@ def _cost_keys() -> tuple[str, ...]:
 
 
 def apply(model, cfg: Config, *, source: Path | None = None, dist=None, dev: str = "cpu",
-          state_path: Path | None = None, log=C.stderr_log, from_scratch: bool | None = None) -> C.StageResult:
-    """Train ``model`` on ``cfg.data`` and record the history entry on it (rank 0 under torchrun).
+          state_path: Path | None = None, log=C.stderr_log, from_scratch: bool | None = None,
+          copy: bool = True) -> C.StageResult:
+    """A trained copy of ``model`` (which is left unchanged; ``copy=False`` trains ``model`` itself, for a
+    caller that owns it) on ``cfg.data``, with the history entry recorded on it (rank 0 under torchrun).
 
     ``from_scratch`` picks the optimizer default (adam for a new model, sgd for fine-tuning); by
     default a model with no source checkpoint and an ``arch`` is a new one."""
@@ -299,27 +301,41 @@ def apply(model, cfg: Config, *, source: Path | None = None, dist=None, dev: str
     dist = dist or D.DistInfo()
     if from_scratch is None:
         from_scratch = source is None and cfg.arch is not None
+    where = str(source) if source is not None else "the model"
+    cfg = dataclasses.replace(cfg, data=C.resolve_data(cfg.data, model.meta.dataset, where, cfg.data_dir, log))
+    if copy:
+        model = C.copy_model(model)
+    if model.meta.dataset and model.meta.dataset != cfg.data:
+        log(f"note: {where} records dataset {model.meta.dataset}; training on {cfg.data}, which the output records")
     opt_name = cfg.optimizer or ("adam" if from_scratch else "sgd")
     train_ds = get_dataset(cfg.data, "train", model.meta.input, cfg.data_dir, seed=cfg.seed, log=log)
     check_fits(train_ds, model.meta.num_classes, cfg.data)
+    train_points = None
     if cfg.n is not None:
-        train_ds = _first(train_ds, cfg.n)
+        from rcomp.data.registry import subset
+        from rcomp.data.subset import points_text
+
+        train_ds, train_points = subset(train_ds, cfg.n)
     tcfg = train_config(cfg, opt_name, dev, state_path)
     if cfg.resume is not None:
         check_resume(cfg.resume, tcfg)
     if dist.is_main:
-        _log_start(cfg, tcfg, source, len(train_ds), dist, log)
+        if train_points:
+            log(f"training on {points_text(train_points)}")
+        what = f"{cfg.arch} from scratch" if from_scratch else f"{where} ({model.meta.arch.name})"
+        _log_start(cfg, tcfg, what, len(train_ds), dist, log)
     model, metrics = train(model, train_ds, tcfg, dataset=cfg.data, resume=cfg.resume, dist=dist)
     test = _test_metrics(model, cfg, tcfg, dist, dev, log) if cfg.eval_n else {}
-    if model.meta.dataset is None:
-        model.meta.dataset = cfg.data
+    model.meta.dataset = cfg.data
     cost = {k: metrics[k] for k in _cost_keys() if k in metrics}
     if "overfit_guard" in metrics:
         cost["overfit_guard"] = metrics["overfit_guard"]
     entry = C.record(model, "finetune", _params(cfg, tcfg, source, model, dist),
                    getattr(model, "source_sha256", None) if source else None,
-                   {"epochs": metrics["epochs"], **cost, **test})
-    return C.StageResult(model=model, entry=entry, report={"epochs": metrics["epochs"], **cost, **test})
+                   {"epochs": metrics["epochs"], **cost, **test,
+                    **({"train_points": train_points} if train_points else {})})
+    return C.StageResult(model=C.derived(model), entry=entry,
+                         report={"epochs": metrics["epochs"], **cost, **test})
 
 
 def run(cfg: Config, inputs: list, *, log=C.stderr_log, **_: Any) -> C.StageResult:
@@ -341,7 +357,8 @@ def run(cfg: Config, inputs: list, *, log=C.stderr_log, **_: Any) -> C.StageResu
             model = C.as_model(source, "cpu", cfg.arch, cfg.trust_factory)
         out = C.resolve_output(_default_output(cfg, source), source, "ft" if cfg.adv == "none" else f"ft-{cfg.adv}",
                              cfg.force)
-        res = apply(model, cfg, source=source, dist=dist, dev=dev, state_path=_state_path(cfg, out), log=log)
+        res = apply(model, cfg, source=source, dist=dist, dev=dev, state_path=_state_path(cfg, out), log=log,
+                    copy=False)
         if not dist.is_main:
             return res
         res.model.cpu()

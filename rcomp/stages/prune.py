@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,8 +68,7 @@ class Config:
     def check(self) -> None:
         if sum(v is not None for v in (self.ratio, self.target_macs, self.target_params)) != 1:
             raise RcompError("give exactly one of --ratio, --target-macs or --target-params, e.g. --ratio 0.5")
-        if self.method in IMPORTANCES.builtin and needs_data(self.method) and not self.data:
-            raise RcompError(f"--method {self.method} needs gradients from data: add --data NAME (e.g. --data digits)")
+        C.check_data(self.data, self.data_dir)
         if self.method == "hydra" and self.adv_eps is None:
             raise RcompError("--method hydra learns scores against adversarial examples: add --adv-eps E "
                              "(e.g. --adv-eps 0.1)")
@@ -94,6 +94,12 @@ def check_source(cfg: Config, meta, tensors: tuple[str, ...], where: str) -> Non
     if cfg.method == "bn-scale" and not any(t.endswith(".running_var") for t in tensors):
         raise RcompError(f"--method bn-scale needs BatchNorm layers and {where} ({meta.arch.name}) has none; use "
                          "--method l1")
+    if needs_data(cfg.method):  # the one --data rule, before anything loads
+        C.resolve_data(cfg.data, meta.dataset, where, cfg.data_dir, log=_no_log, why=f"--method {cfg.method}")
+
+
+def _no_log(msg: str) -> None:
+    """A header check says nothing: the stage says which data it took when it takes it."""
 
 
 def _taylor_batches(model, cfg: Config, log) -> list:
@@ -113,14 +119,21 @@ def _takes(cfg: Config, option: str) -> bool:
     return option in IMPORTANCES.get(cfg.method).takes
 
 
-def apply(model, cfg: Config, log=C.stderr_log, source: str = "model") -> C.StageResult:
-    """Prune ``model`` in memory and record the history entry on it."""
+def apply(model, cfg: Config, log=C.stderr_log, source: str = "model", copy: bool = True) -> C.StageResult:
+    """A pruned copy of ``model`` (which is left unchanged) with the history entry recorded on it.
+    ``copy=False`` prunes ``model`` itself (for a caller that owns it, e.g. :func:`run`)."""
     from rcomp.pruning import prune as prune_model
     from rcomp.pruning.pruner import check_prunable, resolve_ignore
 
     check_prunable(model.net, model.meta.arch.name)  # before any data is loaded
     check_source(cfg, model.meta, tuple(name for name, _ in model.named_buffers()), source)
+    if copy:
+        model = C.copy_model(model)
+
     ignore_list = resolve_ignore(model.net, list(cfg.ignore))
+    if needs_data(cfg.method):
+        cfg = dataclasses.replace(cfg, data=C.resolve_data(cfg.data, model.meta.dataset, source, cfg.data_dir, log,
+                                                           why=f"--method {cfg.method}"))
     batches = _taylor_batches(model, cfg, log) if needs_data(cfg.method) else None
     if cfg.data and batches is None:
         log(f"note: --data is used only by --method {'/'.join(data_methods())}; {cfg.method} ignores it")
@@ -145,7 +158,7 @@ def apply(model, cfg: Config, log=C.stderr_log, source: str = "model") -> C.Stag
     metrics = {k: getattr(rep, k) for k in ("ratio_requested", "ratio_reached", "params_before", "params_after",
                                              "macs_before", "macs_after")}
     entry = C.record(model, "prune", params, getattr(model, "source_sha256", None), metrics)
-    return C.StageResult(model=model, report=rep.as_dict(), entry=entry)
+    return C.StageResult(model=C.derived(model), report=rep.as_dict(), entry=entry)
 
 
 def run(cfg: Config, inputs: list, *, log=C.stderr_log, **_: Any) -> C.StageResult:
@@ -156,7 +169,7 @@ def run(cfg: Config, inputs: list, *, log=C.stderr_log, **_: Any) -> C.StageResu
     dev = C.resolve_device(cfg.device)
     C.seed_everything(cfg.seed)
     model = C.as_model(inp, dev, cfg.arch, cfg.trust_factory)
-    res = apply(model, cfg, log, source=str(inp))
+    res = apply(model, cfg, log, source=str(inp), copy=False)
     res.model.to("cpu")
     res.sha256 = C.save_output(res.model, out, cfg.force, (inp,))
     res.output = out

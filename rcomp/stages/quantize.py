@@ -60,6 +60,7 @@ class Config:
         if self.bits not in qc.bits_of(qc.mode_for(self.simulate)) and not self.simulate:
             raise RcompError(f"--bits {self.bits} is not supported without --simulate (add --simulate for a "
                              f"fake-quant model); {SUPPORTED}")
+        C.check_data(self.data, self.data_dir)
 
     @property
     def suffix(self) -> str:
@@ -72,13 +73,11 @@ def check_source(cfg: Config, meta, tensors: tuple[str, ...], where: str) -> Non
     if q:
         raise RcompError(f"{where} is already quantized ({q}); quantize the float checkpoint it was made from, or "
                          "fine-tune this one as it is (rcomp finetune keeps its format)")
+    C.resolve_data(cfg.data, meta.dataset, where, cfg.data_dir, log=_no_log, why="calibration")  # before loading
 
 
-def _dataset(model, cfg: Config, source: str) -> str:
-    name = cfg.data or model.meta.dataset
-    if not name:
-        raise RcompError(f"{source} records no dataset to calibrate on; give --data (e.g. --data digits)")
-    return name
+def _no_log(msg: str) -> None:
+    """A header check says nothing: the stage says which data it took when it takes it."""
 
 
 def _accuracy(model, qmodel, cfg: Config, data_name: str, log) -> dict[str, Any]:
@@ -87,24 +86,29 @@ def _accuracy(model, qmodel, cfg: Config, data_name: str, log) -> dict[str, Any]
     from rcomp.quant.backend import silenced
 
     test = get_dataset(data_name, "test", model.meta.input, cfg.data_dir, seed=cfg.seed, log=log)
+    from rcomp.data.subset import points_text
+
+    loader = make_loader(test, cfg.batch_size, n=cfg.eval_n)
     with silenced():
-        before, n = clean_accuracy(model, make_loader(test, cfg.batch_size, n=cfg.eval_n))
-        after, _ = clean_accuracy(qmodel, make_loader(test, cfg.batch_size, n=cfg.eval_n))
-    metrics = {"accuracy_float": before / n, "accuracy": after / n, "eval_n": n}
+        before, n = clean_accuracy(model, loader)
+        after, _ = clean_accuracy(qmodel, loader)
+    metrics = {"accuracy_float": before / n, "accuracy": after / n, "eval_n": n, "eval_points": loader.points}
     what = qc.MODES.get(qc.mode_for(cfg.simulate)).get("what").format(bits=cfg.bits)
-    log(f"{data_name} test accuracy ({n} images): float {before / n:.4f} -> {what} {after / n:.4f}")
+    log(f"{data_name} test accuracy ({points_text(loader.points)}): float {before / n:.4f} -> {what} "
+        f"{after / n:.4f}")
     return metrics
 
 
 def apply(model, cfg: Config, log=C.stderr_log, source: str = "model") -> C.StageResult:
-    """Quantize ``model`` (calibrating on its dataset) and record the history entry on the result."""
+    """A quantized copy of ``model`` (calibrated on its dataset; ``model`` is left unchanged) with the
+    history entry recorded on it."""
     from rcomp.data.registry import check_fits, get_dataset, make_loader
     from rcomp.quant.ptq import quantize as ptq
 
     check_source(cfg, model.meta, (), source)
-    data_name = _dataset(model, cfg, source)
-    if cfg.data is None:
-        log(f"calibration data: {data_name} (recorded in {source}; --data overrides)")
+    if model.is_quantized:
+        raise RcompError(f"{source} is already quantized; quantize the float checkpoint it was made from")
+    data_name = C.resolve_data(cfg.data, model.meta.dataset, source, cfg.data_dir, log, why="calibration")
     train = get_dataset(data_name, "train", model.meta.input, cfg.data_dir, seed=cfg.seed, log=log)
     check_fits(train, model.meta.num_classes, data_name)
     calib = [x for x, _ in make_loader(train, cfg.batch_size, shuffle=True, seed=cfg.seed, n=cfg.calib_n)]
@@ -115,7 +119,7 @@ def apply(model, cfg: Config, log=C.stderr_log, source: str = "model") -> C.Stag
     params = {"bits": cfg.bits, "simulate": cfg.simulate, "backend": cfg.backend, "data": data_name,
               "calib_n": q["calib_n"], "seed": cfg.seed}
     entry = C.record(qmodel, "quantize", params, getattr(model, "source_sha256", None), metrics)
-    return C.StageResult(model=qmodel, report={"quantization": q, **metrics}, entry=entry)
+    return C.StageResult(model=C.derived(qmodel), report={"quantization": q, **metrics}, entry=entry)
 
 
 def run(cfg: Config, inputs: list, *, log=C.stderr_log, **_: Any) -> C.StageResult:
