@@ -15,11 +15,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import rcomp
-from rcomp.data.subset import SUBSET_SEED, choose, stratified_indices
 
 from conftest import assert_one_line_error, make_checkpoint
 
 QUIET = {"log": lambda s: None}
+SEED = 0  # rcomp.data.subset.SUBSET_SEED: fixed, whatever --seed says
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -65,6 +65,8 @@ def _json(res):
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.integers(0, 6), min_size=1, max_size=300), st.integers(1, 400))
 def test_stratified_indices_give_each_class_its_share(labels, n):
+    from rcomp.data.subset import stratified_indices
+
     idx = stratified_indices(labels, n)
     total = len(labels)
     assert len(idx) == min(n, total) and idx == sorted(set(idx)) and all(0 <= i < total for i in idx)
@@ -80,7 +82,7 @@ def test_subset_seed_is_fixed_and_independent_of_the_run_seed(cli, trained_digit
     base = ["--data", "digits", "-n", "50", "--attack", "fgsm", "--eps", "0.1", "--json"]
     a = _json(cli("attack", trained_digits, *base, "--seed", "1"))
     b = _json(cli("attack", tiny_ckpt, *base, "--seed", "7"))
-    assert a["points"] == b["points"] and a["points"]["seed"] == SUBSET_SEED
+    assert a["points"] == b["points"] and a["points"]["seed"] == SEED
     assert a["points"]["sampling"] == "stratified" and sum(a["points"]["per_class"]) == 50
 
 
@@ -91,7 +93,7 @@ def test_bench_n_on_a_class_sorted_folder_is_a_stratified_sample(cli, trained_di
     part = _json(cli("bench", trained_digits, *args, "-n", "100"))
     assert full["n"] == 360 and part["n"] == 100
     pts = part["points"]
-    assert pts["sampling"] == "stratified" and pts["seed"] == SUBSET_SEED and pts["of"] == 360
+    assert pts["sampling"] == "stratified" and pts["seed"] == SEED and pts["of"] == 360
     whole = full["points"]["per_class"]  # the digits test split is not balanced: 29 to 43 a class
     assert full["points"]["sampling"] == "all" and sum(whole) == 360 and len(pts["per_class"]) == 10
     for got, of in zip(pts["per_class"], whole, strict=True):
@@ -125,6 +127,8 @@ def test_replayed_examples_are_subsampled_by_the_same_rule(cli, trained_digits, 
     adv = tmp_path / "adv.safetensors"
     assert cli("attack", trained_digits, "--data", "digits", "--attack", "fgsm", "--eps", "0.1", "-o", adv).code == 0
     rep = _json(cli("attack", trained_digits, "--from", adv, "-n", "50", "--json"))
+    from rcomp.data.subset import choose
+
     direct = choose(rcomp.get_dataset("digits", "test", rcomp.load(trained_digits).meta.input), 50)[1]
     assert rep["n"] == 50 and rep["points"]["per_class"] == direct["per_class"]
 

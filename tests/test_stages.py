@@ -53,6 +53,13 @@ def test_readme_notebook_chain_runs_and_records_every_stage(tmp_path, monkeypatc
     assert hist[1]["params"]["ratio"] == 0.5 and hist[2]["params"]["adv"] == "pgd"
     assert hist[2]["params"]["eps"] == pytest.approx(0.1)
     assert 0 <= namespace["report"]["worst_case_acc"] <= namespace["report"]["clean_acc"] <= 1
+    # the original model is kept and benchmarked beside the compressed ones (issue 26)
+    dense, rows = namespace["dense"], namespace["table"]["models"]
+    assert [h["command"] for h in dense.meta.history] == ["finetune"]
+    assert [r["name"] for r in rows] == ["convnet8 finetune[0]", "convnet8 prune", "convnet8 finetune[2]",
+                                         "convnet8 quantize"]
+    assert rows[0]["params"] == sum(p.numel() for p in dense.parameters()) > rows[1]["params"] == rows[2]["params"]
+    assert rows[0]["clean_acc"] > 0.8 and sum(namespace["table"]["points"]["per_class"]) == 100
 
 
 def test_api_refuses_bad_values_like_the_cli():
