@@ -89,7 +89,7 @@ def bench(paths_or_models: Sequence, data: str, attacks: dict[str, Any], *, spli
           trust_factory: bool = False, progress: bool = True, log: Callable[[str], None] | None = None,
           cascade: bool = False, records: Callable[[Any, Path | None, int], Any] | None = None,
           shard: tuple[int, int] | None = None, names: Sequence[str] | None = None) -> dict[str, Any]:
-    """Benchmark each checkpoint (path or loaded Classifier) on the first ``n`` points of ``data``.
+    """Benchmark each checkpoint (path or loaded Classifier) on ``n`` points of ``data`` (all if None).
 
     ``attacks`` maps display keys to attacks (see :func:`build_attacks`); each model is attacked
     from the same seeded state, so models are compared on the same random starts. Returns
