@@ -70,6 +70,15 @@ class FakeImages(Dataset):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
         return int(torch.randint(self.num_classes, (1,), generator=g))
 
+    _labels_cache: dict = {}
+
+    def all_labels(self) -> list[int]:
+        """Every label (computed once per size, seed and class count: they do not depend on the spec)."""
+        key = (self.n, self.seed, self.num_classes)
+        if key not in FakeImages._labels_cache:
+            FakeImages._labels_cache[key] = [self.label(i) for i in range(self.n)]
+        return FakeImages._labels_cache[key]
+
     def __getitem__(self, i):
         if not 0 <= i < self.n:
             raise IndexError(i)

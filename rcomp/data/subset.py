@@ -32,11 +32,9 @@ def labels_of(ds, computed: bool = True) -> list[int] | None:
     if isinstance(ds, Subset):
         base = labels_of(ds.dataset, computed)
         return None if base is None else [base[i] for i in ds.indices]
-    label = getattr(ds, "label", None)  # FakeImages: computes a label without its image
-    if callable(label):
-        if not computed:
-            return None
-        return [label(i) for i in range(len(ds))]
+    every = getattr(ds, "all_labels", None)  # FakeImages: computes labels without their images
+    if callable(every):
+        return list(every()) if computed else None
     labels = getattr(ds, "labels", None)
     if labels is None and hasattr(ds, "samples"):  # image files: (path, label)
         return [int(s[1]) for s in ds.samples]
