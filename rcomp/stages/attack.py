@@ -241,9 +241,10 @@ def apply(model, cfg: Config, log=C.stderr_log, path: Path | None = None, attack
     from rcomp.data.subset import points_text
     from rcomp.evaluation.robustness import evaluate
 
+    quiet = dist is not None and dist.enabled and not dist.is_main  # torchrun: rank 0 alone says the data
     cfg = dataclasses.replace(cfg, data=C.resolve_data(cfg.data, model.meta.dataset,
                                                        str(path) if path is not None else "the model", cfg.data_dir,
-                                                       log))
+                                                       _quiet if quiet else log))
     C.seed_everything(cfg.seed)
     attacks = attacks if attacks is not None else cfg.build(cfg.seed)
     dev = C.resolve_device(cfg.device)

@@ -244,7 +244,6 @@ def run(cfg: Config, inputs: list, *, log=C.stderr_log, **_: Any) -> C.StageResu
     C.seed_everything(cfg.seed)
     attacks = cfg.build(cfg.seed) if cfg.attack else {}
     models = _load_onnx(paths, attacks, cfg, log)
-    data = _data(cfg, models, names, log)
     parsed = getattr(cfg, "thresholds", None)  # set by check(); a config built without it is parsed here
     if parsed is None:
         from rcomp.parsing import parse_thresholds
@@ -256,6 +255,7 @@ def run(cfg: Config, inputs: list, *, log=C.stderr_log, **_: Any) -> C.StageResu
                          "hand their results to rank 0 through it")
     dist, dev = D.setup(C.resolve_device(cfg.device))
     try:
+        data = _data(cfg, models, names, log if dist.is_main else _silent)  # rank 0 alone says the data
         return _run(cfg, paths, models, attacks, thresholds, dist, dev, log, data, names)
     finally:
         D.teardown(dist)
