@@ -503,7 +503,8 @@ def _terminate(*_a, **_k):
 
 @pytest.mark.parametrize("command,target", [
     (["prune", "{ckpt}", "--ratio", "0.5", "-o", "{tmp}/o.safetensors"], "rcomp.stages.prune.apply"),
-    (["quantize", "{ckpt}", "--simulate", "--bits", "4", "--calib-n", "8", "-o", "{tmp}/o.safetensors"],
+    (["quantize", "{ckpt}", "--data", "digits", "--simulate", "--bits", "4", "--calib-n", "8", "-o",
+      "{tmp}/o.safetensors"],
      "rcomp.stages.quantize.apply"),
     (["finetune", "{ckpt}", "--data", "digits", "-n", "32", "--eval-n", "0", "-o", "{tmp}/o.safetensors"],
      "rcomp.train.loop.finetune"),
