@@ -34,8 +34,13 @@ _LEGACY_ONNX = ("torch.onnx legacy (TorchScript) exporter: kept as `rcomp export
                 "5-15x faster here (the default is dynamo); removal plan: drop the option when torch removes the "
                 "TorchScript exporter")
 
+_TV_INIT = ("torchvision googlenet/inception_v3 default initialisation: rcomp builds them with torchvision's default "
+            "(the same seeded weights as before); removal plan: when torchvision changes the default, record "
+            "`init_weights` in the architecture's kwargs so seeded models stay reproducible")
+
 #: the allow-list
 ALLOWED: tuple[Allowed, ...] = (
+    Allowed(r"The default weight initialization of (GoogleNet|inception_v3) will be changed", _TV_INIT),
     Allowed(r"torch\.ao\.quantization is deprecated", _TORCH_AO),
     Allowed(r"quantized tensor creation", _TORCH_AO),
     Allowed(r"legacy TorchScript-based ONNX export", _LEGACY_ONNX),
