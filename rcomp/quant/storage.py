@@ -66,7 +66,8 @@ def check_scales(tensors: dict[str, torch.Tensor], where: str) -> None:
     """Every quantization scale is a finite positive number: zero, negative or NaN scales are refused.
 
     Shapes too: a layer's weight scales and zero points hold one value per output channel of its
-    integer weights (``.weight_q``), an activation's one value; anything else is refused here, before
+    integer weights (``.weight_q``), an activation's one value (or one per channel, with as many zero
+    points); anything else is refused here, before
     torch's own shape errors could reach the user."""
     for key, t in tensors.items():
         if key.endswith(".scale") and t.is_floating_point() and not bool(((t > 0) & torch.isfinite(t)).all()):
@@ -79,8 +80,9 @@ def check_scales(tensors: dict[str, torch.Tensor], where: str) -> None:
         if owner.endswith(".weight_fake_quant"):
             q = tensors.get(owner[: -len(".weight_fake_quant")] + SUFFIX)
             want = (q.shape[0],) if q is not None and q.dim() >= 1 else None
-        else:
-            want = (1,)
+        else:  # an activation: one value per tensor, or per channel where FX observes one (timm mobilenetv3)
+            pair = tensors.get(owner + (".zero_point" if leaf == "scale" else ".scale"))
+            want = (1,) if t.dim() != 1 or pair is None or tuple(pair.shape) != tuple(t.shape) else None
         if want is not None and tuple(t.shape) != want:
             raise RcompError(f"{where}: quantization {leaf} {printable(key, 120)} has shape {tuple(t.shape)}, but "
                              f"its layer needs {want}; the file is damaged or edited: re-quantize the float "
