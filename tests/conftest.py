@@ -133,6 +133,16 @@ def cli():
     return run_cli
 
 
+def cpu_seconds() -> float:
+    """CPU seconds used so far by this process and its finished children: a cost bound that holds on a
+    loaded machine, where wall time does not (hangs are caught by timeouts, not by this)."""
+    import resource
+    import time
+
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + kids.ru_utime + kids.ru_stime
+
+
 def assert_one_line_error(res: Result, *needles: str, code: int = 2) -> None:
     """A refusal: the expected exit code, one line on stderr starting 'rcomp: error:', no traceback."""
     assert res.code == code, (res.code, res.stdout, res.stderr)

@@ -16,7 +16,6 @@ import os
 import pickle
 import struct
 import sys
-import time
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ import torch
 from rcomp.errors import RcompError
 from rcomp.io.serialize import serialize
 
-from conftest import run_cli
+from conftest import cpu_seconds, run_cli
 
 EVIL = "rcomp_hostile_evil"
 ESC = "\x1b[2J\x1b[31mPWNED\r"
@@ -308,7 +307,7 @@ CASES = [
     ("arch-evil-module", arch(f"{EVIL}:f"), LOAD, "never imports code"),
     ("arch-path-traversal", arch("../x:y"), LOAD, "not a registered name"),
     ("arch-builtins-exec", arch("builtins:exec"), LOAD, "never imports code"),
-    ("arch-bad-kwarg", arch(bogus=1), LOAD, "bad arguments"),
+    ("arch-bad-kwarg", arch(bogus=1), LOAD, "takes no option 'bogus'"),
     ("arch-hidden-string", arch(hidden=["a"]), LOAD, "bad arguments"),
     ("arch-hidden-negative", arch(hidden=[-5]), LOAD, "cannot be loaded"),
     ("arch-hidden-1e9", arch(hidden=[10**9]), LOAD, "values"),
@@ -592,7 +591,7 @@ def test_hostile_input_is_refused_in_one_line(tmp_path, monkeypatch, base, case_
     target = make(work, base)
     before = _snapshot(work)
     dev_null = os.stat("/dev/null")
-    t0 = time.perf_counter()
+    t0 = cpu_seconds()
     if kind == CLI:
         res = run_cli("info", target)
         assert res.code == 2 and res.stdout == "", res
@@ -602,7 +601,7 @@ def test_hostile_input_is_refused_in_one_line(tmp_path, monkeypatch, base, case_
         with pytest.raises(RcompError) as info:
             _run(kind, target, base)
         _assert_one_line(str(info.value), needle)
-    assert time.perf_counter() - t0 < 5.0
+    assert cpu_seconds() - t0 < 5.0
     assert _snapshot(work) == before, "something was written or left behind"
     assert EVIL not in sys.modules and not base.marker.exists(), "hostile input imported or ran code"
     assert not Path("/tmp/rcomp-hostile").exists()

@@ -7,13 +7,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import assert_one_line_error
+from conftest import assert_one_line_error, cpu_seconds
 
 MARKER_MODULE = """
 from pathlib import Path
@@ -103,9 +102,9 @@ def test_hostile_recipes_are_refused_before_anything_runs(cli, tmp_path, evil, s
     rec = _recipe(tmp_path, stages)
     out = tmp_path / "out"
     before = _files(tmp_path)
-    t0 = time.perf_counter()
+    t0 = cpu_seconds()
     res = cli("run", rec, "--out-dir", out, *(["--dry-run"] if dry else []))
-    assert time.perf_counter() - t0 < 10
+    assert cpu_seconds() - t0 < 10
     assert_one_line_error(res, needle)
     assert len(res.stderr) < 400  # values are echoed cut to 80 characters, not whole (a 900 kB value)
     assert _files(tmp_path) == before and not evil.exists()
@@ -165,12 +164,12 @@ YAML_FILES = [
 def test_hostile_yaml_files_are_refused_fast(cli, tmp_path, tiny_ckpt, make, needle, where):
     p = tmp_path / "f.yaml"
     make(p)
-    t0 = time.perf_counter()
+    t0 = cpu_seconds()
     if where == "recipe":
         res = cli("run", p, "--out-dir", tmp_path / "out", "--dry-run")
     else:
         res = cli("prune", tiny_ckpt, "--ratio", "0.5", "--config", p, "-o", tmp_path / "o.safetensors")
-    assert time.perf_counter() - t0 < 5
+    assert cpu_seconds() - t0 < 5
     assert_one_line_error(res, needle)
     assert not (tmp_path / "out").exists() and not (tmp_path / "o.safetensors").exists()
     assert not Path("HACKED").exists()
@@ -215,9 +214,9 @@ def _rcomp(args, stdin, timeout=30):
 
 def test_endless_stdin_is_refused_fast(tmp_path):
     with open("/dev/zero", "rb") as zero:
-        t0 = time.perf_counter()
+        t0 = cpu_seconds()
         res = _rcomp(["prune", "--ratio", "0.5", "-o", str(tmp_path / "o.safetensors")], zero)
-    assert time.perf_counter() - t0 < 20
+    assert cpu_seconds() - t0 < 20
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "stdin" in res.stderr, res.stderr
 
 
@@ -340,9 +339,9 @@ def test_planted_stamps_are_refused_fast(cli, tmp_path, tiny_ckpt, kind, needle)
     elsewhere.mkdir()
     _plant(kind)(out / ".rcomp-run", elsewhere)
     rec = _recipe(tmp_path, [{**PRUNE, "input": str(tiny_ckpt)}])
-    t0 = time.perf_counter()
+    t0 = cpu_seconds()
     assert_one_line_error(cli("run", rec, "--out-dir", out), needle)  # a FIFO stamp used to hang here
-    assert time.perf_counter() - t0 < 10
+    assert cpu_seconds() - t0 < 10
     assert list(elsewhere.iterdir()) == [] and not (out / "p.safetensors").exists()
 
 
@@ -429,6 +428,12 @@ BAD_FLAGS += [
     (["finetune", "--arch", "resnet18-cifar", "--arch-kwargs", '{"width": 100000}', "--data", "digits"],
      "over the limit"),
     (["finetune", "--arch", "mlp", "--arch-kwargs", '{"hidden": [-5]}', "--data", "digits"], "cannot be built"),
+    (["finetune", "--arch", "convnet8", "--arch-kwargs", '{"width": 1e29}', "--data", "digits"],
+     "'width' follows from the data"),
+    (["finetune", "--arch", "convnet8", "--arch-kwargs", '{"hidden": 1e29}', "--data", "digits"],
+     "bad arguments for architecture convnet8: {'hidden': 1e+29} holds a value of the wrong type"),
+    (["finetune", "--arch", "convnet8", "--arch-kwargs", '{"colour": 3}', "--data", "digits"],
+     "takes no option 'colour'"),
     (["prune", "{ckpt}", "--ratio", "9" * 100_000], "not a number"),
     (["prune", "{ckpt}", "--ratio", "0.5", "-o", "/dev/stdout"], "prints that file's path on stdout"),
     (["prune", "{ckpt}", "--ratio", "0.5", "-o", "/dev/stdout", "--force"], "prints that file's path on stdout"),
@@ -439,9 +444,9 @@ BAD_FLAGS += [
 
 
 def test_echoed_values_are_cut_and_parsing_is_linear(cli, tiny_ckpt):
-    t0 = time.perf_counter()
+    t0 = cpu_seconds()
     res = cli("prune", tiny_ckpt, "--ratio", "1" * 200_000 + "/")  # quadratic in a backtracking regex
-    assert time.perf_counter() - t0 < 2
+    assert cpu_seconds() - t0 < 2
     assert_one_line_error(res, "--ratio")
     assert len(res.stderr) < 250 and "..." in res.stderr
 

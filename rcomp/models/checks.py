@@ -204,8 +204,8 @@ def probe_forward(model, where: str) -> None:
         with torch.no_grad():
             out = model(torch.zeros(1, *model.meta.input.shape))
     except (RuntimeError, ValueError, IndexError) as exc:
-        raise RcompError(f"{where}: the layers recorded in the file do not connect ({_first_line(exc)}); "
-                         "the structure metadata is damaged or edited") from None
+        raise RcompError(f"{where}: the layers recorded in the file do not connect (a probe input fails in "
+                         "them; --debug shows where); the structure metadata is damaged or edited") from exc
     if tuple(out.shape) != (1, model.meta.num_classes):
         raise RcompError(f"{where}: the model gives outputs of shape {tuple(out.shape)}, not "
                          f"(1, {model.meta.num_classes}) for its {model.meta.num_classes} classes")
@@ -232,7 +232,8 @@ def internal_errors(where: str) -> Iterator[None]:
             raise RcompError(f"{where} asks for more memory than this machine has; its metadata is damaged "
                              "or edited") from None
         raise RcompError(f"{where} cannot be loaded: its metadata and tensors are inconsistent "
-                         f"({type(exc).__name__}: {_first_line(exc)}); re-create it with rcomp convert") from None
+                         f"({type(exc).__name__} while building it; --debug shows where); re-create it with "
+                         "rcomp convert") from exc
 
 
 #: a freshly built model (``--arch NAME --arch-kwargs ...``) holds at most this many values (8 GiB of float32)

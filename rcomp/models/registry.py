@@ -96,11 +96,28 @@ def build_net(arch: ArchSpec, spec: InputSpec, num_classes: int, *, allow_factor
         try:
             return fn(spec, num_classes, **kwargs)
         except TypeError as exc:
-            raise RcompError(f"bad arguments for architecture {name}: {_first_line(exc)}") from None
+            raise RcompError(_bad_kwargs(name, kwargs, exc)) from exc
     if is_user_factory(name):
         return build_user_factory(name, spec, num_classes, allow_factory=allow_factory, trust_factory=trust_factory,
                                   **kwargs)
     return build_torchvision(name, spec, num_classes, **kwargs)
+
+
+def _bad_kwargs(name: str, kwargs: dict, exc: TypeError) -> str:
+    """One line for arguments a built-in architecture refused (from --arch-kwargs or a checkpoint's
+    metadata), naming the key; never Python's own text."""
+    import re
+
+    text, fix = str(exc), "check --arch-kwargs (or the checkpoint's architecture record)"
+    m = re.search(r"multiple values for (?:keyword )?argument '(\w+)'", text)
+    if m and m.group(1) in kwargs:
+        return (f"bad arguments for architecture {name}: {m.group(1)!r} follows from the data (input shape and "
+                f"classes), it cannot be given as an argument; drop it and use --input-shape or the dataset")
+    m = re.search(r"unexpected keyword argument '(\w+)'", text)
+    if m and m.group(1) in kwargs:
+        return f"bad arguments for architecture {name}: it takes no option {m.group(1)!r}; {fix}"
+    return (f"bad arguments for architecture {name}: {printable(kwargs, 120)} holds a value of the wrong type "
+            f"or lacks one; {fix}")
 
 
 def build_user_factory(name: str, spec: InputSpec, num_classes: int, *, allow_factory: str | None = None,
@@ -146,7 +163,9 @@ def build_torchvision(name: str, spec: InputSpec, num_classes: int, **kwargs):
         )
     try:
         return tvm.get_model(name, weights=None, num_classes=num_classes, **kwargs)
-    except (TypeError, ValueError) as exc:
+    except TypeError as exc:
+        raise RcompError(_bad_kwargs(name, kwargs, exc)) from exc
+    except ValueError as exc:
         raise RcompError(f"cannot build torchvision model {name} with {printable(kwargs, 120)}: "
                          f"{_first_line(exc)}") from None
 
