@@ -9,6 +9,8 @@ work=${1:-rcomp-ship}
 eps=${EPS:-0.1}
 epochs=${EPOCHS:-10}
 n=${N:-360}
+adv_epochs=${ADV_EPOCHS:-3}
+exporter=${EXPORTER:-dynamo}  # legacy: faster, for smoke runs
 mkdir -p "$work"
 cd "$work"
 
@@ -16,10 +18,10 @@ cd "$work"
 rcomp finetune --arch convnet8 --input-shape 1,8,8 --data digits --epochs "$epochs" \
   --optimizer adam --lr 0.003 -o dense.safetensors --force >/dev/null
 rcomp prune dense.safetensors --ratio 0.5 -o pruned.safetensors --force \
-  | rcomp finetune --data digits --adv pgd --eps "$eps" --epochs 3 -o robust.safetensors --force >/dev/null
+  | rcomp finetune --data digits --adv pgd --eps "$eps" --epochs "$adv_epochs" -o robust.safetensors --force >/dev/null
 
 # 2. export: ONNX Runtime must reproduce the checkpoint (top-1 agreement >= 99%) or nothing is written
-rcomp export robust.safetensors -o robust.onnx --force >/dev/null
+rcomp export robust.safetensors -o robust.onnx --exporter "$exporter" --force >/dev/null
 
 # 3. int8 with ONNX Runtime (static QDQ; the activation type is chosen for this CPU and said on stderr)
 rcomp quantize robust.onnx --backend onnxruntime --data digits -o robust.int8.onnx --force >/dev/null
