@@ -154,15 +154,14 @@ def convert(cfg: Config, src: Path, log=C.stderr_log) -> C.StageResult:
     return C.StageResult(model=model, entry=entry, report={"params": C.parameters(model), **(metrics or {})})
 
 
-def run(cfg: Config, inputs: list, *, log=C.stderr_log, **_: Any) -> C.StageResult:
-    """Convert -> save."""
+def run(cfg: Config, inputs: list, *, log=C.stderr_log, default_output: bool = True, **_: Any) -> C.StageResult:
+    """Convert -> save (without ``cfg.output``: beside the input, or with ``default_output=False``, the
+    Python API, nothing is written)."""
     src = Path(inputs[0])
     if not src.is_file():
         raise RcompError(f"{src} does not exist or is not a file; check the path")
-    out = C.resolve_output(cfg.output, src, "rcomp", cfg.force)
-    res = convert(cfg, src, log)
-    res.sha256 = C.save_output(res.model, out, cfg.force, (src,))
-    res.output = out
-    log(f"converted {src} -> {out} ({C.parameters(res.model):,} parameters, sha256 {res.sha256[:12]})")
-    res.report = {"path": str(out), "sha256": res.sha256, **res.report}
+    out = C.plan_output(cfg.output, src, "rcomp", cfg.force, default=default_output)
+    res = C.publish(convert(cfg, src, log), out, cfg.force, (src,))
+    if out is not None:
+        log(f"converted {src} -> {out} ({C.parameters(res.model):,} parameters, sha256 {res.sha256[:12]})")
     return res
