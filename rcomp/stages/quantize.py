@@ -104,16 +104,18 @@ def apply(model, cfg: Config, log=C.stderr_log, source: str = "model") -> C.Stag
     history entry recorded on it."""
     from rcomp.data.registry import check_fits, get_dataset, make_loader
     from rcomp.quant.ptq import quantize as ptq
+    from rcomp.quant.ptq import trace
 
     check_source(cfg, model.meta, (), source)
     if model.is_quantized:
         raise RcompError(f"{source} is already quantized; quantize the float checkpoint it was made from")
+    folded = trace(model)  # a network torch.fx cannot trace is refused now, before the data is loaded
     data_name = C.resolve_data(cfg.data, model.meta.dataset, source, cfg.data_dir, log, why="calibration")
     train = get_dataset(data_name, "train", model.meta.input, cfg.data_dir, seed=cfg.seed, log=log)
     check_fits(train, model.meta.num_classes, data_name)
     calib = [x for x, _ in make_loader(train, cfg.batch_size, shuffle=True, seed=cfg.seed, n=cfg.calib_n)]
     log(f"calibrating on {sum(len(x) for x in calib)} {data_name} images ...")
-    qmodel = ptq(model, calib, bits=cfg.bits, simulate=cfg.simulate, backend=cfg.backend)
+    qmodel = ptq(model, calib, bits=cfg.bits, simulate=cfg.simulate, backend=cfg.backend, folded=folded)
     metrics = _accuracy(model, qmodel, cfg, data_name, log) if cfg.eval_n else {}
     q = qmodel.meta.compression["quantization"]
     params = {"bits": cfg.bits, "simulate": cfg.simulate, "backend": cfg.backend, "data": data_name,
