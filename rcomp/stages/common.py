@@ -181,11 +181,17 @@ def check_source(stage_module: Any, cfg: Any, path: Path) -> None:
 
 
 def quant_text(meta) -> str | None:
-    """'int8' or 'simulated int4' for a quantized checkpoint's metadata, else None."""
+    """'int8' or 'simulated int4' for a quantized checkpoint's metadata (the mode's ``what`` in the
+    quantization catalogue), else None."""
+    from rcomp.quant.catalog import MODES
+
     q = meta.compression.get("quantization") if isinstance(meta.compression, dict) else None
     if not q:
         return None
-    return f"simulated int{q.get('bits')}" if isinstance(q, dict) and q.get("mode") == "simulated" else "int8"
+    entry = MODES.builtin.get(q.get("mode")) if isinstance(q, dict) else None
+    if entry is None:
+        return "quantized"
+    return entry.get("what").format(bits=q.get("bits"))
 
 
 def check_data(data: str | None, data_dir: Path | None) -> None:

@@ -92,7 +92,7 @@ def export_bytes(model, cfg: Config, source: Path | None, log=C.stderr_log) -> t
     from rcomp.onnx.runtime import OnnxClassifier
 
     name = printable(source.name) if source is not None else "the model"
-    E.check_exportable(model, str(source) if source is not None else "the model")
+    refuse_real_int8(model.meta, name)
     import time
 
     t0 = time.perf_counter()
@@ -132,14 +132,21 @@ def export_bytes(model, cfg: Config, source: Path | None, log=C.stderr_log) -> t
     return data, report
 
 
+def refuse_real_int8(meta, name: str) -> None:
+    """A model on real integer kernels (torch.ao int8) cannot be exported faithfully: refused with the way
+    round (:data:`rcomp.onnx.export.INT8_REFUSAL`)."""
+    from rcomp.quant.catalog import is_real
+
+    q = meta.compression.get("quantization") if isinstance(meta.compression, dict) else None
+    if isinstance(q, dict) and is_real(q):
+        from rcomp.onnx.export import INT8_REFUSAL
+
+        raise RcompError(INT8_REFUSAL.format(name=name))
+
+
 def check_source(cfg: Config, meta, tensors: tuple, where: str) -> None:
     """A torch.ao int8 checkpoint is refused from its header, before it is loaded."""
-    q = meta.compression.get("quantization") if isinstance(meta.compression, dict) else None
-    if isinstance(q, dict) and q.get("mode") == "int8":
-        from rcomp.onnx.export import INT8_REFUSAL
-        from rcomp.text import printable
-
-        raise RcompError(INT8_REFUSAL.format(name=printable(Path(where).name)))
+    refuse_real_int8(meta, printable(Path(where).name))
 
 
 def run(cfg: Config, inputs: list, *, log=C.stderr_log, default_output: bool = True, **_: Any) -> C.StageResult:
