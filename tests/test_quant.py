@@ -244,7 +244,6 @@ def test_a_network_fx_cannot_trace_is_refused_before_the_calibration_data_loads(
 
     import rcomp
     import rcomp.data.registry as registry
-    from conftest import make_checkpoint
 
     class Branchy(nn.Module):
         def __init__(self, inner):

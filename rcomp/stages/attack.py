@@ -116,7 +116,7 @@ class Config(AttackOptions):
     seed: int = O.seed_opt()
     device: str = O.device_opt("auto")
     data_dir: Path | None = O.data_dir_opt()
-    arch: str | None = O.arch_opt()
+    arch: str | None = C.arch_opt()
     trust_factory: bool = O.trust_opt()
     force: bool = O.force_opt()
     json: bool = O.json_opt()

@@ -29,6 +29,20 @@ DATA_HELP = _data_help()
 RECORDED_DATA_HELP = _data_help(" (default: the one the checkpoint records)")
 
 
+def user_factory_from_file(value: Any) -> str | None:
+    """``file_check`` of the options naming an architecture (the architecture catalogue says which names
+    are user factories: :func:`rcomp.models.catalog.user_factory_from_file`)."""
+    from rcomp.models.catalog import user_factory_from_file as check
+
+    return check(value)
+
+
+def arch_opt(help: str = "Name the user factory (package.module:factory) the checkpoint was made with."):
+    from rcomp.options import opt
+
+    return opt(None, "--arch", help=help, file_check=user_factory_from_file)
+
+
 def stderr_log(msg: str) -> None:
     """The default log: stderr, so stdout stays for results and output paths."""
     print(msg, file=sys.stderr, flush=True)

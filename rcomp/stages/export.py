@@ -58,7 +58,7 @@ class Config:
     seed: int = O.seed_opt()
     force: bool = O.force_opt()
     json: bool = O.json_opt()
-    arch: str | None = O.arch_opt()
+    arch: str | None = C.arch_opt()
     trust_factory: bool = O.trust_opt()
 
 

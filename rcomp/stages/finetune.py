@@ -34,7 +34,7 @@ torchrun --nproc-per-node 2 -m rcomp finetune --arch convnet8 --data digits -o d
 
 @dataclass
 class Config:
-    arch: str | None = O.opt(None, "--arch", file_check=O.user_factory_from_file,
+    arch: str | None = O.opt(None, "--arch", file_check=C.user_factory_from_file,
                            help="Train from scratch: registry name (rcomp info --models) or package.module:factory. "
                                 "With CKPT: names the user factory the checkpoint was made with.")
     num_classes: int | None = O.opt(None, "--num-classes", kind="int", min=1, max=10**6,

@@ -62,7 +62,7 @@ class Config:
     device: str = O.device_opt("cpu")
     seed: int = O.seed_opt()
     json: bool = O.json_opt()
-    arch: str | None = O.arch_opt()
+    arch: str | None = C.arch_opt()
     trust_factory: bool = O.trust_opt()
 
     def check(self) -> None:
