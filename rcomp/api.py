@@ -42,6 +42,11 @@ class Result:
     #: the file written (``output=``), else None
     path: Path | None
 
+    def __repr__(self) -> str:  # the model's and the report's own reprs run to pages
+        arch = getattr(getattr(getattr(self.model, "meta", None), "arch", None), "name", None)
+        model = "None" if self.model is None else f"<{type(self.model).__name__} {arch}>"
+        return f"Result(model={model}, report=<dict: {', '.join(map(str, self.report))}>, path={self.path!r})"
+
 
 def _run(name: str, inputs: list, options: dict[str, Any], log: Log, keep_model: bool = True) -> Result:
     """Build the stage's config from the keywords and run the stage as the command line does, writing only

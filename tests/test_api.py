@@ -70,6 +70,7 @@ def test_every_stage_returns_one_shape_and_writes_nothing_without_output(name, c
     with pytest.raises(dataclasses.FrozenInstanceError):
         res.path = Path("x")  # type: ignore[misc]
     assert res.path is None and os.listdir(tmp_path) == []  # nothing written without output=
+    assert repr(res).startswith("Result(model=") and len(repr(res)) < 2000
     makes_model = STAGES[name][2]
     if makes_model:
         assert isinstance(res.model, rcomp.Classifier) and res.model is not model
