@@ -11,11 +11,13 @@ The Python API (the CLI is a thin layer over it)::
 
 The stages take the command line's options as keywords and record provenance on the model::
 
-    model = rcomp.finetune(arch="convnet8", data="digits", epochs=20)      # from scratch
-    model = rcomp.prune(model, ratio=0.5)
-    model = rcomp.finetune(model, data="digits", adv="pgd", eps=0.1, epochs=3)
-    report = rcomp.bench([model], data="digits", attack="auto", eps=0.1)
-    rcomp.save(model, "robust.safetensors")          # history: finetune, prune, finetune
+    model = rcomp.finetune(arch="convnet8", data="digits", epochs=20).model      # from scratch
+    model = rcomp.prune(model, ratio=0.5).model
+    res = rcomp.finetune(model, data="digits", adv="pgd", eps=0.1, epochs=3, output="robust.safetensors")
+    res.model, res.report, res.path                  # history: finetune, prune, finetune
+    report = rcomp.bench([res.model], data="digits", attack="auto", eps=0.1).report
+
+Every stage function returns an :class:`rcomp.Result` (``.model``, ``.report``, ``.path``).
 
 torch is imported lazily: ``import rcomp`` is cheap.
 """
@@ -36,7 +38,8 @@ _API = {
     "InputSpec": ("rcomp.spec", "InputSpec"),
     "CheckpointMeta": ("rcomp.io.format", "CheckpointMeta"),
     "RcompError": ("rcomp.errors", "RcompError"),
-    # the stages, with the command line's options (rcomp.api)
+    # the stages, with the command line's options (rcomp.api), and what each returns
+    "Result": ("rcomp.api", "Result"),
     "convert": ("rcomp.api", "convert"),
     "prune": ("rcomp.api", "prune"),
     "quantize": ("rcomp.api", "quantize"),

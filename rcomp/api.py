@@ -2,12 +2,19 @@
 
 >>> import rcomp
 >>> model = rcomp.load("dense.safetensors")
->>> model = rcomp.prune(model, ratio=0.5)                               # doctest: +SKIP
->>> model = rcomp.finetune(model, data="digits", adv="pgd", eps=0.1)   # doctest: +SKIP
->>> report = rcomp.bench([model], data="digits", attack="auto", eps=0.1)  # doctest: +SKIP
->>> rcomp.save(model, "robust.safetensors")                             # doctest: +SKIP
->>> [h["command"] for h in model.meta.history]                          # doctest: +SKIP
+>>> model = rcomp.prune(model, ratio=0.5).model                                  # doctest: +SKIP
+>>> model = rcomp.finetune(model, data="digits", adv="pgd", eps=0.1).model      # doctest: +SKIP
+>>> report = rcomp.bench([model], data="digits", attack="auto", eps=0.1).report  # doctest: +SKIP
+>>> rcomp.save(model, "robust.safetensors")                                      # doctest: +SKIP
+>>> [h["command"] for h in model.meta.history]                                   # doctest: +SKIP
 ['finetune', 'prune', 'finetune']
+
+Every stage function has one shape: a loaded model or a checkpoint path in (``convert``: a weights
+file; ``bench``: a list of them), a :class:`Result` out, with ``.model`` (the model the stage made,
+a new one: the input is left as it was; None for ``attack``, ``bench`` and ``export``), ``.report``
+(what ``--json`` prints for the command) and ``.path`` (the file written when ``output=`` was given,
+else None: nothing is written without it). ``output=`` is written as the command line writes ``-o``:
+atomically, never over an input, never over an existing file unless ``force=True``.
 
 Options are keyword arguments named as on the command line (``data_dir`` or ``"data-dir"``),
 validated by the same declarations; values may be typed (``eps=8/255``) or text (``eps="8/255"``).
@@ -17,105 +24,81 @@ the full provenance. Logs go to stderr; pass ``log=`` to redirect them.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rcomp.stages.common import Log, stderr_log
 
 
-def _config(name: str, options: dict[str, Any]):
+@dataclass(frozen=True)
+class Result:
+    """What every stage function returns."""
+
+    #: the model the stage made (None for attack, bench and export)
+    model: Any
+    #: what ``rcomp COMMAND --json`` prints (bench: ``--format json``)
+    report: dict[str, Any]
+    #: the file written (``output=``), else None
+    path: Path | None
+
+    def __repr__(self) -> str:  # the model's and the report's own reprs run to pages
+        arch = getattr(getattr(getattr(self.model, "meta", None), "arch", None), "name", None)
+        model = "None" if self.model is None else f"<{type(self.model).__name__} {arch}>"
+        return f"Result(model={model}, report=<dict: {', '.join(map(str, self.report))}>, path={self.path!r})"
+
+
+def _run(name: str, inputs: list, options: dict[str, Any], log: Log, keep_model: bool = True) -> Result:
+    """Build the stage's config from the keywords and run the stage as the command line does, writing only
+    what ``output=`` names."""
     from rcomp.options import make_config
     from rcomp.stages import get_stage
 
-    return make_config(get_stage(name).config, options, command=name)
+    stage = get_stage(name)
+    res = stage.run(make_config(stage.config, options, command=name), inputs, log=log, default_output=False)
+    res.raise_failures()  # bench --fail-under
+    out = res.output
+    return Result(res.model if keep_model else None, res.report, Path(out) if out is not None else None)
 
 
-def _model(model: Any, cfg: Any, device: str = "cpu", stage: Any = None):
-    """The model to operate on: ``model`` itself, or the checkpoint it names, loaded after the header has
-    been checked against the stage's options (an unsupported combination is refused before loading)."""
-    from rcomp.stages.common import as_model, check_input, check_source
-
-    if stage is not None and isinstance(model, (str, Path)):
-        check_source(stage, cfg, check_input(Path(model)))
-    return as_model(model, device, getattr(cfg, "arch", None), getattr(cfg, "trust_factory", False))
+def prune(model: Any, *, log: Log = stderr_log, **options: Any) -> Result:
+    """Prune ``model`` (a loaded model or a checkpoint path); ``.model`` is the pruned model."""
+    return _run("prune", [model], options, log)
 
 
-def prune(model: Any, *, log: Log = stderr_log, **options: Any):
-    """Prune ``model`` (a loaded model or a checkpoint path); returns the pruned model, a new one: ``model``
-    is left as it was."""
-    from rcomp.stages import prune as stage
-    from rcomp.stages.common import seed_everything
-
-    cfg = _config("prune", options)
-    seed_everything(cfg.seed)
-    return stage.apply(_model(model, cfg, stage=stage), cfg, log, copy=not isinstance(model, (str, Path))).model
+def quantize(model: Any, *, log: Log = stderr_log, **options: Any) -> Result:
+    """Quantize ``model`` to int8 or (``simulate=True``) fake-quant ``bits``; ``.model`` is the quantized model
+    (``backend="onnxruntime"`` writes an ONNX file: give ``output=``; ``.model`` is then None)."""
+    return _run("quantize", [model], options, log)
 
 
-def quantize(model: Any, *, log: Log = stderr_log, **options: Any):
-    """Quantize ``model`` to int8 or (``simulate=True``) fake-quant ``bits``; returns the quantized model, a new
-    one: ``model`` is left as it was."""
-    from rcomp.stages import quantize as stage
-    from rcomp.stages.common import seed_everything
-
-    cfg = _config("quantize", options)
-    seed_everything(cfg.seed)
-    return stage.apply(_model(model, cfg, stage=stage), cfg, log).model
-
-
-def finetune(model: Any = None, *, log: Log = stderr_log, **options: Any):
+def finetune(model: Any = None, *, log: Log = stderr_log, **options: Any) -> Result:
     """Train ``model`` (or, with ``model=None`` and ``arch=NAME``, a new one) on ``data`` (default: the dataset
-    ``model`` records); returns the trained model, a new one: ``model`` is left as it was."""
-    from rcomp.stages import finetune as stage
-    from rcomp.stages.common import resolve_device, seed_everything
-
-    cfg = _config("finetune", options)
-    seed_everything(cfg.seed)
-    source = Path(model) if isinstance(model, (str, Path)) else None
-    net = stage.build(cfg, log) if model is None else _model(model, cfg)
-    res = stage.apply(net, cfg, source=source, dev=resolve_device(cfg.device), log=log,
-                      from_scratch=model is None, copy=model is not None and source is None)
-    return res.model.cpu()
+    ``model`` records); ``.model`` is the trained model."""
+    return _run("finetune", [] if model is None else [model], options, log)
 
 
-def attack(model: Any, *, log: Log = stderr_log, **options: Any) -> dict[str, Any]:
-    """Attack ``model`` on ``data`` and return the report (what ``rcomp attack --json`` prints); with
-    ``from_file``, replay saved examples against it instead (``rcomp attack --from``)."""
-    from rcomp.io.atomic import check_output_path
-    from rcomp.stages import attack as stage
-    from rcomp.stages.common import check_input
-
-    cfg = _config("attack", options)
-    path = check_input(Path(model)) if isinstance(model, (str, Path)) else None
-    if cfg.from_file is not None:
-        return stage._replay(cfg, path, None if path is not None else model).report
-    attacks = cfg.build(cfg.seed)  # refuse bad attack settings before loading anything
-    if cfg.output is not None:
-        check_output_path(Path(cfg.output), (path,) if path is not None else (), force=cfg.force)
-    return stage.apply(_model(model, cfg), cfg, log, path, attacks).report
+def attack(model: Any, *, log: Log = stderr_log, **options: Any) -> Result:
+    """Attack ``model`` on ``data``; ``.report`` is ``rcomp attack --json``'s, ``.path`` the examples file of
+    ``output=``. With ``from_file``, replay saved examples against it instead (``rcomp attack --from``)."""
+    return _run("attack", [model], options, log, keep_model=False)
 
 
-def bench(models: list, *, log: Log = stderr_log, **options: Any) -> dict[str, Any]:
-    """Benchmark ``models`` (loaded or paths) side by side; returns the result (``--format json``). Rows are
-    named by file name, or for a model made in memory by its architecture and last command (``convnet8
-    prune``), made unique with its position (``[2]``)."""
-    from rcomp.stages import bench as stage
-
-    res = stage.run(_config("bench", options), list(models), log=log)
-    res.raise_failures()
-    return res.report
+def bench(models: list, *, log: Log = stderr_log, **options: Any) -> Result:
+    """Benchmark ``models`` (loaded or paths) side by side; ``.report`` is ``--format json``'s, ``.path`` the
+    ``output=`` copy. Rows are named by file name, or for a model made in memory by its architecture and last
+    command (``convnet8 prune``), made unique with its position (``[2]``). Raises
+    :class:`~rcomp.errors.ThresholdError` when a ``fail_under`` threshold is not met."""
+    return _run("bench", list(models), options, log, keep_model=False)
 
 
-def export(checkpoint: str | Path, *, log: Log = stderr_log, **options: Any) -> dict[str, Any]:
-    """Export the checkpoint file ``checkpoint`` to ONNX (``output=...onnx``); returns the report (path,
-    sha256, parity). Raises :class:`~rcomp.errors.ThresholdError` and writes nothing when ONNX Runtime
-    disagrees with the checkpoint."""
-    from rcomp.stages import export as stage
-
-    return stage.run(_config("export", options), [Path(checkpoint)], log=log).report
+def export(model: Any, *, log: Log = stderr_log, **options: Any) -> Result:
+    """Export ``model`` (a loaded model or a checkpoint path) to ONNX; ``.report`` holds the parity check,
+    ``.path`` the ``.onnx`` file of ``output=`` (without it only the check runs). Raises
+    :class:`~rcomp.errors.ThresholdError` and writes nothing when ONNX Runtime disagrees with the model."""
+    return _run("export", [model], options, log, keep_model=False)
 
 
-def convert(src: str | Path, *, log: Log = stderr_log, **options: Any):
-    """Read plain weights ``src`` as architecture ``arch``; returns the model (save it with rcomp.save)."""
-    from rcomp.stages import convert as stage
-
-    return stage.convert(_config("convert", options), Path(src), log).model
+def convert(src: str | Path, *, log: Log = stderr_log, **options: Any) -> Result:
+    """Read plain weights ``src`` as architecture ``arch``; ``.model`` is the rcomp model."""
+    return _run("convert", [Path(src)], options, log)

@@ -281,14 +281,6 @@ def _parse_at(o: Option, raw: Any, where: str) -> Any:
         raise RcompError(f"{where}{exc}") from None
 
 
-def user_factory_from_file(value: Any) -> str | None:
-    """``file_check`` for options naming an architecture: a ``package.module:factory`` runs user code."""
-    if ":" in str(value) and not str(value).startswith("timm:"):  # timm:NAME is a known source, not user code
-        return ("a user factory runs code, so only the command line may name it "
-                "(recipes: pass --allow-factory with the same name to rcomp run)")
-    return None
-
-
 def to_args(cfg: Any) -> list[str]:
     """The command-line arguments that give ``cfg`` (options left at their default are left out)."""
     args: list[str] = []
@@ -351,10 +343,6 @@ def output_opt(help: str = "Output path (default: next to the input, with a desc
 def force_opt(help: str = "Overwrite an existing output file."):
     return opt(False, "--force", kind="bool", help=help, file_ok=False,
                file_note="overwriting is decided where the command is run")
-
-
-def arch_opt(help: str = "Name the user factory (package.module:factory) the checkpoint was made with."):
-    return opt(None, "--arch", help=help, file_check=user_factory_from_file)
 
 
 def trust_opt(help: str = "Import the user factory a checkpoint names (only for files you trust)."):

@@ -65,7 +65,3 @@ class ArchSpec:
 
     name: str
     kwargs: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def is_user_factory(self) -> bool:
-        return ":" in self.name and not self.name.startswith("timm:")

@@ -173,6 +173,81 @@ def test_the_once_rule_catches_a_second_list(tmp_path):
     assert len(found) == 2 and "fgsm, pgd" in found[0] and "l1, taylor" in found[1]
 
 
+def _mode_compares(files, modes, root=ROOT):
+    """``file:line`` of every comparison with a quantization mode name spelled as a literal
+    (``q["mode"] == "int8"``), outside the quantization catalogue."""
+    bad = []
+    for f in files:
+        rel = f.relative_to(root).as_posix()
+        if rel == "rcomp/quant/catalog.py":
+            continue
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Compare) and any(isinstance(c, ast.Constant) and c.value in modes
+                                                     for c in (node.left, *node.comparators)):
+                bad.append(f"{rel}:{node.lineno} {ast.unparse(node)}")
+    return bad
+
+
+def test_quantization_modes_are_told_apart_by_their_catalogue_only():
+    """No module compares a mode name: it asks rcomp.quant.catalog (is_real, label, an entry's extra), so a
+    new scheme is one entry there, not another string to find in ONNX export, stages or loading."""
+    from rcomp.quant.catalog import MODES
+
+    bad = _mode_compares(sorted(PKG.rglob("*.py")), set(MODES.builtin_names()))
+    assert not bad, "\n".join(bad)
+
+
+def test_the_mode_rule_catches_a_literal_compare(tmp_path):
+    f = tmp_path / "rcomp" / "onnx" / "x.py"
+    f.parent.mkdir(parents=True)
+    f.write_text('def f(q):\n    return q.get("mode") != "simulated" or "int8" == q["mode"] or q == "int4"\n')
+    found = _mode_compares([f], {"int8", "simulated"}, root=tmp_path)
+    assert found == ['rcomp/onnx/x.py:2 q.get(\'mode\') != \'simulated\'', "rcomp/onnx/x.py:2 'int8' == q['mode']"]
+
+
+def _prefix_tests(files, prefixes, root=ROOT):
+    """``file:line`` of every ``x.startswith("timm:")``-like test of a source prefix outside the architecture
+    catalogue and the source's own module."""
+    bad = []
+    for f in files:
+        rel = f.relative_to(root).as_posix()
+        if rel in ("rcomp/models/catalog.py", "rcomp/models/timm_source.py"):
+            continue
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
+                    node.func.attr in ("startswith", "removeprefix", "partition") and \
+                    any(isinstance(a, ast.Constant) and isinstance(a.value, str) and a.value.rstrip(":") in prefixes
+                        and a.value.endswith(":") for a in node.args):
+                bad.append(f"{rel}:{node.lineno} {ast.unparse(node)}")
+    return bad
+
+
+def test_architecture_source_prefixes_come_from_their_catalogue(tmp_path):
+    """``timm:`` is the architecture catalogue's to recognise (prefix_source, is_user_factory): options,
+    spec and convert ask it, so another source is one entry there."""
+    from rcomp.models.catalog import SOURCES
+
+    prefixes = {e.get("prefix") for e in SOURCES.entries() if e.get("prefix")}
+    assert "timm" in prefixes
+    bad = _prefix_tests(sorted(PKG.rglob("*.py")), prefixes)
+    assert not bad, "\n".join(bad)
+    f = tmp_path / "rcomp" / "options.py"  # the check can fail
+    f.parent.mkdir()
+    f.write_text('def f(v):\n    return ":" in v and not str(v).startswith("timm:")\n')
+    assert _prefix_tests([f], prefixes, root=tmp_path) == ['rcomp/options.py:2 str(v).startswith(\'timm:\')']
+
+
+def test_a_new_prefix_source_is_no_user_factory(monkeypatch):
+    from rcomp.catalog import Entry
+    from rcomp.models import catalog
+
+    assert catalog.user_factory_from_file("timm:resnet18") is None
+    assert catalog.user_factory_from_file("hub:net") and catalog.is_user_factory("hub:net")
+    monkeypatch.setitem(catalog.SOURCES.builtin, "hub", Entry("hub", "x:y", "a test source", extra={"prefix": "hub"}))
+    assert catalog.user_factory_from_file("hub:net") is None and not catalog.is_user_factory("hub:net")
+    assert catalog.is_user_factory("pkg.mod:fn")
+
+
 def test_catalogue_options_are_declared():
     """Every option an attack or importance entry takes is a declared option of its stage."""
     from rcomp.attacks.catalog import ATTACKS, OPTIONS

@@ -341,7 +341,9 @@ def test_ship_onnx_example_runs(tmp_path):
 def test_python_api_export(exported, tmp_path):
     import rcomp
 
-    rep = rcomp.export(exported[0], output=tmp_path / "api.onnx", exporter="legacy", parity_n=32, log=lambda _m: None)
+    res = rcomp.export(exported[0], output=tmp_path / "api.onnx", exporter="legacy", parity_n=32, log=lambda _m: None)
+    assert res.model is None and res.path == tmp_path / "api.onnx"
+    rep = res.report
     assert rep["path"] == str(tmp_path / "api.onnx") and rep["parity"]["top1_agreement"] == 1.0
     assert rep["sha256"] == _sha(tmp_path / "api.onnx")
 

@@ -71,9 +71,9 @@ def kinds(trained_digits, tmp_path_factory) -> dict[str, Path]:
         parent, stage, options = recipe
         src = make(parent)
         extra = {"data": "digits"} if stage == "finetune" else {}
-        model = getattr(rcomp, stage)(str(src), log=_quiet, **options, **extra)
         out = folder / f"{kind}.safetensors"
-        rcomp.save(model, out)
+        res = getattr(rcomp, stage)(str(src), log=_quiet, output=out, **options, **extra)
+        assert res.path == out and res.report["path"] == str(out)
         paths[kind] = out
         return out
 
@@ -124,7 +124,7 @@ class Outcome:
     code: int = 0
     stdout: str = ""
     stderr: str = ""
-    report: dict | None = None          # --json or the Python API's return value
+    report: dict | None = None          # --json or the Python API's result's .report
     output: Path | None = None          # what the cell wrote, if anything
     seconds: float = 0.0
 
@@ -160,15 +160,14 @@ def run_cell(cell: Cell, kinds: dict[str, Path], examples: Path, work: Path) -> 
     t0 = time.perf_counter()
     if cell.way == "api":
         fn = getattr(rcomp, cmd)
-        kw = {**opts, **({"output": out} if cell.save == "-o" or cmd == "export" else {})}
+        kw = {**opts, **({"output": out} if out is not None else {})}  # the API writes only what output= names
         try:
             res = fn([str(ckpt)] if cmd == "bench" else str(ckpt), log=_quiet, **kw)
         except RcompError as exc:
             return Outcome(refused=str(exc), code=2, seconds=time.perf_counter() - t0)
-        if cmd in ("prune", "quantize", "finetune"):
-            rcomp.save(res, out)
-            return Outcome(output=out, seconds=time.perf_counter() - t0)
-        return Outcome(report=res, output=out, seconds=time.perf_counter() - t0)
+        assert isinstance(res, rcomp.Result) and res.path == out, res
+        assert (res.model is not None) == (cmd in ("prune", "quantize", "finetune")), res.model
+        return Outcome(report=res.report, output=out, seconds=time.perf_counter() - t0)
     if cell.way == "recipe":
         stage = {"name": "cell", "command": cmd, "input": str(ckpt), "options": file_options(cmd, opts),
                  "output": out.name}
@@ -222,7 +221,7 @@ def check_valid(cell: Cell, o: Outcome) -> None:
         _load_checked(o.output, cmd)
         if cell.way in ("flags", "pipe"):
             assert o.stdout.strip() == str(o.output)
-        if cell.way == "json":
+        if cell.way in ("json", "api"):
             assert o.report["path"] == str(o.output)
     elif cmd == "export":  # an ONNX file (rcomp checks it against the model before publishing it)
         assert o.output.stat().st_size > 0
@@ -440,8 +439,8 @@ def test_api_replays_saved_examples_against_a_loaded_model_as_against_its_path(k
     """rcomp.attack(..., from_file=F) is the API's `rcomp attack --from F` (it used to fail with an internal error)."""
     import rcomp
 
-    by_path = rcomp.attack(str(kinds["pruned"]), from_file=examples, log=_quiet)
-    by_model = rcomp.attack(rcomp.load(kinds["pruned"]), from_file=examples, log=_quiet)
+    by_path = rcomp.attack(str(kinds["pruned"]), from_file=examples, log=_quiet).report
+    by_model = rcomp.attack(rcomp.load(kinds["pruned"]), from_file=examples, log=_quiet).report
     assert by_path["source"]["path"] == str(examples) and by_path["n"] == 8
     for key in ("clean_acc", "robust_acc", "worst_case_acc", "n"):
         assert by_model[key] == by_path[key]

@@ -104,7 +104,8 @@ def test_bench_n_on_a_class_sorted_folder_is_a_stratified_sample(cli, trained_di
     text = cli("bench", trained_digits, *args[:-4], "-n", "100", "--latency-batch", "0")
     assert text.code == 0 and "100 of 360 points (stratified sample, subset seed 0; per class" in text.stdout
     # the API picks the same points
-    api = rcomp.bench([trained_digits], data="imagefolder", data_dir=digits_folder, n=100, latency_batch=0, **QUIET)
+    api = rcomp.bench([trained_digits], data="imagefolder", data_dir=digits_folder, n=100, latency_batch=0,
+                      **QUIET).report
     assert api["points"] == pts and api["models"][0]["clean_acc"] == part["models"][0]["clean_acc"]
 
 
@@ -119,7 +120,7 @@ def test_finetune_n_and_eval_n_sample_every_class(cli, digits_folder, tmp_path):
     assert m["train_points"]["per_class"] == [2] * 10
     assert sum(m["test_points"]["per_class"]) == m["test_n"] == 30 and min(m["test_points"]["per_class"]) >= 2
     net = rcomp.finetune(arch="convnet8", data="imagefolder", data_dir=digits_folder, n=20, epochs=1, batch_size=10,
-                         eval_n=30, **QUIET)
+                         eval_n=30, **QUIET).model
     assert net.meta.history[-1]["metrics"]["train_points"] == m["train_points"]
 
 
@@ -143,7 +144,7 @@ def test_finetune_uses_the_recorded_dataset_and_says_so(cli, fake_ckpt, tmp_path
     assert f"data: fake (recorded in {fake_ckpt}; --data overrides)" in res.stderr
     model = rcomp.load(out)
     assert model.meta.dataset == "fake" and model.meta.history[-1]["params"]["data"] == "fake"
-    tuned = rcomp.finetune(rcomp.load(fake_ckpt), n=64, epochs=1, batch_size=32, eval_n=0, **QUIET)
+    tuned = rcomp.finetune(rcomp.load(fake_ckpt), n=64, epochs=1, batch_size=32, eval_n=0, **QUIET).model
     assert tuned.meta.history[-1]["params"]["data"] == "fake"
 
 
@@ -152,7 +153,7 @@ def test_every_command_resolves_data_the_same_way(cli, fake_ckpt, tiny_ckpt, tmp
     assert rep["data"] == "fake" and rep["n"] == 20
     res = cli("bench", fake_ckpt, "-n", "20", "--latency-batch", "0", "--format", "json")
     assert _json(res)["data"] == "fake" and "data: fake (recorded in" in res.stderr
-    assert rcomp.attack(fake_ckpt, attack="fgsm", eps=0.1, n=20, **QUIET)["data"] == "fake"
+    assert rcomp.attack(fake_ckpt, attack="fgsm", eps=0.1, n=20, **QUIET).report["data"] == "fake"
     res = cli("quantize", fake_ckpt, "--simulate", "--bits", "4", "--calib-n", "16", "--eval-n", "16",
               "-o", tmp_path / "q.safetensors")
     assert res.code == 0 and "data: fake (recorded in" in res.stderr
@@ -188,15 +189,15 @@ def _snapshot(model):
 def test_api_stages_return_new_models_and_bench_names_each(trained_digits):
     m = rcomp.load(trained_digits)
     before = _snapshot(m)
-    p = rcomp.prune(m, ratio=0.5, **QUIET)
-    ft = rcomp.finetune(m, data="digits", epochs=1, n=64, eval_n=0, **QUIET)
-    q = rcomp.quantize(m, data="digits", calib_n=32, eval_n=0, **QUIET)
+    p = rcomp.prune(m, ratio=0.5, **QUIET).model
+    ft = rcomp.finetune(m, data="digits", epochs=1, n=64, eval_n=0, **QUIET).model
+    q = rcomp.quantize(m, data="digits", calib_n=32, eval_n=0, **QUIET).model
     for other in (p, ft, q):
         assert other is not m and other.meta is not m.meta
     sd, hist, params = _snapshot(m)
     assert hist == before[1] and params == before[2]
     assert all(torch.equal(sd[k], before[0][k]) for k in before[0])
-    table = rcomp.bench([m, p, q, ft, p], data="digits", n=60, latency_batch=0, **QUIET)
+    table = rcomp.bench([m, p, q, ft, p], data="digits", n=60, latency_batch=0, **QUIET).report
     names = [r["name"] for r in table["models"]]
     assert names == ["digits_convnet8.safetensors", "convnet8 prune[1]", "convnet8 quantize", "convnet8 finetune",
                      "convnet8 prune[4]"]
@@ -205,7 +206,7 @@ def test_api_stages_return_new_models_and_bench_names_each(trained_digits):
     assert rows[1]["path"] is None and rows[1]["sha256"] is None  # made in memory: not the file
     assert rows[0]["clean_acc"] > 0.5
     # a chain in memory records the right input: none for a model that is no file
-    assert rcomp.finetune(p, epochs=1, n=32, eval_n=0, **QUIET).meta.history[-1]["input_sha256"] is None
+    assert rcomp.finetune(p, epochs=1, n=32, eval_n=0, **QUIET).model.meta.history[-1]["input_sha256"] is None
 
 
 def test_cli_bench_names_rows_by_file_and_leaves_inputs_alone(cli, trained_digits, tmp_path):
@@ -265,8 +266,8 @@ def test_config_file_merges_top_level_and_section(cli, trained_digits, tmp_path)
 
 
 def test_info_never_cuts_a_number(cli, tmp_path):
-    m = rcomp.finetune(arch="convnet8", data="digits", epochs=1, n=32, eval_n=0, lr=0.003, **QUIET)
-    rcomp.save(m, tmp_path / "m.safetensors")
+    rcomp.finetune(arch="convnet8", data="digits", epochs=1, n=32, eval_n=0, lr=0.003, output=tmp_path / "m.safetensors",
+                   **QUIET)
     out = cli("info", tmp_path / "m.safetensors").stdout
     assert not re.search(r"lr=0(?![.\d])", out), out
     assert "lr=0.003" in out or "more)" in out
@@ -274,7 +275,7 @@ def test_info_never_cuts_a_number(cli, tmp_path):
 
 def test_finetune_logs_what_it_does(tmp_path):
     lines: list[str] = []
-    m = rcomp.finetune(arch="convnet8", data="digits", epochs=1, n=64, eval_n=0, log=lines.append)
+    m = rcomp.finetune(arch="convnet8", data="digits", epochs=1, n=64, eval_n=0, log=lines.append).model
     lines.clear()
     rcomp.finetune(m, epochs=60, steps_budget=3, n=64, batch_size=32, eval_n=0, log=lines.append)
     start = next(ln for ln in lines if ln.startswith("training the model"))

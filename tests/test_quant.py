@@ -236,3 +236,28 @@ def test_cli_qnnpack_roundtrip(cli, tmp_path):
         assert torch.equal(back(x), load(out)(x))
     finally:
         torch.backends.quantized.engine = "x86"
+
+
+def test_a_network_fx_cannot_trace_is_refused_before_the_calibration_data_loads(tmp_path, monkeypatch):
+    """As timm's mobilevit_xxs (control flow on tensor values): refused from the model, no data read."""
+    import torch.nn as nn
+
+    import rcomp
+    import rcomp.data.registry as registry
+
+    class Branchy(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x) if x.sum() > 0 else -self.inner(x)
+
+    model = rcomp.load(make_checkpoint(tmp_path / "m.safetensors", dataset="digits"))
+    model.net = Branchy(model.net)
+    reads = []
+    monkeypatch.setattr(registry, "get_dataset", lambda *a, **kw: reads.append(a) or 1 / 0)
+    for simulate in (False, True):
+        with pytest.raises(rcomp.RcompError, match="cannot trace this network with torch.fx"):
+            rcomp.quantize(model, simulate=simulate, bits=4 if simulate else 8, log=lambda _m: None)
+    assert reads == []

@@ -48,7 +48,10 @@ def test_readme_notebook_chain_runs_and_records_every_stage(tmp_path, monkeypatc
     exec(compile(textwrap.dedent(block), "README.md", "exec"), namespace)
     import rcomp
 
-    hist = rcomp.load(tmp_path / "robust.safetensors").meta.history
+    saved = rcomp.load(tmp_path / "robust.safetensors")
+    res = namespace["res"]  # the Result of the stage that wrote it (output=)
+    assert res.path == Path("robust.safetensors") and res.report["sha256"] == saved.source_sha256
+    hist = saved.meta.history
     assert [h["command"] for h in hist] == ["finetune", "prune", "finetune"]
     assert hist[1]["params"]["ratio"] == 0.5 and hist[2]["params"]["adv"] == "pgd"
     assert hist[2]["params"]["eps"] == pytest.approx(0.1)

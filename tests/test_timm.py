@@ -202,7 +202,7 @@ def test_model_name_never_raises_anything_but_rcomp_errors():
 
 
 def test_config_files_may_name_timm_models_but_not_factories():
-    from rcomp.options import user_factory_from_file
+    from rcomp.models.catalog import user_factory_from_file
 
     assert user_factory_from_file("timm:resnet18") is None
     assert user_factory_from_file("evil.mod:fn") is not None

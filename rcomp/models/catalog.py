@@ -46,6 +46,21 @@ SOURCES = Catalogue("architecture source", [
 DEFAULT_INPUT = (3, 224, 224)
 
 
+def is_user_factory(name: str) -> bool:
+    """Whether ``name`` is a ``package.module:factory`` (code the user names), not ``PREFIX:NAME`` of a
+    registered source (``timm:resnet18``)."""
+    return ":" in str(name) and prefix_source(name) is None
+
+
+def user_factory_from_file(value) -> str | None:
+    """``file_check`` of the options naming an architecture: a file may name a registered source's model
+    (``timm:NAME``) but not a user factory, which runs code."""
+    if is_user_factory(str(value)):
+        return ("a user factory runs code, so only the command line may name it "
+                "(recipes: pass --allow-factory with the same name to rcomp run)")
+    return None
+
+
 def prefix_source(name: str) -> Entry | None:
     """The source owning ``PREFIX:NAME`` names, if ``name`` is written so and the prefix is registered."""
     prefix, sep, _ = str(name).partition(":")

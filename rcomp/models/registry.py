@@ -24,7 +24,7 @@ from dataclasses import replace
 
 from rcomp.errors import RcompError
 from rcomp.io.format import CheckpointMeta
-from rcomp.models.catalog import ARCHITECTURES, DEFAULT_INPUT, prefix_source
+from rcomp.models.catalog import ARCHITECTURES, DEFAULT_INPUT, is_user_factory, prefix_source
 from rcomp.spec import ArchSpec, InputSpec
 from rcomp.text import printable
 
@@ -64,10 +64,6 @@ def default_input_shape(name: str) -> tuple[int, int, int]:
         if found:
             return tuple(found[0])  # type: ignore[return-value]
     return tuple(src.get("input", DEFAULT_INPUT))  # type: ignore[return-value]
-
-
-def is_user_factory(name: str) -> bool:
-    return ":" in name and prefix_source(name) is None
 
 
 def _check_user_factory(name: str, allow: str | None, trust: bool) -> None:

@@ -13,8 +13,8 @@ normalisation inside the graph; output ``logits`` (N, classes)).
 What exports: float models, pruned models, and simulated (fake-quant) models -- their fake-quant
 modules are replaced by the same rounding written as plain fp32 arithmetic
 (``(clamp(round(x / s) + z, qmin, qmax) - z) * s``), which both exporters handle and which
-reproduces the fake-quant outputs exactly. torch.ao real int8 models are refused
-(:func:`check_exportable`).
+reproduces the fake-quant outputs exactly. torch.ao real int8 models are refused by the export stage
+(:data:`INT8_REFUSAL`; which modes are real integer ones is the quantization catalogue's to say).
 """
 
 from __future__ import annotations
@@ -43,13 +43,6 @@ INT8_REFUSAL = (
     "model.onnx && rcomp quantize model.onnx --backend onnxruntime --data DATA")
 
 
-def check_exportable(model, name: str) -> None:
-    """Refuse a model rcomp cannot export faithfully: torch.ao real int8 (see :data:`INT8_REFUSAL`)."""
-    q = model.meta.compression.get("quantization") or {}
-    if q.get("mode") == "int8":
-        raise RcompError(INT8_REFUSAL.format(name=printable(name)))
-
-
 class _ExportFakeQuant(nn.Module):
     """A fixed fake-quant as plain fp32 ops: the rounding of torch.ao's FakeQuantize, exportable."""
 
@@ -76,12 +69,12 @@ class _ExportFakeQuant(nn.Module):
 
 
 def exportable(model) -> nn.Module:
-    """``model`` itself, or for a simulated model a copy whose fake-quant modules are plain arithmetic."""
-    q = model.meta.compression.get("quantization") or {}
-    if q.get("mode") != "simulated":
-        return model
+    """``model`` itself, or for a model with fake-quant modules (simulated quantization) a copy whose
+    fake-quant modules are plain arithmetic."""
     from torch.ao.quantization.fake_quantize import FakeQuantizeBase
 
+    if not any(isinstance(m, FakeQuantizeBase) for m in model.modules()):
+        return model
     out = copy.deepcopy(model)
 
     def swap(mod: nn.Module) -> None:

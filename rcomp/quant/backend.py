@@ -116,12 +116,14 @@ def fold_batchnorm(net: nn.Module) -> nn.Module:
                          f"{str(exc).splitlines()[0][:160]}); quantize a traceable architecture") from None
 
 
-def prepare(net: nn.Module, example: torch.Tensor, bits: int, backend: str, real: bool) -> nn.Module:
-    """The fake-quant twin of ``net`` (BatchNorm folded), observers on and fake-quant off, eval mode."""
+def prepare(net: nn.Module, example: torch.Tensor, bits: int, backend: str, real: bool,
+            folded: nn.Module | None = None) -> nn.Module:
+    """The fake-quant twin of ``net`` (BatchNorm folded), observers on and fake-quant off, eval mode.
+    ``folded``: ``fold_batchnorm(net)`` when the caller traced it already (it is used up)."""
     from torch.ao.quantization import QConfigMapping, disable_fake_quant, enable_observer
     from torch.ao.quantization.quantize_fx import prepare_qat_fx
 
-    folded = fold_batchnorm(net)
+    folded = fold_batchnorm(net) if folded is None else folded
     folded.train()
     with silenced():
         try:

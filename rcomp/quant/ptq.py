@@ -46,13 +46,21 @@ def float_shapes(model, structure: dict) -> dict[str, list[int]]:
     return out
 
 
+def trace(model):
+    """``model.net`` traced with torch.fx and BatchNorm-folded, on the CPU: a network FX cannot trace
+    (control flow on tensor values, as in timm's mobilevit or crossvit) is refused here, so a caller can
+    check before it loads any calibration data; pass the result to :func:`quantize` as ``folded``."""
+    return qb.fold_batchnorm(model.net).cpu()
+
+
 def quantize(model, calib: Iterable[torch.Tensor], *, bits: int = 8, simulate: bool = False,
-             backend: str = "x86"):
+             backend: str = "x86", folded=None):
     """Quantize ``model`` (a float Classifier); returns a new Classifier, ``model`` is unchanged.
 
     ``calib``: batches of [0, 1] images (labels not needed). ``bits=8`` without ``simulate``
     gives a real int8 model on ``backend``'s kernels (CPU), with its fake-quant twin attached as
     gradient surrogate; ``simulate=True`` gives a fake-quant model at ``bits`` (2..16).
+    ``folded``: :func:`trace` of ``model`` when the caller checked it already (it is used up).
     """
     from rcomp.models.structure import structure_diff
 
@@ -70,7 +78,7 @@ def quantize(model, calib: Iterable[torch.Tensor], *, bits: int = 8, simulate: b
     batches = [model.normalize(x.cpu().float()) for x in calib]
     if not batches:
         raise RcompError("no calibration images; give --calib-n of at least 1")
-    fq = qb.prepare(model.net, batches[0][:1], bits, backend, real=not simulate)
+    fq = qb.prepare(model.net, batches[0][:1], bits, backend, real=not simulate, folded=folded)
     n = qb.calibrate(fq, batches)
     q = quant_meta(mode, bits, backend, n)
     if structure:

@@ -116,7 +116,7 @@ class Config(AttackOptions):
     seed: int = O.seed_opt()
     device: str = O.device_opt("auto")
     data_dir: Path | None = O.data_dir_opt()
-    arch: str | None = O.arch_opt()
+    arch: str | None = C.arch_opt()
     trust_factory: bool = O.trust_opt()
     force: bool = O.force_opt()
     json: bool = O.json_opt()
@@ -184,11 +184,12 @@ def _save(cfg: Config, path: Path, model, res, attacks) -> None:
 
     rec = res.records
     info = {"attack": saved_attack_params(attacks), "stages": list(rec.stages), "mode": res.mode,
-            "source_checkpoint": str(path), "source_sha256": model.source_sha256,
+            "source_checkpoint": next((str(p) for p in C.input_files(path, model)), None),
+            "source_sha256": model.source_sha256,
             "arch": model.meta.arch.name, "gradient_source": model.gradient_source, "data": cfg.data,
             "split": cfg.split, "n": res.n, "input_shape": list(model.meta.input.shape), "clean_acc": res.clean_acc,
             "robust_acc": res.worst_case_acc, "stage_robust_acc": dict(res.stage_robust_acc)}
-    save_examples(Path(cfg.output), rec.clean, rec.adv, rec.label, info, (path,), cfg.force,
+    save_examples(Path(cfg.output), rec.clean, rec.adv, rec.label, info, C.input_files(path, model), cfg.force,
                   extra={"index": rec.index, "stage": rec.stage, "clean_correct": rec.clean_correct.to(torch.uint8)})
 
 
@@ -287,25 +288,26 @@ def _quiet(msg: str) -> None:
 
 
 def run(cfg: Config, inputs: list, *, log=C.stderr_log, **_: Any) -> C.StageResult:
-    """Attack (or replay) the checkpoint and return the report; writes only the examples file of -o.
+    """Attack (or replay) the checkpoint (a path, or a loaded model: the Python API) and return the
+    report; writes only the examples file of -o.
     Under torchrun (``torchrun --nproc-per-node N -m rcomp attack ... --records DIR``) the processes
     split the batches; rank 0 reports."""
     from rcomp.io.atomic import check_output_path
     from rcomp.train import distributed as D
 
-    path = C.check_input(inputs[0], onnx=True)
+    path, given = C.split_input(inputs[0], onnx=True)
     if cfg.from_file is not None:
-        return _replay(cfg, path)
+        return _replay(cfg, path, given)
     attacks = cfg.build(cfg.seed)  # refuse bad attack settings before loading anything
     if D.launched() and cfg.records is None:
         raise RcompError("under torchrun, give --records DIR (a folder every process can reach): the processes "
                          "hand their results to rank 0 through it")
     if cfg.output is not None:
-        check_output_path(Path(cfg.output), (path,), force=cfg.force)
+        check_output_path(Path(cfg.output), C.input_files(path, given), force=cfg.force)
     dist, dev = D.setup(C.resolve_device(cfg.device))
     try:
-        model = C.as_model(path, dev, cfg.arch, cfg.trust_factory, cfg.surrogate, log)
-        C.check_gradients(model, attacks, path.name, log)
+        model = given if given is not None else C.as_model(path, dev, cfg.arch, cfg.trust_factory, cfg.surrogate, log)
+        C.check_gradients(model, attacks, path.name if path is not None else "the model", log)
         cfg_dev = cfg if dev == C.resolve_device(cfg.device) else _with_device(cfg, dev)
         return apply(model, cfg_dev, log, path, attacks, dist=dist if dist.enabled else None)
     finally:

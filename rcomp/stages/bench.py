@@ -52,7 +52,7 @@ class Config(AttackOptions):
     seed: int = O.seed_opt()
     device: str = O.device_opt("auto")
     data_dir: Path | None = O.data_dir_opt()
-    arch: str | None = O.arch_opt()
+    arch: str | None = C.arch_opt()
     trust_factory: bool = O.opt(False, "--trust-factory", kind="bool", file_ok=False,
                               file_note="it lets a checkpoint run code, so only the person running rcomp may allow it",
                               help="Import the user factories checkpoints name (only for files you trust).")

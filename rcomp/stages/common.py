@@ -29,6 +29,20 @@ DATA_HELP = _data_help()
 RECORDED_DATA_HELP = _data_help(" (default: the one the checkpoint records)")
 
 
+def user_factory_from_file(value: Any) -> str | None:
+    """``file_check`` of the options naming an architecture (the architecture catalogue says which names
+    are user factories: :func:`rcomp.models.catalog.user_factory_from_file`)."""
+    from rcomp.models.catalog import user_factory_from_file as check
+
+    return check(value)
+
+
+def arch_opt(help: str = "Name the user factory (package.module:factory) the checkpoint was made with."):
+    from rcomp.options import opt
+
+    return opt(None, "--arch", help=help, file_check=user_factory_from_file)
+
+
 def stderr_log(msg: str) -> None:
     """The default log: stderr, so stdout stays for results and output paths."""
     print(msg, file=sys.stderr, flush=True)
@@ -106,6 +120,46 @@ def resolve_output(output: Path | None, inp: Path | None, suffix: str, force: bo
     return check_output_path(Path(output), (inp,) if inp is not None else (), force=force)
 
 
+def split_input(item: Any, onnx: bool = False) -> tuple[Path | None, Any]:
+    """A stage's input as ``(path, None)`` for a checkpoint path (checked: :func:`check_input`) or
+    ``(None, model)`` for a model already loaded (the Python API)."""
+    if isinstance(item, (str, Path)):
+        return check_input(Path(item), onnx=onnx), None
+    return None, item
+
+
+def input_files(path: Path | None, model: Any = None) -> tuple[Path, ...]:
+    """The files an output must not overwrite: the input path, or the file a loaded model still is."""
+    src = path if path is not None else getattr(model, "source_path", None)
+    return (Path(src),) if src is not None else ()
+
+
+def plan_output(output: Path | None, path: Path | None, suffix: str, force: bool, *, model: Any = None,
+                default: bool = True) -> Path | None:
+    """The checkpoint a stage will write, checked before any work: ``output``, else (the command line:
+    ``default``) ``suffix`` beside the input; None when nothing is to be written (the Python API without
+    ``output=``)."""
+    from rcomp.io.atomic import check_output_path
+
+    if output is None:
+        if not default:
+            return None
+        if path is None:
+            raise RcompError("give an output path with -o")
+        output = default_output(path, suffix)
+    return check_output_path(Path(output), input_files(path, model), force=force)
+
+
+def publish(res: StageResult, out: Path | None, force: bool, inputs: tuple) -> StageResult:
+    """Write ``res.model`` to ``out`` (atomic, exclusive unless ``force``; never over an input) and put
+    the path and sha256 first in the report; without ``out`` they are None (nothing written)."""
+    if out is not None:
+        res.sha256 = save_output(res.model, out, force, inputs)
+        res.output = out
+    res.report = {"path": str(out) if out is not None else None, "sha256": res.sha256, **res.report}
+    return res
+
+
 def check_input(path: Path, onnx: bool = False) -> Path:
     """Refuse an input that is not an rcomp checkpoint before anything else (e.g. a PyTorch file that
     needs ``rcomp convert``), so the user hears about the real problem first. ``onnx``: the command
@@ -141,11 +195,17 @@ def check_source(stage_module: Any, cfg: Any, path: Path) -> None:
 
 
 def quant_text(meta) -> str | None:
-    """'int8' or 'simulated int4' for a quantized checkpoint's metadata, else None."""
+    """'int8' or 'simulated int4' for a quantized checkpoint's metadata (the mode's ``what`` in the
+    quantization catalogue), else None."""
+    from rcomp.quant.catalog import MODES
+
     q = meta.compression.get("quantization") if isinstance(meta.compression, dict) else None
     if not q:
         return None
-    return f"simulated int{q.get('bits')}" if isinstance(q, dict) and q.get("mode") == "simulated" else "int8"
+    entry = MODES.builtin.get(q.get("mode")) if isinstance(q, dict) else None
+    if entry is None:
+        return "quantized"
+    return entry.get("what").format(bits=q.get("bits"))
 
 
 def check_data(data: str | None, data_dir: Path | None) -> None:

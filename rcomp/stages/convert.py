@@ -31,7 +31,7 @@ rcomp convert model.safetensors --arch timm:convnext_atto -o convnext_atto.rcomp
 @dataclass
 class Config:
     arch: str | None = O.opt(None, "--arch", help="Registry name (rcomp info --models) or package.module:factory.",
-                           file_check=O.user_factory_from_file)
+                           file_check=C.user_factory_from_file)
     num_classes: int | None = O.opt(None, "--num-classes", kind="int", min=1, max=10**6,
                                   help="Classes (default: read from the weights).")
     input_shape: tuple[int, int, int] | None = O.opt(None, "--input-shape", kind="shape",
@@ -62,19 +62,28 @@ class Config:
         C.check_data(self.data, self.data_dir)
 
 
+def _pretrained_source(arch: str):
+    """The source of ``PREFIX:NAME`` that ships each model's pretrained config (timm), else None."""
+    from rcomp.models.catalog import prefix_source
+
+    src = prefix_source(arch)
+    return src if src is not None and src.get("pretrained_input") else None
+
+
 def _normalisation(cfg: Config, shape) -> tuple[list[float] | None, list[float] | None, str]:
     """mean/std from the options; a guess is said on stderr, and refused where it would be a blind one."""
     from rcomp.models.catalog import ARCHITECTURES
 
     if cfg.mean is not None:
         return list(cfg.mean), list(cfg.std), "given"
-    if cfg.arch.startswith("timm:") and cfg.normalize is None:  # timm ships each model's pretrained config
-        from rcomp.models.timm_source import pretrained_input
+    src = _pretrained_source(cfg.arch)
+    if src is not None and cfg.normalize is None:  # e.g. timm ships each model's pretrained config
+        from rcomp.catalog import Entry
 
-        found = pretrained_input(cfg.arch)
+        found = Entry("pretrained_input", src.get("pretrained_input")).load()(cfg.arch)
         if found is not None and len(found[1]) == shape[0]:
-            return found[1], found[2], (f"from timm's pretrained config for {found[3]}; give --normalize none or "
-                                        "--mean/--std if the weights were trained otherwise")
+            return found[1], found[2], (f"from {src.name}'s pretrained config for {found[3]}; give --normalize none "
+                                        "or --mean/--std if the weights were trained otherwise")
     is_tv = ":" not in cfg.arch and cfg.arch not in ARCHITECTURES
     norm = cfg.normalize
     if norm is None and is_tv and shape[0] == 3:
@@ -138,8 +147,9 @@ def convert(cfg: Config, src: Path, log=C.stderr_log) -> C.StageResult:
     if not src.is_file():
         raise RcompError(f"{src} does not exist or is not a file; check the path")
     shape = cfg.input_shape or default_input_shape(cfg.arch)
-    if cfg.input_shape is None and cfg.arch.startswith("timm:"):
-        log(f"input size {'x'.join(map(str, shape))} from timm's pretrained config for {cfg.arch} "
+    src_cfg = _pretrained_source(cfg.arch)
+    if cfg.input_shape is None and src_cfg is not None:
+        log(f"input size {'x'.join(map(str, shape))} from {src_cfg.name}'s pretrained config for {cfg.arch} "
             "(give --input-shape C,H,W to change it)")
     _check_shape(cfg, shape, log)
     mean, std, note = _normalisation(cfg, shape)
@@ -154,15 +164,14 @@ def convert(cfg: Config, src: Path, log=C.stderr_log) -> C.StageResult:
     return C.StageResult(model=model, entry=entry, report={"params": C.parameters(model), **(metrics or {})})
 
 
-def run(cfg: Config, inputs: list, *, log=C.stderr_log, **_: Any) -> C.StageResult:
-    """Convert -> save."""
+def run(cfg: Config, inputs: list, *, log=C.stderr_log, default_output: bool = True, **_: Any) -> C.StageResult:
+    """Convert -> save (without ``cfg.output``: beside the input, or with ``default_output=False``, the
+    Python API, nothing is written)."""
     src = Path(inputs[0])
     if not src.is_file():
         raise RcompError(f"{src} does not exist or is not a file; check the path")
-    out = C.resolve_output(cfg.output, src, "rcomp", cfg.force)
-    res = convert(cfg, src, log)
-    res.sha256 = C.save_output(res.model, out, cfg.force, (src,))
-    res.output = out
-    log(f"converted {src} -> {out} ({C.parameters(res.model):,} parameters, sha256 {res.sha256[:12]})")
-    res.report = {"path": str(out), "sha256": res.sha256, **res.report}
+    out = C.plan_output(cfg.output, src, "rcomp", cfg.force, default=default_output)
+    res = C.publish(convert(cfg, src, log), out, cfg.force, (src,))
+    if out is not None:
+        log(f"converted {src} -> {out} ({C.parameters(res.model):,} parameters, sha256 {res.sha256[:12]})")
     return res

@@ -58,15 +58,18 @@ class Config:
     seed: int = O.seed_opt()
     force: bool = O.force_opt()
     json: bool = O.json_opt()
-    arch: str | None = O.arch_opt()
+    arch: str | None = C.arch_opt()
     trust_factory: bool = O.trust_opt()
 
 
-def onnx_output(output: Path | None, inp: Path, suffix: str, force: bool) -> Path:
-    """The ``.onnx`` output: given, or ``model[.suffix].onnx`` beside the input; checked before any work."""
+def onnx_output(output: Path | None, inp: Path | None, suffix: str, force: bool, model: Any = None) -> Path:
+    """The ``.onnx`` output: given, or ``model[.suffix].onnx`` beside the input; checked before any work
+    (never the input, nor the file a loaded ``model`` still is)."""
     from rcomp.io.atomic import check_output_path
 
     if output is None:
+        if inp is None:
+            raise RcompError("give an output path with -o")
         name = inp.name
         stem = name[: -len(".safetensors")] if name.endswith(".safetensors") else \
             name[: -len(".onnx")] if name.lower().endswith(".onnx") else inp.stem
@@ -74,11 +77,12 @@ def onnx_output(output: Path | None, inp: Path, suffix: str, force: bool) -> Pat
     output = Path(output)
     if not output.name.lower().endswith(".onnx"):
         raise RcompError(f"output {printable(str(output))} must end in .onnx (this command writes an ONNX file)")
-    return check_output_path(output, (inp,), force=force)
+    return check_output_path(output, C.input_files(inp, model), force=force)
 
 
-def export_bytes(model, cfg: Config, source: Path, log=C.stderr_log) -> tuple[bytes, dict[str, Any]]:
+def export_bytes(model, cfg: Config, source: Path | None, log=C.stderr_log) -> tuple[bytes, dict[str, Any]]:
     """ONNX bytes of ``model`` with rcomp's metadata, after the parity check; ``(bytes, report)``.
+    ``source``: the checkpoint file ``model`` is (None for a model made in memory: no source is recorded).
 
     Raises :class:`~rcomp.errors.ThresholdError` (exit 1) when the agreement is below
     ``cfg.min_agreement``: nothing may be written then."""
@@ -87,13 +91,14 @@ def export_bytes(model, cfg: Config, source: Path, log=C.stderr_log) -> tuple[by
     from rcomp.onnx import export as E
     from rcomp.onnx.runtime import OnnxClassifier
 
-    E.check_exportable(model, str(source))
+    name = printable(source.name) if source is not None else "the model"
+    refuse_real_int8(model.meta, name)
     import time
 
     t0 = time.perf_counter()
     raw = E.to_onnx(model, cfg.exporter, cfg.opset)
     seconds = time.perf_counter() - t0
-    log(f"exported {printable(source.name)} with the {cfg.exporter} exporter, opset {cfg.opset}, dynamic batch axis "
+    log(f"exported {name} with the {cfg.exporter} exporter, opset {cfg.opset}, dynamic batch axis "
         f"({seconds:.1f} s)")
     batches, desc = E.parity_inputs(model, cfg.data, cfg.data_dir, cfg.parity_n, cfg.batch_size, cfg.seed, log)
     meta = copy.deepcopy(model.meta)
@@ -103,11 +108,11 @@ def export_bytes(model, cfg: Config, source: Path, log=C.stderr_log) -> tuple[by
     log(f"parity (ONNX Runtime vs rcomp): max abs diff {par['max_abs_diff']:.3g}, top-1 agreement "
         f"{100 * par['top1_agreement']:.2f}% on {par['n']} inputs")
     if par["top1_agreement"] < cfg.min_agreement:
-        raise ThresholdError(f"the exported model agrees with {printable(source.name)} on only "
+        raise ThresholdError(f"the exported model agrees with {name} on only "
                              f"{100 * par['top1_agreement']:.2f}% of {par['n']} inputs (max abs diff "
                              f"{par['max_abs_diff']:.3g}), below --min-agreement {cfg.min_agreement:g}; nothing was "
                              f"written (try --exporter {'legacy' if cfg.exporter == 'dynamo' else 'dynamo'})")
-    sha = getattr(model, "source_sha256", None) or sha256_file(source)
+    sha = getattr(model, "source_sha256", None) or (sha256_file(source) if source is not None else None)
     params = {"exporter": cfg.exporter, "opset": cfg.opset, "data": cfg.data or model.meta.dataset,
               "parity_n": par["n"], "seed": cfg.seed}
     entry = C.record(model, "export", params, sha, {k: v for k, v in par.items() if k != "inputs"})
@@ -116,7 +121,9 @@ def export_bytes(model, cfg: Config, source: Path, log=C.stderr_log) -> tuple[by
         meta.stats["macs"] = count_macs(model, tuple(model.meta.input.shape))
     except Exception:  # noqa: BLE001 - a model the counter cannot run keeps its other figures
         pass
-    info = {"source": {"path": str(Path(source).resolve()), "sha256": sha, "size_bytes": Path(source).stat().st_size},
+    src = {"path": str(Path(source).resolve()), "sha256": sha, "size_bytes": Path(source).stat().st_size} \
+        if source is not None else None
+    info = {"source": src,
             "exporter": cfg.exporter,
             "opset": cfg.opset, "input": E.INPUT_NAME, "output": E.OUTPUT_NAME, "parity": par}
     data = E.with_metadata(raw, E.metadata_props(meta, info))
@@ -125,44 +132,60 @@ def export_bytes(model, cfg: Config, source: Path, log=C.stderr_log) -> tuple[by
     return data, report
 
 
+def refuse_real_int8(meta, name: str) -> None:
+    """A model on real integer kernels (torch.ao int8) cannot be exported faithfully: refused with the way
+    round (:data:`rcomp.onnx.export.INT8_REFUSAL`)."""
+    from rcomp.quant.catalog import is_real
+
+    q = meta.compression.get("quantization") if isinstance(meta.compression, dict) else None
+    if isinstance(q, dict) and is_real(q):
+        from rcomp.onnx.export import INT8_REFUSAL
+
+        raise RcompError(INT8_REFUSAL.format(name=name))
+
+
 def check_source(cfg: Config, meta, tensors: tuple, where: str) -> None:
     """A torch.ao int8 checkpoint is refused from its header, before it is loaded."""
-    q = meta.compression.get("quantization") if isinstance(meta.compression, dict) else None
-    if isinstance(q, dict) and q.get("mode") == "int8":
-        from rcomp.onnx.export import INT8_REFUSAL
-        from rcomp.text import printable
-
-        raise RcompError(INT8_REFUSAL.format(name=printable(Path(where).name)))
+    refuse_real_int8(meta, printable(Path(where).name))
 
 
-def run(cfg: Config, inputs: list, *, log=C.stderr_log, **_: Any) -> C.StageResult:
-    """Load -> export -> parity check -> record -> write (atomically, only if the parity check passed)."""
+def run(cfg: Config, inputs: list, *, log=C.stderr_log, default_output: bool = True, **_: Any) -> C.StageResult:
+    """Load -> export -> parity check -> record -> write (atomically, only if the parity check passed).
+    ``inputs[0]`` is a checkpoint path or a loaded model (left as it was); without ``cfg.output`` the file
+    goes beside the input, or (``default_output=False``, the Python API) only the check runs."""
+    import hashlib
+
     from rcomp.io.atomic import atomic_write_bytes
     from rcomp.onnx.deps import require
 
-    path = C.check_input(inputs[0])
-    C.check_source(sys.modules[__name__], cfg, path)
-    out = onnx_output(cfg.output, path, "", cfg.force)
+    path, given = C.split_input(inputs[0])
+    if path is not None:
+        C.check_source(sys.modules[__name__], cfg, path)
+    out = onnx_output(cfg.output, path, "", cfg.force, model=given) \
+        if cfg.output is not None or default_output else None
     require("rcomp export", ("onnx", "onnxruntime", "onnxscript") if cfg.exporter == "dynamo"
             else ("onnx", "onnxruntime"))
     C.seed_everything(cfg.seed)
-    model = C.as_model(path, "cpu", cfg.arch, cfg.trust_factory)
-    data, report = export_bytes(model, cfg, path, log)
-    atomic_write_bytes(out, data, exclusive=not cfg.force)
-    import hashlib
-
-    sha = hashlib.sha256(data).hexdigest()
-    log(f"wrote {out} ({len(data):,} bytes, sha256 {sha[:12]})")
+    model = C.copy_model(given) if given is not None else C.as_model(path, "cpu", cfg.arch, cfg.trust_factory)
+    source = C.input_files(path, given)
+    data, report = export_bytes(model, cfg, source[0] if source else None, log)
+    sha = None
+    if out is not None:
+        atomic_write_bytes(out, data, exclusive=not cfg.force)
+        sha = hashlib.sha256(data).hexdigest()
+        log(f"wrote {out} ({len(data):,} bytes, sha256 {sha[:12]})")
     entry = report.pop("entry")
     return C.StageResult(output=out, sha256=sha, entry=entry,
-                         report={"path": str(out), "sha256": sha, "size_bytes": len(data), **report})
+                         report={"path": str(out) if out is not None else None, "sha256": sha,
+                                 "size_bytes": len(data), **report})
 
 
 # ----- rcomp quantize --backend onnxruntime ---------------------------------------
 
-def quantize_onnx(cfg, path: Path, log=C.stderr_log) -> C.StageResult:
+def quantize_onnx(cfg, path: Path, log=C.stderr_log, default_output: bool = True) -> C.StageResult:
     """ONNX Runtime static int8 of an ONNX file written by rcomp export, or of a checkpoint (exported
-    first with the default exporter, parity-checked, then quantized): ``model[.int8].onnx``."""
+    first with the default exporter, parity-checked, then quantized): ``model[.int8].onnx``
+    (``default_output=False``, the Python API: only ``cfg.output``, which it then needs)."""
     import hashlib
 
     from rcomp.data.registry import check_fits, get_dataset, make_loader
@@ -176,6 +199,8 @@ def quantize_onnx(cfg, path: Path, log=C.stderr_log) -> C.StageResult:
     if cfg.simulate:
         raise RcompError("--backend onnxruntime makes real int8 ONNX files; drop --simulate (simulated models "
                          "use the torch backends)")
+    if cfg.output is None and not default_output:
+        raise RcompError("--backend onnxruntime writes an ONNX file: give output=PATH.onnx")
     out = onnx_output(cfg.output, path, "int8", cfg.force)
     require("rcomp quantize --backend onnxruntime", ("onnx", "onnxruntime") if is_onnx_path(path)
             else ("onnx", "onnxruntime", "onnxscript"))

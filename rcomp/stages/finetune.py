@@ -34,7 +34,7 @@ torchrun --nproc-per-node 2 -m rcomp finetune --arch convnet8 --data digits -o d
 
 @dataclass
 class Config:
-    arch: str | None = O.opt(None, "--arch", file_check=O.user_factory_from_file,
+    arch: str | None = O.opt(None, "--arch", file_check=C.user_factory_from_file,
                            help="Train from scratch: registry name (rcomp info --models) or package.module:factory. "
                                 "With CKPT: names the user factory the checkpoint was made with.")
     num_classes: int | None = O.opt(None, "--num-classes", kind="int", min=1, max=10**6,
@@ -208,9 +208,11 @@ def train_config(cfg: Config, opt_name: str, device: str, state_path: Path | Non
     ).validate()
 
 
-def _state_path(cfg: Config, out: Path) -> Path | None:
+def _state_path(cfg: Config, out: Path | None) -> Path | None:
     if not cfg.save_every:
         return None
+    if out is None:
+        raise RcompError("--save-every writes training states next to the output: give output=PATH")
     state = C.default_output(out, "state")
     if state.exists() and not cfg.force and (cfg.resume is None or state.resolve() != Path(cfg.resume).resolve()):
         raise RcompError(f"training state {state} already exists; pass --force, resume from it with "
@@ -338,34 +340,38 @@ def apply(model, cfg: Config, *, source: Path | None = None, dist=None, dev: str
                          report={"epochs": metrics["epochs"], **cost, **test})
 
 
-def run(cfg: Config, inputs: list, *, log=C.stderr_log, **_: Any) -> C.StageResult:
-    """Build or load -> train -> record -> save (rank 0 only under torchrun)."""
+def run(cfg: Config, inputs: list, *, log=C.stderr_log, default_output: bool = True, **_: Any) -> C.StageResult:
+    """Build or load -> train -> record -> save (rank 0 only under torchrun). ``inputs`` is empty (train
+    ``--arch`` from scratch) or holds a checkpoint path or a loaded model (left as it was); without
+    ``cfg.output`` the output gets a default name, or (``default_output=False``, the Python API)
+    nothing is written."""
     from rcomp.train import distributed as D
 
     dev = C.resolve_device(cfg.device)
     dist, dev = D.setup(dev)
     try:
         C.seed_everything(cfg.seed)
-        source = C.check_input(inputs[0]) if inputs else None
-        if source is None and not cfg.arch:
+        source, given = C.split_input(inputs[0]) if inputs else (None, None)
+        scratch = source is None and given is None
+        if scratch and not cfg.arch:
             raise RcompError("give a checkpoint to fine-tune, or --arch NAME to train from scratch")
-        if source is None:
+        if scratch:
             model = build(cfg, log)
         else:
             if cfg.input_shape or cfg.num_classes or cfg.arch_kwargs:
                 raise RcompError("--num-classes, --input-shape and --arch-kwargs only apply with --arch and no CKPT")
-            model = C.as_model(source, "cpu", cfg.arch, cfg.trust_factory)
-        out = C.resolve_output(_default_output(cfg, source), source, "ft" if cfg.adv == "none" else f"ft-{cfg.adv}",
-                             cfg.force)
+            model = given if given is not None else C.as_model(source, "cpu", cfg.arch, cfg.trust_factory)
+        out = C.plan_output(_default_output(cfg, source) if default_output else cfg.output, source,
+                            "ft" if cfg.adv == "none" else f"ft-{cfg.adv}", cfg.force, model=given,
+                            default=default_output)
         res = apply(model, cfg, source=source, dist=dist, dev=dev, state_path=_state_path(cfg, out), log=log,
-                    copy=False)
+                    from_scratch=scratch, copy=given is not None)
         if not dist.is_main:
             return res
         res.model.cpu()
-        res.sha256 = C.save_output(res.model, out, cfg.force, (source,))
-        res.output = out
-        log(f"wrote {out} ({C.parameters(res.model):,} parameters, sha256 {res.sha256[:12]})")
-        res.report = {"path": str(out), "sha256": res.sha256, **res.report}
+        C.publish(res, out, cfg.force, C.input_files(source, given))
+        if out is not None:
+            log(f"wrote {out} ({C.parameters(res.model):,} parameters, sha256 {res.sha256[:12]})")
         return res
     finally:
         D.teardown(dist)

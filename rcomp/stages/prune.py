@@ -62,7 +62,7 @@ class Config:
     device: str = O.device_opt("cpu")
     seed: int = O.seed_opt()
     json: bool = O.json_opt()
-    arch: str | None = O.arch_opt()
+    arch: str | None = C.arch_opt()
     trust_factory: bool = O.trust_opt()
 
     def check(self) -> None:
@@ -161,18 +161,20 @@ def apply(model, cfg: Config, log=C.stderr_log, source: str = "model", copy: boo
     return C.StageResult(model=C.derived(model), report=rep.as_dict(), entry=entry)
 
 
-def run(cfg: Config, inputs: list, *, log=C.stderr_log, **_: Any) -> C.StageResult:
-    """Load -> prune -> record -> save."""
-    inp = C.check_input(inputs[0])
-    C.check_source(sys.modules[__name__], cfg, inp)
-    out = C.resolve_output(cfg.output, inp, cfg.suffix, cfg.force)
+def run(cfg: Config, inputs: list, *, log=C.stderr_log, default_output: bool = True, **_: Any) -> C.StageResult:
+    """Load -> prune -> record -> save. ``inputs[0]`` is a checkpoint path or a loaded model (left as it
+    was); without ``cfg.output`` the output goes beside the input, or (``default_output=False``, the
+    Python API) nothing is written."""
+    inp, given = C.split_input(inputs[0])
+    if inp is not None:
+        C.check_source(sys.modules[__name__], cfg, inp)
+    out = C.plan_output(cfg.output, inp, cfg.suffix, cfg.force, model=given, default=default_output)
     dev = C.resolve_device(cfg.device)
     C.seed_everything(cfg.seed)
-    model = C.as_model(inp, dev, cfg.arch, cfg.trust_factory)
-    res = apply(model, cfg, log, source=str(inp), copy=False)
+    model = given if given is not None else C.as_model(inp, dev, cfg.arch, cfg.trust_factory)
+    res = apply(model, cfg, log, source=str(inp) if inp is not None else "model", copy=given is not None)
     res.model.to("cpu")
-    res.sha256 = C.save_output(res.model, out, cfg.force, (inp,))
-    res.output = out
-    log(f"wrote {out} (sha256 {res.sha256[:12]})")
-    res.report = {"path": str(out), "sha256": res.sha256, **res.report}
+    C.publish(res, out, cfg.force, C.input_files(inp, given))
+    if out is not None:
+        log(f"wrote {out} (sha256 {res.sha256[:12]})")
     return res

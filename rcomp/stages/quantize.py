@@ -53,7 +53,7 @@ class Config:
     output: Path | None = O.output_opt()
     force: bool = O.force_opt()
     json: bool = O.json_opt()
-    arch: str | None = O.arch_opt()
+    arch: str | None = C.arch_opt()
     trust_factory: bool = O.trust_opt()
 
     def check(self) -> None:
@@ -104,16 +104,18 @@ def apply(model, cfg: Config, log=C.stderr_log, source: str = "model") -> C.Stag
     history entry recorded on it."""
     from rcomp.data.registry import check_fits, get_dataset, make_loader
     from rcomp.quant.ptq import quantize as ptq
+    from rcomp.quant.ptq import trace
 
     check_source(cfg, model.meta, (), source)
     if model.is_quantized:
         raise RcompError(f"{source} is already quantized; quantize the float checkpoint it was made from")
+    folded = trace(model)  # a network torch.fx cannot trace is refused now, before the data is loaded
     data_name = C.resolve_data(cfg.data, model.meta.dataset, source, cfg.data_dir, log, why="calibration")
     train = get_dataset(data_name, "train", model.meta.input, cfg.data_dir, seed=cfg.seed, log=log)
     check_fits(train, model.meta.num_classes, data_name)
     calib = [x for x, _ in make_loader(train, cfg.batch_size, shuffle=True, seed=cfg.seed, n=cfg.calib_n)]
     log(f"calibrating on {sum(len(x) for x in calib)} {data_name} images ...")
-    qmodel = ptq(model, calib, bits=cfg.bits, simulate=cfg.simulate, backend=cfg.backend)
+    qmodel = ptq(model, calib, bits=cfg.bits, simulate=cfg.simulate, backend=cfg.backend, folded=folded)
     metrics = _accuracy(model, qmodel, cfg, data_name, log) if cfg.eval_n else {}
     q = qmodel.meta.compression["quantization"]
     params = {"bits": cfg.bits, "simulate": cfg.simulate, "backend": cfg.backend, "data": data_name,
@@ -122,26 +124,34 @@ def apply(model, cfg: Config, log=C.stderr_log, source: str = "model") -> C.Stag
     return C.StageResult(model=C.derived(qmodel), report={"quantization": q, **metrics}, entry=entry)
 
 
-def run(cfg: Config, inputs: list, *, log=C.stderr_log, **_: Any) -> C.StageResult:
-    """Load -> quantize -> record -> save."""
-    path = C.check_input(inputs[0], onnx=True)
-    if cfg.backend == qc.ONNXRUNTIME or str(path).lower().endswith(".onnx"):
+def run(cfg: Config, inputs: list, *, log=C.stderr_log, default_output: bool = True, **_: Any) -> C.StageResult:
+    """Load -> quantize -> record -> save. ``inputs[0]`` is a checkpoint (or ONNX) path or a loaded model
+    (left as it was); without ``cfg.output`` the output goes beside the input, or
+    (``default_output=False``, the Python API) nothing is written."""
+    path, given = C.split_input(inputs[0], onnx=True)
+    if cfg.backend == qc.ONNXRUNTIME or (path is not None and str(path).lower().endswith(".onnx")):
         if cfg.backend != qc.ONNXRUNTIME:
             raise RcompError(f"{path.name} is an ONNX file: quantize it with --backend onnxruntime")
+        if path is None:
+            raise RcompError("--backend onnxruntime quantizes a file: give the checkpoint's path, not a loaded model")
         from rcomp.stages.export import quantize_onnx
 
-        return quantize_onnx(cfg, path, log)
-    C.check_source(sys.modules[__name__], cfg, path)
-    out = C.resolve_output(cfg.output, path, cfg.suffix, cfg.force)
+        return quantize_onnx(cfg, path, log, default_output=default_output)
+    if path is not None:
+        C.check_source(sys.modules[__name__], cfg, path)
+    out = C.plan_output(cfg.output, path, cfg.suffix, cfg.force, model=given, default=default_output)
     C.seed_everything(cfg.seed)
-    model = C.as_model(path, "cpu", cfg.arch, cfg.trust_factory)
-    res = apply(model, cfg, log, source=str(path))
-    res.sha256 = C.save_output(res.model, out, cfg.force, (path,))
-    res.output = out
-    q = res.report["quantization"]
-    size_in, size_out = path.stat().st_size, out.stat().st_size
-    log(f"quantized {path} -> {out} ({q['mode']}, {cfg.bits} bits, {cfg.backend}; {size_in:,} -> {size_out:,} "
-        f"bytes, sha256 {res.sha256[:12]})")
-    res.report = {"path": str(out), "sha256": res.sha256, "quantization": q, "size_bytes": size_out,
-                  "input_size_bytes": size_in, **{k: v for k, v in res.report.items() if k != "quantization"}}
+    model = given if given is not None else C.as_model(path, "cpu", cfg.arch, cfg.trust_factory)
+    res = apply(model, cfg, log, source=str(path) if path is not None else "model")
+    q = res.report.pop("quantization")
+    C.publish(res, out, cfg.force, C.input_files(path, given))
+    src = C.input_files(path, given)
+    size_in = src[0].stat().st_size if src else None
+    size_out = out.stat().st_size if out is not None else None
+    if out is not None:
+        sizes = f"{size_in:,} -> {size_out:,}" if size_in is not None else f"{size_out:,}"
+        log(f"quantized {src[0] if src else 'the model'} -> {out} ({q['mode']}, {cfg.bits} bits, {cfg.backend}; "
+            f"{sizes} bytes, sha256 {res.sha256[:12]})")
+    res.report = {"path": res.report.pop("path"), "sha256": res.report.pop("sha256"), "quantization": q,
+                  "size_bytes": size_out, "input_size_bytes": size_in, **res.report}
     return res
