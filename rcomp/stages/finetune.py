@@ -338,12 +338,17 @@ def apply(model, cfg: Config, *, source: Path | None = None, dist=None, dev: str
                          report={"epochs": metrics["epochs"], **cost, **test})
 
 
-def run(cfg: Config, inputs: list, *, log=C.stderr_log, **_: Any) -> C.StageResult:
-    """Build or load -> train -> record -> save (rank 0 only under torchrun)."""
+def run(cfg: Config, inputs: list, *, log=C.stderr_log, dist=None, **_: Any) -> C.StageResult:
+    """Build or load -> train -> record -> save (rank 0 only under torchrun). ``dist``: the caller owns
+    the process group (a recipe under torchrun passes ``DistInfo()``: train in this process alone)."""
     from rcomp.train import distributed as D
 
     dev = C.resolve_device(cfg.device)
-    dist, dev = D.setup(dev)
+    owned = dist is None
+    if owned:
+        dist, dev = D.setup(dev)
+    else:
+        dev = D.local_device(dist, dev)
     try:
         C.seed_everything(cfg.seed)
         source = C.check_input(inputs[0]) if inputs else None
@@ -368,4 +373,5 @@ def run(cfg: Config, inputs: list, *, log=C.stderr_log, **_: Any) -> C.StageResu
         res.report = {"path": str(out), "sha256": res.sha256, **res.report}
         return res
     finally:
-        D.teardown(dist)
+        if owned:
+            D.teardown(dist)
