@@ -265,3 +265,29 @@ def test_rank_0_progress_counts_every_process_and_leaves_resumed_points_out_of_t
     assert everyone.sync() == 4 and bar.n == 40  # batch 3, not seen yet by rank 0, counts as a full one
     line = bar.line()
     assert "40/100" in line and " 3.0/s" in line and "ETA 20s" in line, line
+
+
+def test_engine_records_folders_are_dropped_by_stage_name_only(tmp_path):
+    from rcomp.recipes.engine import RECORDS_DIR, _drop_records
+
+    root = tmp_path / RECORDS_DIR
+    for name in ("att-0123456789abcdef", "att-fedcba9876543210", "att-x-0123456789abcdef", "att-short", "mine"):
+        (root / name).mkdir(parents=True)
+        (root / name / "chunk-000000.safetensors").write_bytes(b"x")
+    _drop_records(tmp_path, "att")
+    assert sorted(p.name for p in root.iterdir()) == ["att-short", "att-x-0123456789abcdef", "mine"]
+    _drop_records(tmp_path, "att-x")
+    _drop_records(tmp_path, "mine")  # not an engine folder: kept
+    assert sorted(p.name for p in root.iterdir()) == ["att-short", "mine"]
+
+
+def test_a_planted_records_symlink_is_refused(cli, tmp_path, trained_digits):
+    from rcomp.recipes.engine import RECORDS_DIR
+
+    from conftest import assert_one_line_error
+
+    recipe = _recipe(tmp_path, trained_digits)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / RECORDS_DIR).symlink_to(tmp_path)
+    assert_one_line_error(cli("run", recipe, "--out-dir", out), "not a folder")

@@ -48,6 +48,8 @@ from rcomp.errors import RcompError
 from rcomp.text import printable
 
 STAMP_DIR = ".rcomp-run"
+#: per-example records of a recipe's stages split over torchrun processes, when the stage names no records folder
+RECORDS_DIR = ".rcomp-records"
 #: a recipe expands to at most this many stages unless the user raises it (rcomp run --max-stages)
 MAX_STAGES = 1000
 _VAR_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -480,6 +482,10 @@ def _check_out_dir(out_dir: Path) -> None:
             what = "is" if probe == out_dir else f"lies below {printable(str(probe), 80)}, which is"
             raise RcompError(f"--out-dir {shown} {what} not a folder; choose another output folder")
         check_writable_folder(probe / "x")
+        records = out_dir / RECORDS_DIR
+        if os.path.lexists(records) and not stat.S_ISDIR(os.lstat(records).st_mode):
+            raise RcompError(f"{printable(str(records), 120)} is not a folder (a symlink or other file was put "
+                             "there); remove it and rerun")
         stamps = out_dir / STAMP_DIR
         if os.path.lexists(stamps):
             st = os.lstat(stamps)
@@ -539,8 +545,6 @@ def run_recipe(recipe: Recipe, out_dir: Path, *, dry_run: bool = False, log=prin
 
 #: how long a torchrun process of a recipe waits for the others (rank 0 may train for days meanwhile)
 RECIPE_WAIT_S = 7 * 24 * 3600.0
-#: per-example records of a recipe's sharded stages, when the stage names no --records folder
-RECORDS_DIR = ".rcomp-records"
 
 
 def _run_sharded(recipe: Recipe, out_dir: Path, log, allow_factories: frozenset[str]) -> list[dict]:
@@ -592,6 +596,22 @@ def _shardable(st: Stage) -> tuple[bool, str]:
     return (False, why) if why else (True, "")
 
 
+def _drop_records(out_dir: Path, name: str) -> None:
+    """Remove the records folders the engine made for stage ``name`` (``NAME-<16 hex>``), and the records
+    folder itself once empty; a stage's own ``records:`` folder is never touched."""
+    import shutil
+
+    root = out_dir / RECORDS_DIR
+    if not root.is_dir() or root.is_symlink():
+        return
+    for p in root.iterdir():
+        rest = p.name[len(name) + 1:] if p.name.startswith(f"{name}-") else ""
+        if re.fullmatch(r"[0-9a-f]{16}", rest) and p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        root.rmdir()  # only when no other stage's records are left there
+
+
 def _run_all(order: list[Stage], out_dir: Path, log, dist=None) -> list[dict]:
     from rcomp.io.atomic import atomic_write_text
     from rcomp.io.header import sha256_file
@@ -621,7 +641,7 @@ def _run_all(order: list[Stage], out_dir: Path, log, dist=None) -> list[dict]:
             continue
         log(f"[{i}/{len(order)}] {st.name}: {command_line(st)}")
         t0 = time.perf_counter()
-        res, folder = None, None
+        res = None
         if not dist.enabled:
             res = _run_stage(st, log)
         elif plan_["shard"]:
@@ -650,12 +670,7 @@ def _run_all(order: list[Stage], out_dir: Path, log, dist=None) -> list[dict]:
         if main:
             atomic_write_text(stamp, json.dumps({"fingerprint": plan_["fp"], "seconds": seconds,
                                                  "output_sha256": sha256_file(out) if out.exists() else None}))
-            if folder is not None:
-                import shutil
-
-                shutil.rmtree(folder, ignore_errors=True)
-                with contextlib.suppress(OSError):
-                    folder.parent.rmdir()  # only when no other stage's records are left there
+            _drop_records(out_dir, st.name)  # this stage's records made for the processes (this run's or older)
         records.append({**base, "status": "ran", "seconds": seconds,
                         **({"result": res.report} if st.command == "bench" and main else {})})
     return records
