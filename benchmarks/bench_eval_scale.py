@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import print_table, row  # noqa: E402
+from common import JSON_PREFIX, print_table, row  # noqa: E402
 
 _RSS = r"""
 import resource, sys
@@ -153,6 +153,7 @@ def main() -> None:
     ap.add_argument("--only", default=",".join(QUESTIONS),
                     help=f"comma list of questions to answer: {', '.join(QUESTIONS)} (default all)")
     ap.add_argument("--quick", action="store_true", help="--n 256 --n-small 256 --n-large 1024 --steps 5 --queries 20")
+    ap.add_argument("--json", action="store_true", help="print the rows as one JSON line (benchmarks/run.py)")
     a = ap.parse_args()
     if a.quick:
         a.n, a.n_small, a.n_large, a.steps, a.queries, a.batch_size = 256, 256, 1024, 5, 20, 64
@@ -195,7 +196,10 @@ def main() -> None:
                          m_large / m_small <= 1.1, cmd)]
         rows.append(row("wall time of this run (s); load average 1/5/15 min before -> after",
                         f"{time.perf_counter() - t_all:.0f}; {load_before} -> {_load()}", command=cmd))
-        print_table(rows)
+        if a.json:
+            print(JSON_PREFIX + json.dumps(rows))
+        else:
+            print_table(rows)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
