@@ -13,6 +13,7 @@ so that most points are correct clean and attacked. Full size is slow on a loade
 
     python benchmarks/bench_eval_scale.py --quick
     python benchmarks/bench_eval_scale.py --n 2000 --n-small 1000 --n-large 10000 --steps 100
+    python benchmarks/bench_eval_scale.py --only memory --steps 1 --queries 1 --targets 1   # one question
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import print_table, row  # noqa: E402
+from common import JSON_PREFIX, print_table, row  # noqa: E402
 
 _RSS = r"""
 import resource, sys
@@ -50,12 +51,12 @@ def _train(ckpt: Path) -> None:
     import torch
     import torch.nn.functional as F
 
-    from rcomp.data.registry import DATASETS, get_dataset, make_loader
+    from rcomp.data.registry import data_info, get_dataset, make_loader
     from rcomp.models.loading import save
     from rcomp.models.registry import build_model
 
     torch.manual_seed(0)
-    info = DATASETS["fake"]
+    info = data_info("fake")
     model = build_model("convnet8", 10, info.shape, list(info.mean), list(info.std), dataset="fake")
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     model.train()
@@ -72,7 +73,8 @@ def _env(threads: int) -> dict:
 
 def _attack_args(ckpt: Path, n: int, a: argparse.Namespace, records: Path) -> list[str]:
     return ["attack", str(ckpt), "--data", "fake", "-n", str(n), "--batch-size", str(a.batch_size), "--attack", "auto",
-            "--eps", "8/255", "--steps", str(a.steps), "--queries", str(a.queries), "--seed", "0", "--json",
+            "--eps", "8/255", "--steps", str(a.steps), "--queries", str(a.queries), "--targets", str(a.targets),
+            "--seed", "0", "--json",
             "--device", "cpu", "--records", str(records)]
 
 
@@ -128,6 +130,16 @@ def _killed_and_resumed(ckpt: Path, a: argparse.Namespace, rec: Path) -> tuple[d
     return out, done
 
 
+QUESTIONS = ("identity", "resume", "threads", "memory")
+
+
+def _load() -> str:
+    try:
+        return " / ".join(f"{v:.1f}" for v in os.getloadavg())
+    except OSError:  # pragma: no cover
+        return "?"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=2000, help="points for questions 1-3")
@@ -135,39 +147,59 @@ def main() -> None:
     ap.add_argument("--n-large", type=int, default=10000)
     ap.add_argument("--steps", type=int, default=100, help="APGD steps (auto's default 100)")
     ap.add_argument("--queries", type=int, default=1000, help="Square queries (auto's default 1000)")
+    ap.add_argument("--targets", type=int, default=4, help="APGD-T target classes (auto's default 4)")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0, help="picks the batch the kill lands after")
+    ap.add_argument("--only", default=",".join(QUESTIONS),
+                    help=f"comma list of questions to answer: {', '.join(QUESTIONS)} (default all)")
     ap.add_argument("--quick", action="store_true", help="--n 256 --n-small 256 --n-large 1024 --steps 5 --queries 20")
+    ap.add_argument("--json", action="store_true", help="print the rows as one JSON line (benchmarks/run.py)")
     a = ap.parse_args()
     if a.quick:
         a.n, a.n_small, a.n_large, a.steps, a.queries, a.batch_size = 256, 256, 1024, 5, 20, 64
+    only = {q.strip() for q in a.only.split(",") if q.strip()}
+    if only - set(QUESTIONS):
+        raise SystemExit(f"--only takes {', '.join(QUESTIONS)}")
+    cmd = " ".join(["python benchmarks/bench_eval_scale.py", *sys.argv[1:]])
     tmp = Path(tempfile.mkdtemp())
+    t_all, load_before = time.perf_counter(), _load()
+    rows = []
     try:
         ckpt = tmp / "convnet8.safetensors"
         _train(ckpt)
-        one, t1, _ = _run(_attack_args(ckpt, a.n, a, tmp / "one"), 1)
-        two, t2, _ = _run(_attack_args(ckpt, a.n, a, tmp / "two"), 1, procs=2)
-        thr, t12, _ = _run(_attack_args(ckpt, a.n, a, tmp / "thr"), 2)
-        resumed, killed_at = _killed_and_resumed(ckpt, a, tmp / "killed")
-        small, _, m_small = _run(_attack_args(ckpt, a.n_small, a, tmp / "small"), 1)
-        large, _, m_large = _run(_attack_args(ckpt, a.n_large, a, tmp / "large"), 1)
-        cmd = " ".join(["python benchmarks/bench_eval_scale.py", *sys.argv[1:]])
-        same2 = _figures(one) == _figures(two) and _same_points(tmp / "one", tmp / "two")
-        same_r = _figures(one) == _figures(resumed) and _same_points(tmp / "one", tmp / "killed")
-        rows = [
-            row(f"auto at n={a.n}: clean / robust accuracy", f"{one['clean_acc']:.4f} / {one['worst_case_acc']:.4f}",
-                command=cmd),
-            row("2 processes equal 1, figures and per-point records", same2, "True", same2, cmd),
-            row(f"kill -9 after {killed_at} batch(es), --resume: identical", same_r, "True", same_r, cmd),
-            row("points/s, 1 process x 1 thread", a.n / t1, command=cmd),
-            row("points/s, 2 processes x 1 thread (torchrun, gloo)", a.n / t2, command=cmd),
-            row("points/s, 1 process x 2 threads", a.n / t12, command=cmd),
-            row("1 process x 2 threads: same figures as 1 thread", _figures(thr) == _figures(one), command=cmd),
-            row(f"peak RSS MB at n={a.n_small} / n={a.n_large}", f"{m_small:.0f} / {m_large:.0f}", command=cmd),
-            row(f"peak RSS n={a.n_large} / n={a.n_small}", m_large / m_small, "<= 1.1", m_large / m_small <= 1.1, cmd),
-        ]
-        del small, large
-        print_table(rows)
+        one = t1 = None
+        if only & {"identity", "resume", "threads"}:
+            one, t1, _ = _run(_attack_args(ckpt, a.n, a, tmp / "one"), 1)
+            rows.append(row(f"auto at n={a.n}: clean / robust accuracy",
+                            f"{one['clean_acc']:.4f} / {one['worst_case_acc']:.4f}", command=cmd))
+        if only & {"identity", "threads"}:
+            two, t2, _ = _run(_attack_args(ckpt, a.n, a, tmp / "two"), 1, procs=2)
+            same2 = _figures(one) == _figures(two) and _same_points(tmp / "one", tmp / "two")
+            rows.append(row("2 processes equal 1, figures and per-point records", same2, "True", same2, cmd))
+        if "resume" in only:
+            resumed, killed_at = _killed_and_resumed(ckpt, a, tmp / "killed")
+            same_r = _figures(one) == _figures(resumed) and _same_points(tmp / "one", tmp / "killed")
+            rows.append(row(f"kill -9 after {killed_at} batch(es), --resume: identical", same_r, "True", same_r, cmd))
+        if "threads" in only:
+            thr, t12, _ = _run(_attack_args(ckpt, a.n, a, tmp / "thr"), 2)
+            rows += [row("points/s, 1 process x 1 thread", a.n / t1, command=cmd),
+                     row("points/s, 2 processes x 1 thread (torchrun, gloo)", a.n / t2, command=cmd),
+                     row("points/s, 1 process x 2 threads", a.n / t12, command=cmd),
+                     row("1 process x 2 threads: same figures as 1 thread", _figures(thr) == _figures(one),
+                         command=cmd)]
+        if "memory" in only:
+            _, _, m_small = _run(_attack_args(ckpt, a.n_small, a, tmp / "small"), 1)
+            _, _, m_large = _run(_attack_args(ckpt, a.n_large, a, tmp / "large"), 1)
+            rows += [row(f"peak RSS MB at n={a.n_small} / n={a.n_large}", f"{m_small:.0f} / {m_large:.0f}",
+                         command=cmd),
+                     row(f"peak RSS n={a.n_large} / n={a.n_small}", m_large / m_small, "<= 1.1",
+                         m_large / m_small <= 1.1, cmd)]
+        rows.append(row("wall time of this run (s); load average 1/5/15 min before -> after",
+                        f"{time.perf_counter() - t_all:.0f}; {load_before} -> {_load()}", command=cmd))
+        if a.json:
+            print(JSON_PREFIX + json.dumps(rows))
+        else:
+            print_table(rows)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

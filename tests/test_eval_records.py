@@ -289,19 +289,45 @@ def test_two_gloo_processes_equal_one_point_by_point(cli, trained_digits, tmp_pa
             assert torch.equal(ta[k], tb[k]), (a.name, k)
 
 
-def test_sharding_refuses_attacks_that_draw_per_batch(model, loader, tmp_path):
+def test_sharding_refuses_attacks_that_draw_per_batch_in_a_cascade(model, loader, tmp_path):
     from rcomp.errors import RcompError
     from rcomp.evaluation.records import RecordDir
-    from rcomp.evaluation.robustness import batch_independent
+    from rcomp.evaluation.robustness import batch_independent, shard_refusal
 
     assert batch_independent(make_attack("auto", 0.1).stages["apgd-ce"])
     assert batch_independent(make_attack("square", 0.1)) and batch_independent(make_attack("fgsm", 0.1))
     assert not batch_independent(make_attack("pgd", 0.1)) and not batch_independent(make_attack("apgd", 0.1))
+    per_call = {"fgsm": make_attack("fgsm", 0.1), "pgd": make_attack("pgd", 0.1)}
+    assert shard_refusal(per_call, cascade=False) is None  # independent: the streams are moved on per batch
+    assert "pgd draw" in shard_refusal(per_call, cascade=True)
+    assert "cannot tell" in shard_refusal({"k": PerBatch(lambda key: None)}, cascade=False)
     store = RecordDir(tmp_path / "r", {"test": 1})
     with pytest.raises(RcompError, match="pgd draw"):
-        evaluate(model, loader, {"pgd": make_attack("pgd", 0.1)}, progress=False, store=store, shard=(0, 2))
+        evaluate(model, loader, per_call, progress=False, store=store, shard=(0, 2), cascade=True)
     with pytest.raises(RcompError, match="--records"):
         evaluate(model, loader, {"fgsm": make_attack("fgsm", 0.1)}, progress=False, shard=(0, 2))
+
+
+@pytest.mark.parametrize("name,kw", [("pgd", {"steps": 3}), ("apgd", {"steps": 3}), ("cw", {"steps": 3}),
+                                     ("fgsm", {"random_start": True}), ("pgd", {"steps": 2, "targeted": True})])
+def test_skip_call_moves_the_streams_as_the_skipped_batch_would(model, loader, name, kw):
+    """What sharding rests on for attacks drawing per call: a process that passes over a batch
+    (skip_call with its number of points correct clean) then attacks the next batch exactly as one
+    process attacking both does."""
+    batches = list(loader)
+    whole = make_attack(name, 0.1, seed=5, **kw)
+    with torch.inference_mode():
+        oks = [model(x).argmax(1) == y for x, y in batches]
+    want = [whole(model, x[ok], y[ok]) for (x, y), ok in zip(batches, oks, strict=True)]
+    skipping = make_attack(name, 0.1, seed=5, **kw)
+    for i, ((x, y), ok) in enumerate(zip(batches, oks, strict=True)):
+        if i % 2 == 0:
+            skipping.skip_call(int(ok.sum()))
+        else:
+            assert torch.equal(skipping(model, x[ok], y[ok]), want[i]), i
+    fresh = make_attack(name, 0.1, seed=5, **kw)  # without moving the streams on, the draws differ
+    x, y = batches[1]
+    assert not torch.equal(fresh(model, x[oks[1]], y[oks[1]]), want[1])
 
 
 # ---------------------------------------------------------------------------

@@ -222,6 +222,13 @@ class Attack:
         """Rewind the random streams: the next calls draw what the first calls drew."""
         self._calls = 0
 
+    def skip_call(self, n: int) -> None:
+        """Move the random streams on as a call on ``n`` images would, without attacking: a sharded
+        evaluation's process passing over a batch another process attacks (its next call then draws
+        what it would have drawn in one process)."""
+        if n and self.eps != 0:  # as _attack: an empty batch or eps 0 is no call
+            self._calls += 1
+
     def params(self) -> dict[str, Any]:
         """The full parameters, JSON-able: enough to rebuild the attack with :func:`rcomp.attacks.make_attack`."""
         return {"attack": self.name, "eps": self.eps, "norm": self.norm, "loss": self.loss,

@@ -17,8 +17,10 @@ DOC = """The whole recipe is checked first (unknown commands or options, values 
 cycles, outputs outside the output folder), naming the line. A stage whose output exists and whose
 options and inputs are unchanged is skipped, so an interrupted sweep resumes where it stopped. A recipe
 cannot run code: a stage naming a user factory (arch: package.module:factory) runs only when the same
-factory is given here with --allow-factory."""
+factory is given here with --allow-factory. Under torchrun the attack and bench stages are split over the
+processes (the others run in rank 0 alone) with figures identical to one process's."""
 EXAMPLES = """rcomp run examples/paper-fashion-mnist.yaml --set epochs_ft=1 --out-dir runs/fmnist
+torchrun --standalone --nproc-per-node 2 -m rcomp run sweep.yaml   # attack/bench stages split over 2 processes
 rcomp demo --show-recipe > demo.yaml && rcomp run demo.yaml --dry-run"""
 
 
@@ -69,6 +71,10 @@ def run(cfg: RunOptions, inputs: list[Path]) -> None:
     rec = load_recipe(inputs[0], parse_sets(cfg.set), max_stages=cfg.max_stages)
     folder = Path(cfg.out_dir or rec.default_out_dir())
     records = run_recipe(rec, folder, dry_run=cfg.dry_run, log=log, allow_factories=frozenset(cfg.allow_factory))
+    from rcomp.train.distributed import is_main_process
+
+    if not is_main_process():  # under torchrun, rank 0 alone prints
+        return
     if cfg.json:
         emit_json({"recipe": rec.name, "out_dir": str(folder),
                    "stages": [{k: v for k, v in r.items() if k != "result"} for r in records]})

@@ -78,6 +78,10 @@ class RecordDir:
         """The chunk files written so far (batches done; with sharding, not necessarily contiguous)."""
         return sorted(p for p in self.path.iterdir() if _CHUNK.match(p.name))
 
+    def batches(self) -> set[int]:
+        """The batch numbers of the chunks written so far."""
+        return {int(m.group(1)) for m in (_CHUNK.match(p.name) for p in self.path.iterdir()) if m}
+
     def load(self) -> dict[int, dict[str, Any]]:
         """``{batch number: tensors}`` of the chunks written so far, each checked to belong to this evaluation."""
         from rcomp.io.header import read_header

@@ -205,6 +205,35 @@ class _Fold:
 _RECORD_KEYS = ("index", "label", "clean_correct", "stage", "norm")
 
 
+class _Everyone:
+    """Rank 0's progress over a sharded evaluation: the points of the chunks every process has written,
+    so the bar's rate is that of all processes together and its ETA is for the whole evaluation;
+    chunks read back on ``--resume`` count as done, outside the rate."""
+
+    def __init__(self, bar, store, done: dict[int, dict[str, Any]], total: int | None):
+        self.bar, self.store, self.total = bar, store, total
+        self.resumed = set(done)
+        self.sizes = {b: len(t["index"]) for b, t in done.items()}
+        self.full = max(self.sizes.values(), default=0)  # a batch not seen yet counts as a full one
+        self.batches = 0
+        bar.skip(sum(self.sizes.values()))
+
+    def saw(self, b: int, size: int) -> None:
+        self.sizes[b] = size
+        self.full = max(self.full, size)
+        self.batches = max(self.batches, b + 1)
+
+    def sync(self) -> int:
+        """Move the bar to the chunks on disk; returns how many there are."""
+        ids = self.store.batches()
+        n = sum(self.sizes.get(k, self.full) for k in ids)
+        if self.total is not None:
+            n = min(n, self.total)
+        if n > self.bar.n:
+            self.bar.update(n - self.bar.n)
+        return len(ids)
+
+
 def evaluate(model, loader: Iterable, attacks: dict[str, Callable] | None = None, device: str = "cpu",
              progress: bool = True, *, desc: str = "evaluate", total: int | None = None, cascade: bool = False,
              records: bool | str = False, first_index: int = 0, store=None,
@@ -223,9 +252,9 @@ def evaluate(model, loader: Iterable, attacks: dict[str, Callable] | None = None
     ``shard=(rank, world)`` (under torchrun, with ``store``): this process runs batches ``b`` with
     ``b % world == rank`` only, the batches themselves being those of one process, then all
     processes wait for each other and every one folds all the chunks in batch order, so the figures
-    equal a one-process run's; only attacks whose draws do not depend on the batch
-    (:func:`batch_independent`) may be sharded. ``checks``: run AutoAttack's checks (:func:`checks_of`;
-    one more clean pass and one input gradient per batch). The model is left in the train/eval mode it came in.
+    equal a one-process run's (:func:`shard_refusal` says which attacks may be sharded). ``checks``: run
+    AutoAttack's checks (:func:`checks_of`; one more clean pass and one input gradient per batch). The
+    model is left in the train/eval mode it came in.
     """
     from rcomp.evaluation.cascade import expand_suites, masking_checkable, wants_cascade
     from rcomp.progress import Progress
@@ -240,15 +269,16 @@ def evaluate(model, loader: Iterable, attacks: dict[str, Callable] | None = None
         if store is None:
             raise RcompError("under torchrun, give --records DIR (a folder every process can reach): the "
                              "processes hand their results to rank 0 through it")
-        moving = [k for k, a in attacks.items() if not batch_independent(a)]
-        if moving:
-            raise RcompError(f"{', '.join(moving)} draw(s) random numbers per batch, so splitting the points over "
-                             "processes would change the result; run it in one process, or shard attacks that draw "
-                             "per point (auto, apgd-t, square, fgsm)")
+        why = shard_refusal(attacks, cascade)
+        if why:
+            raise RcompError(why)
         rank, world = shard
     else:
         rank, world = 0, 1
     done = store.load() if store is not None else {}
+    # attacks drawing per call (pgd, apgd, cw, fgsm's random start, --targeted): in independent mode
+    # each is called once per batch with points correct clean, which every process can tell from a clean pass
+    counted = [a for a in attacks.values() if not batch_independent(a)] if world > 1 else []
     if done and images and any("adv" not in t for t in done.values()):
         raise RcompError(f"--records {store.path} was made without -o, so it holds no adversarial images; "
                          "resume without -o, or start a new folder")
@@ -263,6 +293,8 @@ def evaluate(model, loader: Iterable, attacks: dict[str, Callable] | None = None
     seen = 0
     try:
         with Progress(total, desc, enabled=progress) as bar:
+            # under torchrun, rank 0's bar shows every process's points (their chunks), rate and ETA included
+            everyone = _Everyone(bar, store, done, total) if world > 1 and rank == 0 and progress else None
             for b, item in enumerate(loader):
                 x, y = item[0], item[1]
                 key = item[2] if len(item) > 2 else None
@@ -277,6 +309,12 @@ def evaluate(model, loader: Iterable, attacks: dict[str, Callable] | None = None
                         if hasattr(attack, "_calls"):  # where its random streams stood after this batch
                             attack._calls = int(calls)
                 elif b % world != rank:
+                    if counted:  # per-batch draws: move the streams on as the process attacking this batch does
+                        n_ok = int(_clean_pass(model, x.to(device), torch.as_tensor(y).to(device), False)[0].sum())
+                        for a in counted:
+                            a.skip_call(n_ok)
+                    if everyone is not None:
+                        everyone.saw(b, len(y))
                     continue
                 else:
                     x = x.to(device, non_blocking=True)
@@ -294,11 +332,9 @@ def evaluate(model, loader: Iterable, attacks: dict[str, Callable] | None = None
                     if store is not None:
                         store.write(b, first, t)
                 if world > 1:  # the bar counts the points of every process (their chunks on disk)
-                    if b in done:
-                        bar.skip(len(t["index"]))
-                    else:
-                        everyone = min(len(store.chunks()) * len(t["index"]), total or 10**12)
-                        bar.update(max(everyone - bar.n, 0))
+                    if everyone is not None:
+                        everyone.saw(b, len(y))
+                        everyone.sync()
                     continue
                 fold.add(t)
                 if records:
@@ -312,6 +348,9 @@ def evaluate(model, loader: Iterable, attacks: dict[str, Callable] | None = None
                     bar.update(0, **post)
                 else:
                     bar.update(len(t["index"]), **post)
+            if everyone is not None:  # rank 0 done with its own batches: show the others' until all are in
+                while everyone.sync() < everyone.batches:
+                    time.sleep(0.2)
         if world > 1:  # every process has written its chunks: fold them all, in batch order
             from rcomp.train.distributed import DistInfo, barrier
 
@@ -404,6 +443,28 @@ def checks_of(res: EvalResult, flags: dict[str, int], attacks: dict[str, Any]) -
                     "saturated (scaled logits?); trust the DLR/targeted figures")
     return {"randomized": flags["varies"], "softmax_output": flags["softmax"], "zero_gradients": flags["zero_grad"],
             "square_after_gradients": res.gradient_masking_suspected, "apgd_ce_t_gap": gap, "warnings": warn}
+
+
+def shard_refusal(attacks: dict[str, Any], cascade: bool) -> str | None:
+    """Why ``attacks`` (expanded) cannot be split over processes with the figures of one process, or None.
+
+    Attacks drawing per point (:func:`batch_independent`) always can. An attack drawing per call
+    (pgd, apgd, cw, fgsm with a random start, --targeted) can in independent mode: each process
+    moves its random streams on over the batches of the others (:meth:`~rcomp.attacks.base.Attack.skip_call`,
+    knowing from one clean pass whether the batch is attacked). In a cascade, whether it is called on
+    a batch depends on what the attacks before it did there, which only their process knows."""
+    moving = [k for k, a in attacks.items() if not batch_independent(a)]
+    if not moving:
+        return None
+    unknown = [k for k in moving if not hasattr(attacks[k], "skip_call")]
+    if unknown:
+        return (f"{', '.join(unknown)} cannot tell how its random numbers depend on the batch, so splitting the "
+                "points over processes could change the result; run it in one process")
+    if cascade:
+        return (f"{', '.join(moving)} draw(s) random numbers per call, and in a cascade which batches call it "
+                "depends on the attacks before it; run the cascade in one process, or without --cascade "
+                "(or with attacks that draw per point: auto, apgd-t, square, fgsm)")
+    return None
 
 
 def batch_independent(attack) -> bool:

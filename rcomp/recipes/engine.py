@@ -48,6 +48,8 @@ from rcomp.errors import RcompError
 from rcomp.text import printable
 
 STAMP_DIR = ".rcomp-run"
+#: per-example records of a recipe's stages split over torchrun processes, when the stage names no records folder
+RECORDS_DIR = ".rcomp-records"
 #: a recipe expands to at most this many stages unless the user raises it (rcomp run --max-stages)
 MAX_STAGES = 1000
 _VAR_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -480,6 +482,10 @@ def _check_out_dir(out_dir: Path) -> None:
             what = "is" if probe == out_dir else f"lies below {printable(str(probe), 80)}, which is"
             raise RcompError(f"--out-dir {shown} {what} not a folder; choose another output folder")
         check_writable_folder(probe / "x")
+        records = out_dir / RECORDS_DIR
+        if os.path.lexists(records) and not stat.S_ISDIR(os.lstat(records).st_mode):
+            raise RcompError(f"{printable(str(records), 120)} is not a folder (a symlink or other file was put "
+                             "there); remove it and rerun")
         stamps = out_dir / STAMP_DIR
         if os.path.lexists(stamps):
             st = os.lstat(stamps)
@@ -495,11 +501,14 @@ def _check_out_dir(out_dir: Path) -> None:
                          "output folder") from None
 
 
-def _run_stage(st: Stage, log) -> Any:
+def _run_stage(st: Stage, log, **kw: Any) -> Any:
+    """Run one stage; ``kw`` (under torchrun): ``dist`` (the process group the stage shares, or
+    ``DistInfo()`` to run alone) and ``config`` (the config to run instead of the stage's own)."""
     from rcomp.stages import get_stage
 
+    cfg = kw.pop("config", None) or st.config
     try:
-        res = get_stage(st.command).run(st.config, [Path(p) for p in st.input_paths], log=log)
+        res = get_stage(st.command).run(cfg, [Path(p) for p in st.input_paths], log=log, **kw)
         res.raise_failures()
     except RcompError as exc:
         raise type(exc)(f"stage {st.name} (line {st.line}) failed: {exc}; fix it and rerun: finished stages "
@@ -509,8 +518,17 @@ def _run_stage(st: Stage, log) -> Any:
 
 def run_recipe(recipe: Recipe, out_dir: Path, *, dry_run: bool = False, log=print,
                allow_factories: frozenset[str] = frozenset()) -> list[dict]:
-    """Run the stages in order; returns one record per stage (name, status, seconds, output)."""
+    """Run the stages in order; returns one record per stage (name, status, seconds, output).
+
+    Under torchrun (``torchrun --nproc-per-node N -m rcomp run recipe.yaml``) every process checks the
+    recipe; the attack and bench stages are split over the processes (:func:`_shardable`), each
+    writing its own per-example records, and rank 0 merges them; every other stage runs in rank 0
+    alone while the others wait. Rank 0 alone writes outputs and stamps, and logs."""
+    from rcomp.train import distributed as D
+
     out_dir = Path(out_dir)
+    if D.launched() and not dry_run:
+        return _run_sharded(recipe, out_dir, log, allow_factories)
     order = plan(recipe, out_dir, allow_factories)
     _check_out_dir(out_dir)
     if dry_run:
@@ -525,29 +543,134 @@ def run_recipe(recipe: Recipe, out_dir: Path, *, dry_run: bool = False, log=prin
         raise
 
 
-def _run_all(order: list[Stage], out_dir: Path, log) -> list[dict]:
+#: how long a torchrun process of a recipe waits for the others (rank 0 may train for days meanwhile)
+RECIPE_WAIT_S = 7 * 24 * 3600.0
+
+
+def _run_sharded(recipe: Recipe, out_dir: Path, log, allow_factories: frozenset[str]) -> list[dict]:
+    from rcomp.train import distributed as D
+
+    dist, _ = D.setup("cpu", backend="gloo", timeout_s=RECIPE_WAIT_S)  # the stages pick their own devices
+    try:
+        if not dist.is_main:
+            log = _silent
+        error = None
+        try:
+            order = plan(recipe, out_dir, allow_factories)
+            _check_out_dir(out_dir)
+        except RcompError as exc:
+            error = exc
+        if not D.all_ok(error is None, dist):
+            raise error or RcompError("another torchrun process refused the recipe (its message says why)")
+        made = [p for p in (out_dir, out_dir / STAMP_DIR) if not os.path.lexists(p)]
+        D.barrier(dist)  # every process has looked at the folder before rank 0 makes it
+        try:
+            return _run_all(order, out_dir, log, dist)
+        except BaseException:
+            if dist.is_main:
+                for p in reversed(made):
+                    with contextlib.suppress(OSError):
+                        p.rmdir()
+            raise
+    finally:
+        D.teardown(dist)
+
+
+def _silent(msg: str) -> None:
+    """The log of a torchrun process other than rank 0."""
+
+
+def _shardable(st: Stage) -> tuple[bool, str]:
+    """Whether a stage's work can be split over torchrun processes, and if not, why (empty: not an
+    evaluation). attack and bench are, unless they replay saved examples or :func:`shard_refusal` says no."""
+    from rcomp.evaluation.cascade import expand_suites, wants_cascade
+    from rcomp.evaluation.robustness import shard_refusal
+
+    cfg = st.config
+    if st.command not in ("attack", "bench"):
+        return False, ""
+    if getattr(cfg, "from_file", None) is not None:
+        return False, "it replays saved examples (quick)"
+    built = cfg.build(cfg.seed) if cfg.attack else {}
+    why = shard_refusal(expand_suites(built), wants_cascade(built, cfg.cascade))
+    return (False, why) if why else (True, "")
+
+
+def _drop_records(out_dir: Path, name: str) -> None:
+    """Remove the records folders the engine made for stage ``name`` (``NAME-<16 hex>``), and the records
+    folder itself once empty; a stage's own ``records:`` folder is never touched."""
+    import shutil
+
+    root = out_dir / RECORDS_DIR
+    if not root.is_dir() or root.is_symlink():
+        return
+    for p in root.iterdir():
+        rest = p.name[len(name) + 1:] if p.name.startswith(f"{name}-") else ""
+        if re.fullmatch(r"[0-9a-f]{16}", rest) and p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        root.rmdir()  # only when no other stage's records are left there
+
+
+def _run_all(order: list[Stage], out_dir: Path, log, dist=None) -> list[dict]:
     from rcomp.io.atomic import atomic_write_text
     from rcomp.io.header import sha256_file
+    from rcomp.train import distributed as D
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / STAMP_DIR).mkdir(exist_ok=True)
+    dist = dist or D.DistInfo()
+    main = dist.is_main
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / STAMP_DIR).mkdir(exist_ok=True)
     records = []
     for i, st in enumerate(order, 1):
         out = out_dir / st.output
         stamp = out_dir / STAMP_DIR / f"{st.name}.json"
-        fp = _fingerprint(st)
-        prev = _up_to_date(out, stamp, fp, log)
         base = {"stage": st.name, "output": str(out), "command": st.command}
-        if prev is not None:
+        plan_ = None
+        if main:  # rank 0 alone reads stamps and outputs, and says what every process does
+            fp = _fingerprint(st)
+            prev = _up_to_date(out, stamp, fp, log)
+            shard, why = _shardable(st) if dist.enabled and prev is None else (False, "")
+            plan_ = {"skip": prev is not None, "seconds": (prev or {}).get("seconds", 0.0), "shard": shard,
+                     "fp": fp, "why": why}
+        plan_ = D.broadcast(plan_, dist)
+        if plan_["skip"]:
             log(f"[{i}/{len(order)}] {st.name}: up to date, skipped")
-            records.append({**base, "status": "skipped", "seconds": prev.get("seconds", 0.0)})
+            records.append({**base, "status": "skipped", "seconds": plan_["seconds"]})
             continue
         log(f"[{i}/{len(order)}] {st.name}: {command_line(st)}")
         t0 = time.perf_counter()
-        res = _run_stage(st, log)
+        res = None
+        if not dist.enabled:
+            res = _run_stage(st, log)
+        elif plan_["shard"]:
+            log(f"{st.name}: split over {dist.world} processes")
+            cfg = st.config
+            if cfg.records is None:  # the processes hand their records to rank 0 through this folder
+                folder = out_dir / RECORDS_DIR / f"{st.name}-{plan_['fp'][:16]}"
+                cfg = dataclasses.replace(cfg, records=folder, resume=True)
+            res = _run_stage(st, log, dist=dist, config=cfg)
+        else:
+            if plan_["why"]:
+                log(f"{st.name}: runs in rank 0 alone: {plan_['why']}")
+            error = None
+            if main:
+                try:
+                    res = _run_stage(st, log, dist=D.DistInfo())
+                except RcompError as exc:
+                    error = exc
+            failed = D.broadcast(str(error) if error is not None else None, dist)
+            if error is not None:
+                raise error
+            if failed is not None:
+                raise RcompError(f"stage {st.name} failed in rank 0 (its message says why)")
         seconds = time.perf_counter() - t0
-        atomic_write_text(stamp, json.dumps({"fingerprint": fp, "seconds": seconds,
-                                             "output_sha256": sha256_file(out) if out.exists() else None}))
+        D.barrier(dist)  # every process is done with the stage (and its records)
+        if main:
+            atomic_write_text(stamp, json.dumps({"fingerprint": plan_["fp"], "seconds": seconds,
+                                                 "output_sha256": sha256_file(out) if out.exists() else None}))
+            _drop_records(out_dir, st.name)  # this stage's records made for the processes (this run's or older)
         records.append({**base, "status": "ran", "seconds": seconds,
-                        **({"result": res.report} if st.command == "bench" else {})})
+                        **({"result": res.report} if st.command == "bench" and main else {})})
     return records

@@ -287,11 +287,12 @@ def _quiet(msg: str) -> None:
     """The log of a torchrun process other than rank 0."""
 
 
-def run(cfg: Config, inputs: list, *, log=C.stderr_log, **_: Any) -> C.StageResult:
+def run(cfg: Config, inputs: list, *, log=C.stderr_log, dist=None, **_: Any) -> C.StageResult:
     """Attack (or replay) the checkpoint (a path, or a loaded model: the Python API) and return the
     report; writes only the examples file of -o.
     Under torchrun (``torchrun --nproc-per-node N -m rcomp attack ... --records DIR``) the processes
-    split the batches; rank 0 reports."""
+    split the batches; rank 0 reports. ``dist`` (a :class:`~rcomp.train.distributed.DistInfo`): the
+    caller owns the process group (a recipe under torchrun); ``DistInfo()`` runs in this process alone."""
     from rcomp.io.atomic import check_output_path
     from rcomp.train import distributed as D
 
@@ -299,19 +300,24 @@ def run(cfg: Config, inputs: list, *, log=C.stderr_log, **_: Any) -> C.StageResu
     if cfg.from_file is not None:
         return _replay(cfg, path, given)
     attacks = cfg.build(cfg.seed)  # refuse bad attack settings before loading anything
-    if D.launched() and cfg.records is None:
+    if (dist.enabled if dist is not None else D.launched()) and cfg.records is None:
         raise RcompError("under torchrun, give --records DIR (a folder every process can reach): the processes "
                          "hand their results to rank 0 through it")
-    if cfg.output is not None:
+    if cfg.output is not None and (dist is None or dist.is_main):
         check_output_path(Path(cfg.output), C.input_files(path, given), force=cfg.force)
-    dist, dev = D.setup(C.resolve_device(cfg.device))
+    owned = dist is None
+    if owned:
+        dist, dev = D.setup(C.resolve_device(cfg.device))
+    else:
+        dev = D.local_device(dist, C.resolve_device(cfg.device))
     try:
         model = given if given is not None else C.as_model(path, dev, cfg.arch, cfg.trust_factory, cfg.surrogate, log)
         C.check_gradients(model, attacks, path.name if path is not None else "the model", log)
         cfg_dev = cfg if dev == C.resolve_device(cfg.device) else _with_device(cfg, dev)
         return apply(model, cfg_dev, log, path, attacks, dist=dist if dist.enabled else None)
     finally:
-        D.teardown(dist)
+        if owned:
+            D.teardown(dist)
 
 
 def _with_device(cfg: Config, dev: str) -> Config:

@@ -230,16 +230,17 @@ def records_sha(model, path) -> str:
     return str(sha or "unknown")
 
 
-def run(cfg: Config, inputs: list, *, log=C.stderr_log, **_: Any) -> C.StageResult:
+def run(cfg: Config, inputs: list, *, log=C.stderr_log, dist=None, **_: Any) -> C.StageResult:
     """Benchmark the checkpoints (paths or loaded models); writes only the ``-o`` copy of the results.
-    Under torchrun (with ``--records DIR``) the processes split each model's batches; rank 0 reports."""
+    Under torchrun (with ``--records DIR``) the processes split each model's batches; rank 0 reports.
+    ``dist``: the caller owns the process group (see :func:`rcomp.stages.attack.run`)."""
     from rcomp.evaluation.bench import check_metrics
     from rcomp.io.atomic import check_output_path
     from rcomp.train import distributed as D
 
     paths = [C.check_input(p, onnx=True) if isinstance(p, (str, Path)) else p for p in inputs]
     names = unique_names(paths)
-    if cfg.output is not None:
+    if cfg.output is not None and (dist is None or dist.is_main):
         check_output_path(Path(cfg.output), tuple(p for p in paths if isinstance(p, Path)), force=cfg.force)
     C.seed_everything(cfg.seed)
     attacks = cfg.build(cfg.seed) if cfg.attack else {}
@@ -250,15 +251,20 @@ def run(cfg: Config, inputs: list, *, log=C.stderr_log, **_: Any) -> C.StageResu
 
         parsed = parse_thresholds(cfg.fail_under)
     thresholds = check_metrics(parsed, list(attacks))
-    if D.launched() and cfg.records is None:
+    if (dist.enabled if dist is not None else D.launched()) and cfg.records is None:
         raise RcompError("under torchrun, give --records DIR (a folder every process can reach): the processes "
                          "hand their results to rank 0 through it")
-    dist, dev = D.setup(C.resolve_device(cfg.device))
+    owned = dist is None
+    if owned:
+        dist, dev = D.setup(C.resolve_device(cfg.device))
+    else:
+        dev = D.local_device(dist, C.resolve_device(cfg.device))
     try:
         data = _data(cfg, models, names, log if dist.is_main else _silent)  # rank 0 alone says the data
         return _run(cfg, paths, models, attacks, thresholds, dist, dev, log, data, names)
     finally:
-        D.teardown(dist)
+        if owned:
+            D.teardown(dist)
 
 
 def _run(cfg: Config, paths: list, models: list, attacks: dict, thresholds: dict, dist, dev: str, log,

@@ -340,15 +340,21 @@ def apply(model, cfg: Config, *, source: Path | None = None, dist=None, dev: str
                          report={"epochs": metrics["epochs"], **cost, **test})
 
 
-def run(cfg: Config, inputs: list, *, log=C.stderr_log, default_output: bool = True, **_: Any) -> C.StageResult:
+def run(cfg: Config, inputs: list, *, log=C.stderr_log, default_output: bool = True, dist=None,
+        **_: Any) -> C.StageResult:
     """Build or load -> train -> record -> save (rank 0 only under torchrun). ``inputs`` is empty (train
     ``--arch`` from scratch) or holds a checkpoint path or a loaded model (left as it was); without
     ``cfg.output`` the output gets a default name, or (``default_output=False``, the Python API)
-    nothing is written."""
+    nothing is written. ``dist``: the caller owns the process group (a recipe under torchrun passes
+    ``DistInfo()``: train in this process alone)."""
     from rcomp.train import distributed as D
 
     dev = C.resolve_device(cfg.device)
-    dist, dev = D.setup(dev)
+    owned = dist is None
+    if owned:
+        dist, dev = D.setup(dev)
+    else:
+        dev = D.local_device(dist, dev)
     try:
         C.seed_everything(cfg.seed)
         source, given = C.split_input(inputs[0]) if inputs else (None, None)
@@ -374,4 +380,5 @@ def run(cfg: Config, inputs: list, *, log=C.stderr_log, default_output: bool = T
             log(f"wrote {out} ({C.parameters(res.model):,} parameters, sha256 {res.sha256[:12]})")
         return res
     finally:
-        D.teardown(dist)
+        if owned:
+            D.teardown(dist)

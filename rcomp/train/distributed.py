@@ -15,10 +15,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-import torch
-
-from rcomp.seeding import derive_seed, generator
-
 
 @dataclass
 class DistInfo:
@@ -43,20 +39,41 @@ def launched() -> bool:
         return False
 
 
-def setup(device: str) -> tuple[DistInfo, str]:
-    """Join the process group if launched by torchrun; returns (info, this process's device)."""
+def is_main_process() -> bool:
+    """False only in a torchrun process other than rank 0 (read from the environment; no process group needed)."""
+    return not launched() or os.environ.get("RANK", "0") == "0"
+
+
+def local_device(info: DistInfo, device: str) -> str:
+    """This process's device: under torchrun with CUDA, the GPU of its local rank (one GPU per process)."""
+    if info.enabled and device.startswith("cuda"):
+        import torch
+
+        torch.cuda.set_device(info.local_rank)
+        return f"cuda:{info.local_rank}"
+    return device
+
+
+def setup(device: str, backend: str | None = None, timeout_s: float | None = None) -> tuple[DistInfo, str]:
+    """Join the process group if launched by torchrun; returns (info, this process's device).
+    ``backend``: gloo or nccl (default: nccl for a CUDA device, else gloo); ``timeout_s``: how long a
+    collective waits for the other processes (torch's default otherwise)."""
     if not launched():
         return DistInfo(), device
     import torch.distributed as dist
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device.startswith("cuda"):
-        torch.cuda.set_device(local)
-        device = f"cuda:{local}"
+    info = DistInfo(rank, world, local)
+    device = local_device(info, device)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    return DistInfo(rank, world, local), device
+        kw = {}
+        if timeout_s is not None:
+            import datetime
+
+            kw["timeout"] = datetime.timedelta(seconds=timeout_s)
+        dist.init_process_group(backend=backend or ("nccl" if device.startswith("cuda") else "gloo"), **kw)
+    return info, device
 
 
 def teardown(info: DistInfo) -> None:
@@ -70,6 +87,7 @@ def teardown(info: DistInfo) -> None:
 def wrap(model, info: DistInfo, device: str):
     if not info.enabled:
         return model
+    import torch
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ids = [torch.device(device).index] if device.startswith("cuda") else None
@@ -80,6 +98,7 @@ def all_sum(values: list[float], info: DistInfo, device: str = "cpu") -> list[fl
     """Sum ``values`` over all processes (identity when not distributed)."""
     if not info.enabled:
         return values
+    import torch
     import torch.distributed as dist
 
     t = torch.tensor(values, dtype=torch.float64, device=device)
@@ -92,6 +111,37 @@ def barrier(info: DistInfo) -> None:
         import torch.distributed as dist
 
         dist.barrier()
+
+
+def broadcast(value, info: DistInfo):
+    """Rank 0's ``value`` (JSON-like data), in every process (identity when not distributed)."""
+    if not info.enabled:
+        return value
+    import json
+
+    import torch
+    import torch.distributed as dist
+
+    # JSON through a byte tensor: torch's broadcast_object_list would pickle
+    data = json.dumps(value).encode() if info.is_main else b""
+    size = torch.tensor([len(data)], dtype=torch.int64)
+    dist.broadcast(size, src=0)
+    buf = torch.frombuffer(bytearray(data), dtype=torch.uint8) if info.is_main else \
+        torch.zeros(int(size), dtype=torch.uint8)
+    dist.broadcast(buf, src=0)
+    return json.loads(bytes(buf.tolist()).decode())
+
+
+def all_ok(ok: bool, info: DistInfo) -> bool:
+    """True in every process when ``ok`` is true in every process (identity when not distributed)."""
+    if not info.enabled:
+        return ok
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([0 if ok else 1], dtype=torch.int64)
+    dist.all_reduce(t)
+    return int(t) == 0
 
 
 class GlobalBatchSampler:
@@ -107,6 +157,10 @@ class GlobalBatchSampler:
         self.rank, self.world = rank, world
 
     def batches(self, epoch: int):
+        import torch
+
+        from rcomp.seeding import derive_seed, generator
+
         if self.shuffle:
             g = generator(derive_seed(self.seed, epoch))
             order = torch.randperm(self.n, generator=g)
