@@ -53,7 +53,9 @@ def check_meta(q: Any, where: str) -> dict[str, Any]:
 def finalize(fq: nn.Module, q: dict[str, Any]) -> nn.Module:
     """Freeze ``fq`` and replace its float weights by their integer values times the scales."""
     qb.freeze(fq)
-    if qc.is_real(q):
+    if qc.is_real(q) and qc.runtime(q["backend"]) == qc.PT2E:
+        qb.set_int_weights(fq, qb.int_weights(fq))  # the pt2e graph is built from the twin's own rounding
+    elif qc.is_real(q):
         qb.set_int_weights(fq, qb.int8_weights(qb.convert(fq, q["backend"])))
     else:
         qb.set_int_weights(fq, qb.int_weights(fq))
@@ -71,7 +73,7 @@ def assemble(model, fq: nn.Module, q: dict[str, Any]):
     if not qc.is_real(q):
         out = Classifier(fq, meta)
     else:
-        out = Classifier(qb.convert(fq, q["backend"]), meta)
+        out = Classifier(qb.convert(fq, q["backend"], tuple(meta.input.shape)), meta)
         twin = FakeQuantTwin(out.normalize, fq, meta)
         twin.gradient_note = qc.MODES.get(q["mode"]).get("gradient")
         out.set_gradient_model(twin)

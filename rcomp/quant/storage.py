@@ -33,7 +33,7 @@ def export(model) -> dict[str, torch.Tensor]:
     """Plain tensors for a quantized Classifier; also sets ``meta.stats["params"]``."""
     q = model.meta.compression["quantization"]
     fq = twin_of(model)
-    ints = qb.int8_weights(model.net) if qc.is_real(q) else qb.int_weights(fq)
+    ints = qb.int8_of(model.net, fq, q["backend"]) if qc.is_real(q) else qb.int_weights(fq)
     int_dtype = torch.int8 if q["bits"] <= 8 else torch.int16
     out = {f"normalize.{k}": v.detach().cpu().clone().contiguous() for k, v in model.normalize.state_dict().items()}
     for key, t in fq.state_dict().items():
