@@ -175,3 +175,26 @@ def test_pt2e_is_opt_in():
     from rcomp.stages.quantize import Config
 
     assert Config().backend == "x86"
+
+
+@pytest.mark.slow
+def test_pt2e_quantization_aware_finetune_keeps_backend(pair):
+    """QAT through the twin (rcomp finetune's path) writes back a pt2e int8 model that moved and still agrees."""
+    from rcomp.quant import qat
+
+    _, _, pt2e, x, y, _ = pair
+    t = qat.to_trainable(pt2e).train()
+    opt = torch.optim.SGD([p for p in t.parameters() if p.requires_grad], lr=0.05)
+    for _ in range(3):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(t(x[:64]), y[:64]).backward()
+        opt.step()
+    back = qat.from_trainable(t.eval(), pt2e)
+    assert back.meta.compression["quantization"]["backend"] == "pt2e"
+    from rcomp.quant.pt2e import Pt2eInt8
+
+    assert isinstance(back.net, Pt2eInt8)
+    with torch.no_grad():
+        new, twin = back(x), back.gradient_model()(x)
+        assert not torch.equal(new, pt2e(x))  # the weights did change
+    assert (new.argmax(1) == twin.argmax(1)).float().mean().item() >= 0.99
