@@ -4,7 +4,8 @@ One run, 1 torch thread, OMP_WAIT_POLICY=PASSIVE (set before torch loads), batch
 on digits (1x8x8) and a seeded resnet18-cifar (3x32x32):
 
 * eager fp32; torch.ao int8 (``--backend x86``, today's default); pt2e int8 (``--backend pt2e``: rcomp's
-  int8 twin lowered by torchao to oneDNN kernels, run eagerly); the same pt2e graph under
+  int8 twin lowered by torchao to oneDNN kernels, run eagerly; and the same graph lowered with the batch
+  pinned to 64, as torchao's ``lower_pt2e_quantized_to_x86`` does); the same pt2e graph under
   ``torch.compile`` (inductor, freezing); and torchao's own flow (``prepare_pt2e`` / ``convert_pt2e`` with
   ``X86InductorQuantizer``, its own calibration on the same images, lowered the same way) for reference.
 * latency: CPU-time medians of interleaved rounds (every variant once per round) with the spread
@@ -106,11 +107,22 @@ def _official_pt2e(model, calib):
     return lower_pt2e_quantized_to_x86(convert_pt2e(gm), (xb,))  # pins batch 64
 
 
+def _pinned(p2, xb):
+    """The same pt2e graph lowered by torchao's own function, which pins the batch size (for comparison)."""
+    import torch
+    from torchao.quantization.pt2e.lowering import lower_pt2e_quantized_to_x86
+
+    from rcomp.quant.pt2e import qdq_graph
+
+    graph = qdq_graph(p2.gradient_model().fq)
+    return lower_pt2e_quantized_to_x86(torch.export.export(graph, (xb,)).module(), (xb,))
+
+
 def _one(name: str, model, calib, x, y, rounds: int, compile_: bool) -> list[dict]:
     import torch
 
-    from rcomp.quant.ptq import quantize
     from rcomp.quant.pt2e import compiled, fused_ops
+    from rcomp.quant.ptq import quantize
 
     rows = []
     tag = f"{name}, batch {BATCH}"
@@ -122,8 +134,10 @@ def _one(name: str, model, calib, x, y, rounds: int, compile_: bool) -> list[dic
     t_p2 = time.perf_counter() - t0
     assert fused_ops(p2.net), "pt2e lowering did not fuse any int8 op"
     xb = model.normalize(x[:BATCH])
+    pinned = _pinned(p2, xb)
     variants = {"eager fp32": lambda: model.net(xb), "torch.ao int8": lambda: ao.net(xb),
-                "pt2e int8 (lowered, eager)": lambda: p2.net(xb)}
+                "pt2e int8 (lowered, eager)": lambda: p2.net(xb),
+                "pt2e int8 (lowered, eager, batch pinned to 64)": lambda: pinned(xb)}
     t_comp = None
     if compile_:
         t0 = time.perf_counter()
@@ -137,6 +151,10 @@ def _one(name: str, model, calib, x, y, rounds: int, compile_: bool) -> list[dic
     t_off = time.perf_counter() - t0
     variants["torchao X86InductorQuantizer (own calibration), lowered"] = lambda: official(xb)
 
+    from torch.ao.quantization import FakeQuantizeBase
+
+    fqs = [m for m in ao.gradient_model().fq.modules() if isinstance(m, FakeQuantizeBase)]
+    step = float(fqs[-1].scale)  # the logits' quantization step (torch.ao quantizes the output too)
     with torch.no_grad():
         ref = ao(x)
         outs = {"pt2e int8 (lowered, eager)": p2(x), "eager fp32": model(x)}
@@ -152,8 +170,9 @@ def _one(name: str, model, calib, x, y, rounds: int, compile_: bool) -> list[dic
         rows.append(row(f"{tag}: {k} top-1 agreement with torch.ao int8 ({len(out)} images)", round(agree, 4),
                         ">= 0.99" if k.startswith("pt2e") else None, agree >= 0.99 if k.startswith("pt2e") else None,
                         CMD))
-        rows.append(row(f"{tag}: {k} max abs logit diff to torch.ao int8", round((out - r).abs().max().item(), 5),
-                        None, None, CMD))
+        diff = (out - r).abs().max().item()
+        rows.append(row(f"{tag}: {k} max abs logit diff to torch.ao int8 (in output steps of {step:.3g})",
+                        f"{diff:.4g} ({diff / step:.2f})", None, None, CMD))
         if y is not None:
             yy = y[: len(out)]
             rows.append(row(f"{tag}: digits test accuracy {k} (torch.ao int8 {(r.argmax(1) == yy).float().mean():.4f})",

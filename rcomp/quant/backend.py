@@ -208,13 +208,12 @@ def convert(fq: nn.Module, backend: str, example_shape: tuple[int, ...] | None =
     """A real int8 module from a frozen 8-bit fake-quant twin (``fq`` itself is left untouched): torch.ao's
     ``convert_fx`` (deprecated runtime) or, for the pt2e backend, the twin's QDQ graph lowered by torchao
     (``example_shape``: one input's shape, for tracing)."""
-    from torch.ao.quantization.quantize_fx import convert_fx
-
     if runtime(backend) == PT2E:
         from rcomp.quant.pt2e import lower
 
         return lower(fq, example_shape)
     assert runtime(backend) == TORCH_AO
+    from torch.ao.quantization.quantize_fx import convert_fx
 
     set_engine(backend)
     with silenced():
