@@ -141,6 +141,17 @@ def test_cli_pt2e_refusals(cli, tiny_ckpt, monkeypatch):
                           "needs torchao", "rcomp[pt2e]")
 
 
+def test_pt2e_file_without_torchao_is_refused_in_one_line(pair, cli, monkeypatch):
+    _, _, pt2e, _, _, d = pair
+    path = d / "needs-torchao.safetensors"
+    save(pt2e, path)
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else real(name, *a))
+    assert_one_line_error(cli("bench", path, "--data", "digits", "-n", "8"), "pt2e backend", "rcomp[pt2e]")
+
+
 def test_pt2e_refuses_layers_it_cannot_lower(tmp_path):
     """A 1-d convolution has no pt2e int8 lowering here: one line naming the fix, no traceback text."""
     from torch import nn

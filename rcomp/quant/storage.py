@@ -93,6 +93,12 @@ def restore(model, tensors: dict[str, torch.Tensor], where: str = "checkpoint"):
     """Rebuild the quantized Classifier from the float skeleton ``model`` and the stored tensors."""
     q = check_meta(model.meta.compression.get("quantization"), where)
     check_scales(tensors, where)
+    if qc.is_real(q) and qc.runtime(q["backend"]) == qc.PT2E:
+        try:
+            qc.require_pt2e()
+        except RcompError:
+            raise RcompError(f"{where}: this int8 file runs on the pt2e backend, which needs torchao "
+                             f"{qc.TORCHAO_VERSION}: {qc.PT2E_EXTRA}") from None
     qb.check_backend(q["backend"])
     _resize(model.net, q.get("float_shapes", {}), where)
     try:
