@@ -152,6 +152,23 @@ def test_pt2e_file_without_torchao_is_refused_in_one_line(pair, cli, monkeypatch
     assert_one_line_error(cli("bench", path, "--data", "digits", "-n", "8"), "pt2e backend", "rcomp[pt2e]")
 
 
+def test_bench_compile_refuses_other_models(cli, tiny_ckpt):
+    assert_one_line_error(cli("bench", tiny_ckpt, "--data", "digits", "-n", "8", "--compile"),
+                          "--compile times pt2e int8 models only", "--backend pt2e")
+
+
+@pytest.mark.slow
+def test_bench_compile_times_the_compiled_pt2e_model(pair, cli):
+    _, _, pt2e, _, _, d = pair
+    path = d / "timed.pt2e.safetensors"
+    save(pt2e, path)
+    res = cli("bench", path, "--data", "digits", "-n", "16", "--latency-batch", "0", "--compile", "--json")
+    assert res.code == 0, res.stderr
+    m = json.loads(res.stdout)["models"][0]
+    assert m["latency_compiled"] is True and m["latency_ms"]["1"] > 0
+    assert "torch.compile" in res.stderr
+
+
 def test_pt2e_refuses_layers_it_cannot_lower(tmp_path):
     """A 1-d convolution has no pt2e int8 lowering here: one line naming the fix, no traceback text."""
     from torch import nn
