@@ -6,6 +6,8 @@ import json
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from rcomp.models.loading import load, save
 from rcomp.quant.assemble import with_backend
@@ -184,6 +186,30 @@ def test_pt2e_refuses_layers_it_cannot_lower(tmp_path):
     with pytest.raises(RcompError, match="Conv1d|ConvReLU1d") as err:
         qdq_graph(fq)
     assert "--backend x86" in str(err.value) and "\n" not in str(err.value)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(width=st.integers(1, 6), relu=st.booleans(), seed=st.integers(0, 2**16), scale=st.floats(0.1, 20.0))
+def test_qdq_graph_computes_what_the_twin_computes(width, relu, seed, scale):
+    """Property: the pt2e QDQ graph written from a frozen twin gives the twin's outputs (before lowering), for
+    random small networks, weights and input ranges, including inputs far outside the calibrated range."""
+    from torch import nn
+
+    from rcomp.quant import backend as qb
+    from rcomp.quant.pt2e import qdq_graph
+
+    torch.manual_seed(seed)
+    layers = [nn.Conv2d(2, width, 3, padding=1), nn.BatchNorm2d(width)] + ([nn.ReLU()] if relu else [])
+    net = nn.Sequential(*layers, nn.Conv2d(width, 3, 3, stride=2), nn.Flatten(), nn.Linear(3 * 2 * 2, 4)).eval()
+    calib = torch.randn(16, 2, 6, 6)
+    fq = qb.prepare(net, calib[:1], 8, "x86", real=True)
+    qb.calibrate(fq, [calib])
+    qb.freeze(fq)
+    qb.set_int_weights(fq, qb.int_weights(fq))
+    g = qdq_graph(fq)
+    x = torch.randn(9, 2, 6, 6) * scale
+    with torch.no_grad():
+        assert torch.equal(g(x), fq(x))
 
 
 @pytest.mark.slow
