@@ -26,10 +26,12 @@ class Allowed:
         return re.search(self.pattern, text, flags=re.S) is not None
 
 
-_TORCH_AO = ("torch.ao int8: kept as loader for existing checkpoints; removal plan: move `rcomp quantize`'s int8 to "
-             "torchao's pt2e flow (issue 24, step 6; not done yet, see docs/export.md for what was measured), keep "
-             "torch.ao only to load int8 files written before, and drop it when torch removes torch.ao.quantization "
-             "(announced for 2.10, still present in 2.14.1)")
+_TORCH_AO = ("torch.ao int8: the default int8 runtime (x86/fbgemm/qnnpack), the loader of every int8 file written so "
+             "far, and the fake-quant twin (prepare_qat_fx, FakeQuantize) of every quantized model; removal plan: "
+             "`--backend pt2e` (torchao, issue 24) runs the same files on oneDNN int8 kernels and becomes the default "
+             "once its lowering cost per load is paid once (docs/quantization.md); then torch.ao stays only to load "
+             "old int8 files and for the twin until the twin moves to torchao's prepare_qat_pt2e (a new tensor "
+             "layout); drop it when torch removes torch.ao.quantization (announced for 2.10, still in 2.14.1)")
 _LEGACY_ONNX = ("torch.onnx legacy (TorchScript) exporter: kept as `rcomp export --exporter legacy` because it exports "
                 "5-15x faster here (the default is dynamo); removal plan: drop the option when torch removes the "
                 "TorchScript exporter")

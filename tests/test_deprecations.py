@@ -44,7 +44,8 @@ def test_every_allow_list_entry_has_a_removal_plan():
     assert ALLOWED
     for a in ALLOWED:
         assert "removal plan:" in a.plan
-    assert allowed("torch.ao.quantization is deprecated").plan.startswith("torch.ao int8: kept as loader")
+    plan = allowed("torch.ao.quantization is deprecated").plan
+    assert plan.startswith("torch.ao int8:") and "--backend pt2e" in plan
     assert allowed("unrelated") is None
 
 

@@ -83,12 +83,35 @@ def _quant_summary(model) -> dict[str, Any] | None:
     return {k: v for k, v in q.items() if isinstance(v, (str, int, float, bool))}
 
 
+def _check_compilable(model, name: str) -> None:
+    """``--compile`` times pt2e int8 models only (torch.ao's int8 modules and others are not compiled)."""
+    from rcomp.quant import catalog as qc
+
+    q = model.meta.compression.get("quantization") or {}
+    if not (qc.is_real(q) and qc.runtime(q.get("backend", "")) == qc.PT2E):
+        what = qc.label(q) if q else "a float model"
+        raise RcompError(f"--compile times pt2e int8 models only; {name} is {what}: quantize it with "
+                         "rcomp quantize --backend pt2e, or drop --compile")
+
+
+def _compiled(model, log, name: str):
+    """The model with its pt2e int8 network under torch.compile (compiled on the first, untimed, call per shape)."""
+    from torch import nn
+
+    from rcomp.quant.pt2e import compiled
+
+    if log:
+        log(f"{name}: timing under torch.compile (inductor); each batch size compiles once, untimed (seconds)")
+    return nn.Sequential(model.normalize, compiled(model.net)).eval()
+
+
 def bench(paths_or_models: Sequence, data: str, attacks: dict[str, Any], *, split: str = "test",
           n: int | None = None, batch_size: int = 128, device: str = "cpu", data_dir: str | Path | None = None,
           latency_batches: Sequence[int] = DEFAULT_LATENCY_BATCHES, arch: str | None = None,
           trust_factory: bool = False, progress: bool = True, log: Callable[[str], None] | None = None,
           cascade: bool = False, records: Callable[[Any, Path | None, int], Any] | None = None,
-          shard: tuple[int, int] | None = None, names: Sequence[str] | None = None) -> dict[str, Any]:
+          shard: tuple[int, int] | None = None, names: Sequence[str] | None = None,
+          compile_latency: bool = False) -> dict[str, Any]:
     """Benchmark each checkpoint (path or loaded Classifier) on ``n`` points of ``data`` (all if None).
 
     ``attacks`` maps display keys to attacks (see :func:`build_attacks`); each model is attacked
@@ -124,6 +147,8 @@ def bench(paths_or_models: Sequence, data: str, attacks: dict[str, Any], *, spli
     for i, item in enumerate(paths_or_models):
         model, path = _load(item, device, arch, trust_factory)
         name = names[i] if names else path.name if path is not None else f"model{i}"
+        if compile_latency:
+            _check_compilable(model, name)
         if log:
             log(f"[{i + 1}/{len(paths_or_models)}] {name}: {model.meta.arch.name}, gradient {model.gradient_source}")
             note = surrogate_note(attacks, model.gradient_source)
@@ -142,7 +167,8 @@ def bench(paths_or_models: Sequence, data: str, attacks: dict[str, Any], *, spli
             log(f"warning: {name}: {line}")
         n_eval, points = res.n, getattr(loader, "points", None)
         shape = tuple(model.meta.input.shape)
-        spread = {str(b): measure_latency(model, shape, b, device=device) for b in latency_batches if b > 0}
+        timed = _compiled(model, log, name) if compile_latency else model
+        spread = {str(b): measure_latency(timed, shape, b, device=device) for b in latency_batches if b > 0}
         lat = {b: round(st["median_ms"], 4) for b, st in spread.items()}
         sha = model.source_sha256
         if sha is None and path is not None:
@@ -160,6 +186,7 @@ def bench(paths_or_models: Sequence, data: str, attacks: dict[str, Any], *, spli
             "macs": _macs(model),
             "size_bytes": os.path.getsize(path) if path is not None else None,
             "latency_ms": lat,
+            "latency_compiled": bool(compile_latency),
             "latency": {b: {k: round(v, 4) if isinstance(v, float) else v for k, v in st.items()}
                         for b, st in spread.items()},
             "clean_acc": res.clean_acc,

@@ -7,12 +7,18 @@ import time
 import torch
 
 
+def _counted(net):
+    """The network whose layers are counted: a lowered int8 graph (pt2e) names the twin it was built from."""
+    cost_net = getattr(net, "cost_net", None)
+    return cost_net() if callable(cost_net) else net
+
+
 def count_params(model) -> int:
     """Parameters of the network (normalisation buffers excluded); int8 models count their packed weights;
     an ONNX model (rcomp.onnx.runtime.OnnxClassifier) the weights stored in its file."""
     if getattr(model, "is_onnx", False):
         return int(model.param_count or 0)
-    net = model.net if hasattr(model, "net") else model
+    net = _counted(model.net if hasattr(model, "net") else model)
     n = sum(p.numel() for p in net.parameters())
     if n == 0:  # real int8 modules keep their weights in packed params, not parameters
         for m in net.modules():
@@ -101,7 +107,7 @@ def count_macs(model, input_shape: tuple[int, int, int]) -> int:
         if model.macs is None:
             raise ValueError("this ONNX file records no MACs")
         return int(model.macs)
-    net = model.net if hasattr(model, "net") else model
+    net = _counted(model.net if hasattr(model, "net") else model)
     total = 0
     hooks = []
 

@@ -53,7 +53,9 @@ def check_meta(q: Any, where: str) -> dict[str, Any]:
 def finalize(fq: nn.Module, q: dict[str, Any]) -> nn.Module:
     """Freeze ``fq`` and replace its float weights by their integer values times the scales."""
     qb.freeze(fq)
-    if qc.is_real(q):
+    if qc.is_real(q) and qc.runtime(q["backend"]) == qc.PT2E:
+        qb.set_int_weights(fq, qb.int_weights(fq))  # the pt2e graph is built from the twin's own rounding
+    elif qc.is_real(q):
         qb.set_int_weights(fq, qb.int8_weights(qb.convert(fq, q["backend"])))
     else:
         qb.set_int_weights(fq, qb.int_weights(fq))
@@ -71,7 +73,7 @@ def assemble(model, fq: nn.Module, q: dict[str, Any]):
     if not qc.is_real(q):
         out = Classifier(fq, meta)
     else:
-        out = Classifier(qb.convert(fq, q["backend"]), meta)
+        out = Classifier(qb.convert(fq, q["backend"], tuple(meta.input.shape)), meta)
         twin = FakeQuantTwin(out.normalize, fq, meta)
         twin.gradient_note = qc.MODES.get(q["mode"]).get("gradient")
         out.set_gradient_model(twin)
@@ -92,3 +94,19 @@ def twin_of(model) -> nn.Module:
         raise RcompError("this int8 model has no fake-quant twin attached; load it from its checkpoint "
                          "or quantize it with rcomp.quant.quantize")
     return fq
+
+
+def with_backend(model, backend: str):
+    """The real int8 ``model`` on another int8 runtime, e.g. an int8 file written by torch.ao (x86) run on
+    pt2e: the same twin, hence the same integer weights and ranges; ``model`` is unchanged. Saving the
+    result writes the same tensors with the new backend in the header."""
+    q = dict(model.meta.compression.get("quantization") or {})
+    if not qc.is_real(q):
+        raise RcompError("with_backend needs a real int8 model; simulated and float models have no int8 runtime")
+    qb.check_backend(backend)
+    if qc.runtime(backend) == qc.TORCH_AO and qc.BACKEND_INFO[backend][1] and not qc.BACKEND_INFO[q["backend"]][1]:
+        raise RcompError(f"an int8 model made for {q['backend']} (activations in [0, 255]) cannot move to {backend} "
+                         "(activations in [0, 127] against int16 overflow); re-quantize the float checkpoint")
+    q["backend"] = backend
+    fq = copy.deepcopy(twin_of(model))
+    return assemble(model, finalize(fq, q), q)

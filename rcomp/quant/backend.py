@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from rcomp.errors import RcompError
-from rcomp.quant.catalog import BACKEND_INFO, BACKENDS, INT8, SIMULATED, bits_of
+from rcomp.quant.catalog import BACKEND_INFO, BACKENDS, INT8, PT2E, SIMULATED, TORCH_AO, bits_of, runtime
 
 SIM_BITS = bits_of(SIMULATED)
 REAL_BITS = bits_of(INT8)
@@ -59,6 +59,11 @@ def silenced():
 def check_backend(backend: str) -> str:
     if backend not in BACKENDS:
         raise RcompError(f"--backend {backend!r} is not supported; choose one of {', '.join(BACKENDS)}")
+    if runtime(backend) == PT2E:
+        from rcomp.quant.pt2e import require
+
+        require()
+        return backend
     if backend not in torch.backends.quantized.supported_engines:
         raise RcompError(f"--backend {backend}: this torch build has no {backend} engine; "
                          f"use one of {', '.join(e for e in BACKENDS if e in torch.backends.quantized.supported_engines)}")
@@ -201,14 +206,27 @@ def set_engine(backend: str) -> None:
         torch.backends.quantized.engine = backend
 
 
-def convert(fq: nn.Module, backend: str) -> nn.Module:
-    """A real int8 module from a frozen 8-bit fake-quant twin (``fq`` itself is left untouched)."""
+def convert(fq: nn.Module, backend: str, example_shape: tuple[int, ...] | None = None) -> nn.Module:
+    """A real int8 module from a frozen 8-bit fake-quant twin (``fq`` itself is left untouched): torch.ao's
+    ``convert_fx`` (deprecated runtime) or, for the pt2e backend, the twin's QDQ graph lowered by torchao
+    (``example_shape``: one input's shape, for tracing)."""
+    if runtime(backend) == PT2E:
+        from rcomp.quant.pt2e import lower
+
+        return lower(fq, example_shape)
+    assert runtime(backend) == TORCH_AO
     from torch.ao.quantization.quantize_fx import convert_fx
 
     set_engine(backend)
     with silenced():
         q = convert_fx(copy.deepcopy(fq), backend_config=_backend_config(8, backend))
     return q.eval()
+
+
+def int8_of(qnet: nn.Module, fq: nn.Module, backend: str) -> dict[str, torch.Tensor]:
+    """The integer weights of a real int8 model: read from torch.ao's packed modules, or (pt2e, whose lowered
+    graph holds packed oneDNN weights) from the twin's own rounding, which the pt2e graph was built from."""
+    return int_weights(fq) if runtime(backend) == PT2E else int8_weights(qnet)
 
 
 def int8_weights(qnet: nn.Module) -> dict[str, torch.Tensor]:

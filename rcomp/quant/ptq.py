@@ -68,6 +68,8 @@ def quantize(model, calib: Iterable[torch.Tensor], *, bits: int = 8, simulate: b
         raise RcompError("the model is already quantized; quantize the float checkpoint instead")
     bits = check_bits(bits, simulate)
     qb.check_backend(backend)
+    if simulate and qc.runtime(backend) == qc.PT2E:
+        raise RcompError("--backend pt2e makes real int8 models only; drop --simulate, or simulate with --backend x86")
     model = model.cpu().eval()
     structure = structure_diff(model)
     if structure:

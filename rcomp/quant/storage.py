@@ -33,7 +33,7 @@ def export(model) -> dict[str, torch.Tensor]:
     """Plain tensors for a quantized Classifier; also sets ``meta.stats["params"]``."""
     q = model.meta.compression["quantization"]
     fq = twin_of(model)
-    ints = qb.int8_weights(model.net) if qc.is_real(q) else qb.int_weights(fq)
+    ints = qb.int8_of(model.net, fq, q["backend"]) if qc.is_real(q) else qb.int_weights(fq)
     int_dtype = torch.int8 if q["bits"] <= 8 else torch.int16
     out = {f"normalize.{k}": v.detach().cpu().clone().contiguous() for k, v in model.normalize.state_dict().items()}
     for key, t in fq.state_dict().items():
@@ -93,6 +93,12 @@ def restore(model, tensors: dict[str, torch.Tensor], where: str = "checkpoint"):
     """Rebuild the quantized Classifier from the float skeleton ``model`` and the stored tensors."""
     q = check_meta(model.meta.compression.get("quantization"), where)
     check_scales(tensors, where)
+    if qc.is_real(q) and qc.runtime(q["backend"]) == qc.PT2E:
+        try:
+            qc.require_pt2e()
+        except RcompError:
+            raise RcompError(f"{where}: this int8 file runs on the pt2e backend, which needs torchao "
+                             f"{qc.TORCHAO_VERSION}: {qc.PT2E_EXTRA}") from None
     qb.check_backend(q["backend"])
     _resize(model.net, q.get("float_shapes", {}), where)
     try:

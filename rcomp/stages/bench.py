@@ -57,6 +57,10 @@ class Config(AttackOptions):
                               file_note="it lets a checkpoint run code, so only the person running rcomp may allow it",
                               help="Import the user factories checkpoints name (only for files you trust).")
     force: bool = O.force_opt()
+    compile: bool = O.opt(False, "--compile", kind="bool",
+                          help="Time pt2e int8 models (rcomp quantize --backend pt2e) under torch.compile "
+                               "(inductor): faster, but each batch size compiles once (seconds, untimed); other "
+                               "models are refused.")
 
     def check(self) -> None:
         if self.json:
@@ -290,7 +294,8 @@ def _run(cfg: Config, paths: list, models: list, attacks: dict, thresholds: dict
                    data_dir=cfg.data_dir, latency_batches=batches, arch=cfg.arch, trust_factory=cfg.trust_factory,
                    progress=main, log=log if main else None, cascade=cfg.cascade,
                    records=records if cfg.records is not None else None,
-                   shard=(dist.rank, dist.world) if dist.enabled else None, names=names)
+                   shard=(dist.rank, dist.world) if dist.enabled else None, names=names,
+                   compile_latency=cfg.compile)
     if not main:
         out = C.StageResult(report={})
         out.silent = True  # type: ignore[attr-defined]

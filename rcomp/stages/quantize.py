@@ -15,7 +15,8 @@ from rcomp.stages import common as C
 SUPPORTED = f"supported: {qc.supported()}"
 
 SUMMARY = "Quantize a checkpoint: real int8 (default) or a simulated low-bit fake-quant model."
-DOC = """Real int8 is static post-training quantization with torch.ao FX (CPU kernels of --backend):
+DOC = """Real int8 is static post-training quantization (torch.ao FX calibration, CPU kernels of --backend:
+torch.ao's engines, or torchao pt2e's oneDNN lowering with --backend pt2e):
 weights symmetric per output channel, activations affine per tensor, MinMax ranges from
 --calib-n training images, BatchNorm folded. The file is about 4x smaller and, at batch 64,
 several times faster. Attacks on an int8 model take gradients from its fake-quant twin
@@ -28,6 +29,7 @@ The output stores only plain tensors (integer weights, scales, zero points, rang
 reloads to identical outputs. Pruned checkpoints quantize too. Prints the output path."""
 EXAMPLES = """rcomp quantize model.safetensors --data digits -o model.int8.safetensors
 rcomp quantize model.safetensors --simulate --bits 4 --data digits
+rcomp quantize model.safetensors --backend pt2e --data digits -o model.pt2e.safetensors
 rcomp prune model.safetensors --ratio 0.5 | rcomp quantize --data digits
 rcomp quantize model.onnx --backend onnxruntime --data digits -o model.int8.onnx"""
 
@@ -39,8 +41,10 @@ class Config:
     simulate: bool = O.opt(False, "--simulate", kind="bool",
                          help="Fake-quant model (fp32 compute carrying the rounding of --bits) instead of real int8.")
     backend: str = O.opt("x86", "--backend", kind="choice", choices=qc.QUANTIZE_BACKENDS,
-                       help="Quantized engine: x86, fbgemm or qnnpack (torch.ao); onnxruntime: static QDQ int8 of "
-                            "an ONNX file (a checkpoint is exported first), written as .onnx.")
+                       help="Quantized engine: x86, fbgemm or qnnpack (torch.ao, deprecated); pt2e: torchao's pt2e "
+                            "lowering to oneDNN int8 kernels (needs torchao: pip install 'rcomp[pt2e]'; same file "
+                            "layout, see docs/quantization.md); onnxruntime: static QDQ int8 of an ONNX file (a "
+                            "checkpoint is exported first), written as .onnx.")
     data: str | None = O.opt(None, "--data", help="Calibration dataset (default: the dataset the checkpoint records; "
                                                 "required when it records none).")
     data_dir: Path | None = O.data_dir_opt()
@@ -60,6 +64,11 @@ class Config:
         if self.bits not in qc.bits_of(qc.mode_for(self.simulate)) and not self.simulate:
             raise RcompError(f"--bits {self.bits} is not supported without --simulate (add --simulate for a "
                              f"fake-quant model); {SUPPORTED}")
+        if self.backend in qc.BACKENDS and qc.runtime(self.backend) == qc.PT2E:
+            if self.simulate:
+                raise RcompError("--backend pt2e makes real int8 models only; drop --simulate, or simulate with "
+                                 "--backend x86")
+            qc.require_pt2e()
         C.check_data(self.data, self.data_dir)
 
     @property

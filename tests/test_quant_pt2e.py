@@ -1,0 +1,254 @@
+"""The pt2e int8 backend: the stored int8 twin lowered by torchao, parity with torch.ao int8, round trips, refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from rcomp.models.loading import load, save
+from rcomp.quant.assemble import with_backend
+from rcomp.quant.ptq import quantize
+
+from conftest import assert_one_line_error
+
+pytest.importorskip("torchao")
+
+
+def _digits(model, split: str = "test", n: int | None = None):
+    from rcomp.data.registry import get_dataset
+
+    ds = get_dataset("digits", split, model.meta.input)
+    idx = range(len(ds) if n is None else n)
+    return torch.stack([ds[i][0] for i in idx]), torch.tensor([ds[i][1] for i in idx])
+
+
+@pytest.fixture(scope="module")
+def pair(trained_digits, tmp_path_factory):
+    """(float model, torch.ao x86 int8, pt2e int8, test images, labels, dir): one calibration, two runtimes."""
+    model = load(trained_digits)
+    calib, _ = _digits(model, "train", 128)
+    x86 = quantize(model, [calib], backend="x86")
+    pt2e = quantize(model, [calib], backend="pt2e")
+    x, y = _digits(model)
+    return model, x86, pt2e, x, y, tmp_path_factory.mktemp("pt2e")
+
+
+def test_pt2e_computes_what_the_stored_int8_model_means(pair):
+    model, x86, pt2e, x, y, _ = pair
+    from rcomp.quant.pt2e import Pt2eInt8, fused_ops
+
+    assert isinstance(pt2e.net, Pt2eInt8)
+    # lowered for real: oneDNN int8 kernels, not fp32 convolutions between quantize/dequantize
+    assert "onednn.qconv_pointwise.default" in fused_ops(pt2e.net)
+    assert "onednn.qlinear_pointwise.default" in fused_ops(pt2e.net)
+    with torch.no_grad():
+        a, b, twin = x86(x), pt2e(x), pt2e.gradient_model()(x)
+    out_step = float(x86.gradient_model().fq.get_submodule("activation_post_process_9").scale)
+    agree = (a.argmax(1) == b.argmax(1)).float().mean().item()
+    assert agree >= 0.99, agree
+    # torch.ao quantizes the logits too: the two runtimes differ by at most a few output steps
+    assert (a - b).abs().max().item() <= 4 * out_step + 1e-6
+    # and no further from the fp32 fake-quant twin than torch.ao's int8 is
+    assert (twin - b).abs().max().item() <= (twin - a).abs().max().item() + 2 * out_step
+    acc = {k: (v.argmax(1) == y).float().mean().item() for k, v in (("x86", a), ("pt2e", b))}
+    assert abs(acc["x86"] - acc["pt2e"]) <= 0.01 and acc["pt2e"] > 0.8, acc
+    # any batch size (dynamic batch), and the same integer weights as torch.ao's conversion
+    with torch.no_grad():
+        assert torch.allclose(pt2e(x[:1]), b[:1], atol=1e-5) and torch.allclose(pt2e(x[:7]), b[:7], atol=1e-5)
+    from rcomp.quant import backend as qb
+
+    ints_pt2e = qb.int_weights(pt2e.gradient_model().fq)
+    ints_x86 = qb.int8_weights(x86.net)
+    assert set(ints_pt2e) == set(ints_x86) and all(torch.equal(ints_pt2e[k], ints_x86[k]) for k in ints_x86)
+
+
+def test_pt2e_save_reload_bit_identical_same_layout(pair):
+    _, x86, pt2e, x, _, d = pair
+    from safetensors.torch import load_file
+
+    p, q = d / "m.pt2e.safetensors", d / "m.x86.safetensors"
+    save(pt2e, p)
+    save(x86, q)
+    back = load(p)
+    assert back.meta.compression["quantization"]["backend"] == "pt2e"
+    with torch.no_grad():
+        assert torch.equal(back(x), pt2e(x))
+    tp, tq = load_file(p), load_file(q)
+    assert set(tp) == set(tq)  # the same file layout as torch.ao's int8
+    assert all(tp[k].dtype == tq[k].dtype and torch.equal(tp[k], tq[k]) for k in tq), \
+        [k for k in tq if not torch.equal(tp[k], tq[k])][:5]
+    # saving the reloaded model again writes the same tensors
+    save(back, d / "again.safetensors")
+    again = load_file(d / "again.safetensors")
+    assert all(torch.equal(again[k], tp[k]) for k in tp)
+
+
+def test_existing_x86_file_runs_on_pt2e(pair):
+    _, x86, _, x, _, d = pair
+    path = d / "old.x86.safetensors"
+    save(x86, path)
+    old = load(path)
+    moved = with_backend(old, "pt2e")
+    assert old.meta.compression["quantization"]["backend"] == "x86"  # unchanged
+    assert moved.meta.compression["quantization"]["backend"] == "pt2e"
+    with torch.no_grad():
+        a, b = old(x), moved(x)
+    assert (a.argmax(1) == b.argmax(1)).float().mean().item() >= 0.99
+    with pytest.raises(Exception, match="real int8"):
+        from rcomp.models.registry import build_model
+
+        with_backend(build_model("convnet8", 10, (1, 8, 8)), "pt2e")
+
+
+def test_pt2e_gradients_come_from_the_twin_and_costs_match(pair):
+    _, x86, pt2e, x, y, _ = pair
+    from rcomp.evaluation.cost import count_macs, count_params
+
+    assert pt2e.gradient_source == x86.gradient_source == "fake-quant twin of int8"
+    xi = x[:16].clone().requires_grad_(True)
+    torch.nn.functional.cross_entropy(pt2e.gradient_model()(xi), y[:16]).backward()
+    assert xi.grad is not None and xi.grad.abs().sum() > 0
+    assert count_params(pt2e) == count_params(x86) > 0
+    assert count_macs(pt2e, (1, 8, 8)) == count_macs(x86, (1, 8, 8)) > 0
+
+
+@pytest.mark.slow
+def test_cli_pt2e_quantize_then_attack(cli, trained_digits, tmp_path):
+    out = tmp_path / "q.pt2e.safetensors"
+    res = cli("quantize", trained_digits, "--backend", "pt2e", "--data", "digits", "--calib-n", "64",
+              "--eval-n", "120", "-o", out, "--json")
+    assert res.code == 0, res.stderr
+    rep = json.loads(res.stdout)
+    assert rep["quantization"]["backend"] == "pt2e" and abs(rep["accuracy"] - rep["accuracy_float"]) <= 0.02
+    att = cli("attack", out, "--attack", "pgd", "--eps", "0.1", "--data", "digits", "-n", "40", "--json")
+    assert att.code == 0, att.stderr
+    rep = json.loads(att.stdout)
+    assert rep["gradient_source"] == "fake-quant twin of int8"
+    assert rep["clean_acc"] > 0.8
+    assert rep["attacks"]["pgd"]["robust_acc"] < rep["clean_acc"]  # the twin's gradients do attack the int8 model
+
+
+def test_cli_pt2e_refusals(cli, tiny_ckpt, monkeypatch):
+    assert_one_line_error(cli("quantize", tiny_ckpt, "--backend", "pt2e", "--simulate", "--bits", "8"),
+                          "--backend pt2e", "drop --simulate")
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else real(name, *a))
+    assert_one_line_error(cli("quantize", tiny_ckpt, "--backend", "pt2e", "--data", "digits"),
+                          "needs torchao", "rcomp[pt2e]")
+
+
+def test_pt2e_file_without_torchao_is_refused_in_one_line(pair, cli, monkeypatch):
+    _, _, pt2e, _, _, d = pair
+    path = d / "needs-torchao.safetensors"
+    save(pt2e, path)
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else real(name, *a))
+    assert_one_line_error(cli("bench", path, "--data", "digits", "-n", "8"), "pt2e backend", "rcomp[pt2e]")
+
+
+def test_bench_compile_refuses_other_models(cli, tiny_ckpt):
+    assert_one_line_error(cli("bench", tiny_ckpt, "--data", "digits", "-n", "8", "--compile"),
+                          "--compile times pt2e int8 models only", "--backend pt2e")
+
+
+@pytest.mark.slow
+def test_bench_compile_times_the_compiled_pt2e_model(pair, cli):
+    _, _, pt2e, _, _, d = pair
+    path = d / "timed.pt2e.safetensors"
+    save(pt2e, path)
+    res = cli("bench", path, "--data", "digits", "-n", "16", "--latency-batch", "0", "--compile", "--json")
+    assert res.code == 0, res.stderr
+    m = json.loads(res.stdout)["models"][0]
+    assert m["latency_compiled"] is True and m["latency_ms"]["1"] > 0
+    assert "torch.compile" in res.stderr
+
+
+def test_pt2e_refuses_layers_it_cannot_lower(tmp_path):
+    """A 1-d convolution has no pt2e int8 lowering here: one line naming the fix, no traceback text."""
+    from torch import nn
+
+    from rcomp.errors import RcompError
+    from rcomp.quant import backend as qb
+    from rcomp.quant.pt2e import qdq_graph
+
+    net = nn.Sequential(nn.Conv1d(2, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 3))
+    fq = qb.prepare(net, torch.rand(1, 2, 4), 8, "pt2e", real=True)
+    qb.calibrate(fq, [torch.rand(4, 2, 4)])
+    qb.freeze(fq)
+    with pytest.raises(RcompError, match="Conv1d|ConvReLU1d") as err:
+        qdq_graph(fq)
+    assert "--backend x86" in str(err.value) and "\n" not in str(err.value)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(width=st.integers(1, 6), relu=st.booleans(), seed=st.integers(0, 2**16), scale=st.floats(0.1, 20.0))
+def test_qdq_graph_computes_what_the_twin_computes(width, relu, seed, scale):
+    """Property: the pt2e QDQ graph written from a frozen twin gives the twin's outputs (before lowering), for
+    random small networks, weights and input ranges, including inputs far outside the calibrated range."""
+    from torch import nn
+
+    from rcomp.quant import backend as qb
+    from rcomp.quant.pt2e import qdq_graph
+
+    torch.manual_seed(seed)
+    layers = [nn.Conv2d(2, width, 3, padding=1), nn.BatchNorm2d(width)] + ([nn.ReLU()] if relu else [])
+    net = nn.Sequential(*layers, nn.Conv2d(width, 3, 3, stride=2), nn.Flatten(), nn.Linear(3 * 2 * 2, 4)).eval()
+    calib = torch.randn(16, 2, 6, 6)
+    fq = qb.prepare(net, calib[:1], 8, "x86", real=True)
+    qb.calibrate(fq, [calib])
+    qb.freeze(fq)
+    qb.set_int_weights(fq, qb.int_weights(fq))
+    g = qdq_graph(fq)
+    x = torch.randn(9, 2, 6, 6) * scale
+    with torch.no_grad():
+        assert torch.equal(g(x), fq(x))
+
+
+@pytest.mark.slow
+def test_pt2e_compiled_agrees_with_lowered(pair):
+    """torch.compile (inductor) of the lowered graph: the faster variant computes the same."""
+    _, _, pt2e, x, _, _ = pair
+    from rcomp.quant.pt2e import compiled
+
+    fast = compiled(pt2e.net)
+    xn = pt2e.normalize(x[:64])
+    with torch.no_grad():
+        assert torch.allclose(fast(xn), pt2e.net(xn), atol=1e-5)
+
+
+def test_pt2e_is_opt_in():
+    """Not the default (docs/quantization.md says why): x86 (torch.ao) stays the default int8 backend."""
+    from rcomp.stages.quantize import Config
+
+    assert Config().backend == "x86"
+
+
+@pytest.mark.slow
+def test_pt2e_quantization_aware_finetune_keeps_backend(pair):
+    """QAT through the twin (rcomp finetune's path) writes back a pt2e int8 model that moved and still agrees."""
+    from rcomp.quant import qat
+
+    _, _, pt2e, x, y, _ = pair
+    t = qat.to_trainable(pt2e).train()
+    opt = torch.optim.SGD([p for p in t.parameters() if p.requires_grad], lr=0.05)
+    for _ in range(3):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(t(x[:64]), y[:64]).backward()
+        opt.step()
+    back = qat.from_trainable(t.eval(), pt2e)
+    assert back.meta.compression["quantization"]["backend"] == "pt2e"
+    from rcomp.quant.pt2e import Pt2eInt8
+
+    assert isinstance(back.net, Pt2eInt8)
+    with torch.no_grad():
+        new, twin = back(x), back.gradient_model()(x)
+        assert not torch.equal(new, pt2e(x))  # the weights did change
+    assert (new.argmax(1) == twin.argmax(1)).float().mean().item() >= 0.99
