@@ -165,6 +165,28 @@ def test_guard_restores_the_best_weights_exactly():
     assert guard.pgd_accuracy(model) == guard.pgd_accuracy(model)
 
 
+@pytest.mark.parametrize("clean_at_best,fires", [(0.117, False), (0.18, False), (0.19, True), (0.95, True)])
+def test_guard_ignores_a_fall_from_a_model_at_chance(monkeypatch, clean_at_best, fires):
+    """Measured on `fake` at eps 0.25: a model that never learnt (clean 0.11) had its PGD figure fall from 0.117 to
+    0.008, which the rule alone calls a collapse. Robustness a model at chance never had is not lost: the best
+    check must be above the chance level (0.19 for 10 classes), as the collapse monitor's."""
+    model = _mlp()
+    x, y = torch.rand(32, 1, 8, 8), torch.arange(32) % 10
+    figures = iter([(clean_at_best, 0.117), (clean_at_best, 0.008)])
+    monkeypatch.setattr(OverfitGuard, "pgd_accuracy", lambda self, m: next(figures))
+    guard = OverfitGuard(x, y, 0.1, "linf", seed=1, num_classes=10)
+    assert guard.chance_level() == pytest.approx(0.19)
+    assert guard.check(model, 0, None) is None
+    hit = guard.check(model, 1, 0.2)
+    assert (hit is not None) == fires and (guard.collapse is not None) == fires
+
+
+def test_guard_learns_the_class_count_from_the_model():
+    guard = OverfitGuard(torch.rand(8, 1, 8, 8), torch.zeros(8, dtype=torch.long), 0.1, "linf", seed=1)
+    guard.pgd_accuracy(_mlp())
+    assert guard.num_classes == 10
+
+
 # ----------------------------------------------------------------------------- the command line
 
 SMALL = ["--data", "digits", "-n", "256", "--batch-size", "64", "--eval-n", "0", "--device", "cpu"]

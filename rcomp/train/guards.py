@@ -127,7 +127,10 @@ class CollapseMonitor:
 #   pgd <= CO_RATIO * best  and  best - pgd >= CO_DROP      (fell far below its best)
 #   and the epoch's training adversarial accuracy >= that of the best check's epoch - CO_SLACK
 #       (the single-step adversary is still being beaten: it is the PGD figure alone that fell;
-#        when the best check is the starting model, no such figure exists and the condition holds).
+#        when the best check is the starting model, no such figure exists and the condition holds)
+#   and the best check's clean accuracy was above chance (the CollapseMonitor's level, 0.19 for 10
+#       classes): a model at chance has no robustness to lose (measured: FGSM training on `fake` at
+#       eps 0.25 never learnt, and its PGD figure falling from 0.117 to 0.008 was noise, not a collapse).
 # On a collapse: training stops, the best check's weights are restored, the collapse goes to
 # stderr and the history, and the run fails (exit 1, nothing written) unless --allow-collapse,
 # which writes the restored best weights instead.
@@ -162,6 +165,7 @@ class OverfitGuard:
     source: str = "training images"
     steps: int = CO_STEPS
     checks: list[dict[str, Any]] = field(default_factory=list)
+    num_classes: int | None = None  # from the model's outputs at the first check
     best: dict[str, Any] | None = None
     best_state: dict[str, Any] | None = None
     collapse: dict[str, Any] | None = None
@@ -177,7 +181,9 @@ class OverfitGuard:
         module.eval()
         try:
             with torch.no_grad():
-                clean = module(self.x).argmax(1) == self.y
+                logits = module(self.x)
+                self.num_classes = int(logits.shape[1])
+                clean = logits.argmax(1) == self.y
             x_adv = attack(module, self.x, self.y)
             with torch.no_grad():
                 adv = module(x_adv).argmax(1) == self.y
@@ -191,7 +197,8 @@ class OverfitGuard:
         clean, pgd = self.pgd_accuracy(module)
         row = {"epoch": epoch, "clean": round(clean, 6), "pgd": round(pgd, 6), "train_adv": train_adv}
         self.checks.append(row)
-        if self.best is not None and overfit_collapsed(pgd, self.best["pgd"], train_adv, self.best["train_adv"]):
+        if self.best is not None and self.best.get("clean", 1.0) >= self.chance_level() \
+                and overfit_collapsed(pgd, self.best["pgd"], train_adv, self.best["train_adv"]):
             self.collapse = {"epoch": epoch, "pgd": row["pgd"], "train_adv": train_adv,
                              "best_epoch": self.best["epoch"], "best_pgd": self.best["pgd"]}
             return self.collapse
@@ -199,6 +206,11 @@ class OverfitGuard:
             self.best = row
             self.best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
         return None
+
+    def chance_level(self) -> float:
+        """Clean accuracy at or below which a model counts as at chance (as :class:`CollapseMonitor`'s)."""
+        k = self.num_classes or (int(self.y.max()) + 1 if len(self.y) else 2)
+        return CollapseMonitor(max(k, 2)).level
 
     def restore_best(self, module) -> None:
         if self.best_state is not None:
