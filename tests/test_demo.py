@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -42,7 +43,61 @@ def test_demo_quick_end_to_end(tmp_path, cli):
     # worst case never above any single attack's robust accuracy
     for m in report["models"]:
         assert m["worst_case_acc"] <= min(m["robust_acc"].values()) + 1e-12
+    # the path to a shipped file: the study's 50%-total point exported, made int8 by ONNX Runtime, benched beside it
+    ship = report["shipped"]
+    assert [r["file"] for r in ship["models"]] == ["pruned-ft-pgd-s67.safetensors", "ship.onnx", "ship.int8.onnx"]
+    ckpt, fp32, int8 = ship["models"]
+    assert set(fp32["robust_acc"]) == {"pgd", "square"} and fp32["gradient_source"] != ckpt["gradient_source"]
+    assert abs(fp32["clean_acc"] - ckpt["clean_acc"]) <= 1 / 64 and int8["size_bytes"] < 0.5 * fp32["size_bytes"]
+    assert "## The shipped file" in res.stdout and "ship.int8.onnx" in (out / "report.md").read_text()
     # a second run skips every finished stage
     again = cli("demo", "--quick", "--out-dir", out, "--set", "*.steps=2", "--json")
     assert again.code == 0, again.stderr[-2000:]
     assert "skipped" in again.stderr and " ran" not in again.stderr.replace("up to date", "")
+
+
+def test_demo_without_the_onnx_extra_skips_only_the_shipped_file_stages(monkeypatch):
+    """No onnx/onnxruntime: the demo says on stderr which extra to install and drops export, the ORT int8 and
+    the bench that reads them; every other stage stays (no training here)."""
+    from rcomp.cli.demo import QUICK, demo_recipe_text, skip_onnx_stages
+    from rcomp.recipes.engine import Recipe
+
+    full = [st.name for st in Recipe(demo_recipe_text(), overrides=QUICK).stages]
+    assert {"ship", "ship-int8", "bench-ship"} <= set(full)
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
+    recipe, said = Recipe(demo_recipe_text(), overrides=QUICK), []
+    gone = skip_onnx_stages(recipe, said.append)
+    assert gone == ["ship", "ship-int8", "bench-ship"]
+    assert [st.name for st in recipe.stages] == [n for n in full if n not in gone]
+    assert len(said) == 1 and "onnxruntime" in said[0] and "pip install 'rcomp[onnx]'" in said[0]
+    assert "skipping stages ship, ship-int8, bench-ship" in said[0]
+    left = {st.name for st in recipe.stages}
+    assert all(i in left or "*" in i for st in recipe.stages for i in st.inputs)  # nothing reads a dropped stage
+
+
+def test_demo_with_the_onnx_extra_keeps_every_stage():
+    from rcomp.cli.demo import demo_recipe_text, skip_onnx_stages
+    from rcomp.recipes.engine import Recipe
+
+    recipe, said = Recipe(demo_recipe_text()), []
+    before = [st.name for st in recipe.stages]
+    assert skip_onnx_stages(recipe, said.append) == [] and said == []
+    assert [st.name for st in recipe.stages] == before
+
+
+def test_recipe_without_drops_readers_transitively():
+    from rcomp.recipes.engine import Recipe
+
+    text = """
+stages:
+  - {name: a, command: finetune, options: {arch: convnet8}}
+  - {name: b, command: prune, input: a, options: {ratio: 0.5}}
+  - {name: c, command: quantize, input: b}
+  - {name: d, command: prune, input: a, options: {ratio: 0.3}}
+  - {name: e, command: bench, inputs: [a, c], output: e.json}
+  - {name: f, command: bench, inputs: ["*"], output: f.json}
+"""
+    r = Recipe(text)
+    assert r.without(["b"]) == ["b", "c", "e"]          # c reads b, e reads c; a glob reader (f) stays
+    assert [st.name for st in r.stages] == ["a", "d", "f"]
+    assert Recipe(text).without([]) == []

@@ -156,6 +156,21 @@ class Recipe:
         self.defaults = _subst(self.defaults, self.vars, f"{source} defaults")
         self.stages = self._expand(doc["stages"])
 
+    def without(self, names) -> list[str]:
+        """Drop the stages named and every stage that reads one of them by name, transitively (a glob input
+        just matches fewer); returns the names dropped, in recipe order."""
+        dropped = set(names)
+        grew = True
+        while grew:
+            grew = False
+            for st in self.stages:
+                if st.name not in dropped and dropped.intersection(st.inputs):
+                    dropped.add(st.name)
+                    grew = True
+        gone = [st.name for st in self.stages if st.name in dropped]
+        self.stages = [st for st in self.stages if st.name not in dropped]
+        return gone
+
     def default_out_dir(self) -> str:
         """The folder used without --out-dir: the recipe's out_dir, else its name (both relative, no '..')."""
         return self.out_dir or _recipe_out_dir(self.name, f"{self.where('name')}: as the default output folder, name")
