@@ -118,3 +118,33 @@ def test_dry_run_prints_commands(tmp_path, weights, cli):
 def test_demo_shows_its_recipe(cli):
     res = cli("demo", "--show-recipe")
     assert res.code == 0 and "stages:" in res.stdout and "baseline-adv" in res.stdout
+
+
+def test_set_with_a_stage_pattern_overrides_the_stages_own_value(tmp_path):
+    """README: `--set STAGE.OPTION=VALUE` overrides. A pattern (`*.steps`) used to lose silently to a
+    stage's own `steps:`; now stage < pattern < exact name, and the pattern touches only stages whose
+    command takes the option."""
+    from rcomp.recipes.engine import Recipe, plan
+
+    text = """
+stages:
+  - {name: a1, command: attack, input: {ckpt}, options: {data: digits, eps: 0.1, attack: pgd, steps: 7}}
+  - {name: a2, command: attack, input: {ckpt}, options: {data: digits, eps: 0.1, attack: pgd, steps: 7}}
+  - {name: p, command: prune, input: {ckpt}, options: {ratio: 0.5}}
+"""
+    from conftest import make_checkpoint
+
+    out = tmp_path / "out"
+    ckpt = tmp_path / "m.safetensors"
+    make_checkpoint(ckpt)
+    text = text.replace("{ckpt}", str(ckpt))
+
+    def steps(overrides):
+        st = {s.name: s for s in plan(Recipe(text, source="t.yaml", overrides=overrides), out)}
+        assert not hasattr(st["p"].config, "steps")  # prune takes no --steps: the pattern skips it
+        return st["a1"].config.steps, st["a2"].config.steps
+
+    assert steps({}) == (7, 7)
+    assert steps({"*.steps": "2"}) == (2, 2)
+    assert steps({"*.steps": "2", "a2.steps": "3"}) == (2, 3)
+    assert steps({"a*.steps": "4"}) == (4, 4)

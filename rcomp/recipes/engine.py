@@ -221,12 +221,15 @@ class Recipe:
         options = _subst(raw.get("options") or {}, env, w)
         if not isinstance(options, dict):
             raise RcompError(f"{self.where('stages', i, 'options')}: options must be a mapping")
-        wild = {}
+        wild, exact = {}, {}
         for pattern, ov in self._stage_overrides.items():
             if pattern == name:
-                options.update(ov)
+                exact.update(ov)
             elif fnmatch.fnmatchcase(name, pattern):
                 wild.update(ov)  # applied only where the command takes the option
+        # --set overrides the recipe: a pattern's value beats the stage's own, its exact name beats both
+        options.update(exact)
+        wild = {k: v for k, v in wild.items() if k not in exact}
         ins = raw.get("inputs", [raw["input"]] if raw.get("input") is not None else [])
         ins = [str(_subst(x, env, w)) for x in (ins if isinstance(ins, list) else [ins])]
         out = str(_subst(raw.get("output", f"{name}.safetensors"), env, w))
@@ -278,8 +281,16 @@ def _configure(recipe: Recipe, st: Stage, out: Path, allow_factories: frozenset[
     cls = get_stage(st.command).config
     idx = option_index(cls)
     takes = {k: v for k, v in recipe.defaults.items() if str(k).replace("_", "-").lower() in idx}
-    takes.update({k: v for k, v in st.wild.items() if str(k).replace("_", "-").lower() in idx})
     takes.update(st.options)
+    wild = {k: v for k, v in st.wild.items() if str(k).replace("_", "-").lower() in idx}
+    if wild:  # --set STAGE-PATTERN.OPTION beats the stage's own value (README: --set overrides)
+
+        def norm(k: Any) -> str:
+            return str(k).strip().lstrip("-").replace("_", "-").lower()
+
+        beaten = {norm(k) for k in wild}
+        takes = {k: v for k, v in takes.items() if norm(k) not in beaten}
+        takes.update(wild)
     named = {k: idx.get(str(k).strip().lstrip("-").replace("_", "-").lower()) for k in takes}
     for key, o in named.items():
         if o is not None and o.name in ("output", "force"):
