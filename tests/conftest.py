@@ -88,6 +88,12 @@ def pytest_runtest_call(item):
     return res
 
 
+def pytest_collection_modifyitems(session, config, items):
+    """Slow tests first (stable order otherwise): with pytest-xdist's load scheduling both workers start on
+    the long end-to-end tests, so none of them is left to run alone at the end of the suite."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def pytest_configure(config):
     """One torch thread for the whole session, whichever files run: figures computed in-process then
     do not depend on the machine's core count or on whether tests/test_train_core.py (which sets the same)
