@@ -148,3 +148,29 @@ stages:
     assert steps({"*.steps": "2"}) == (2, 2)
     assert steps({"*.steps": "2", "a2.steps": "3"}) == (2, 3)
     assert steps({"a*.steps": "4"}) == (4, 4)
+
+
+def test_recipe_bench_stages_time_with_passive_threads(tmp_path):
+    """`rcomp run` (like `rcomp bench`) sets OMP_WAIT_POLICY=PASSIVE before torch loads, unless the user set
+    it: busy-waiting threads skew latency on a loaded machine; the bench report states the policy."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import make_checkpoint
+
+    ckpt = tmp_path / "m.safetensors"
+    make_checkpoint(ckpt)
+    rec = tmp_path / "r.yaml"
+    rec.write_text(f"stages:\n  - {{name: b, command: bench, inputs: [{ckpt}], output: b.json, "
+                   "options: {data: digits, n: 16, attack: fgsm, eps: 0.1, format: json}}\n")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env["OMP_NUM_THREADS"] = "1"
+    for given, want in ((None, "PASSIVE"), ("ACTIVE", "ACTIVE")):
+        out = tmp_path / f"out-{want}"
+        e = env if given is None else {**env, "OMP_WAIT_POLICY": given}
+        proc = subprocess.run([sys.executable, "-m", "rcomp", "run", str(rec), "--out-dir", str(out)], env=e,
+                              capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert json.loads((out / "b.json").read_text())["thread_policy"] == want

@@ -102,6 +102,10 @@ class _Stdout:
         return getattr(self._stream, name)
 
 
+#: commands that time latency (bench, and the recipes whose bench stages do): OpenMP threads wait passively
+TIMES_LATENCY = ("bench", "run", "demo")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: runs the app, turning errors into one line and an exit code."""
     from rcomp.signals import install_handlers
@@ -110,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("RCOMP_DEBUG", "") not in ("", "0")
     args = [a for a in args if a != "--debug"]
-    if next((a for a in args if not a.startswith("-")), "") == "bench" and "torch" not in sys.modules:
+    if next((a for a in args if not a.startswith("-")), "") in TIMES_LATENCY and "torch" not in sys.modules:
         # busy-waiting OpenMP threads skew latency on a loaded machine (eager batch 1: 1316 ms -> 64 ms with
         # PASSIVE, docs/export.md); the policy must be set before torch loads, and bench reports it
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
