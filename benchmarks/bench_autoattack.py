@@ -34,12 +34,12 @@ EPS = 0.1
 def _train(adv: bool, seed: int = 0, base=None, epochs: int = 8):
     import torch
 
-    from rcomp.data.registry import DATASETS, get_dataset
+    from rcomp.data.registry import data_info, get_dataset
     from rcomp.models.registry import build_model
     from rcomp.train.adversarial import AdvConfig
     from rcomp.train.loop import TrainConfig, finetune
 
-    info = DATASETS["digits"]
+    info = data_info("digits")
     torch.manual_seed(seed)
     model = base or build_model("convnet8", 10, (1, 8, 8), list(info.mean), list(info.std), dataset="digits")
     ds = get_dataset("digits", "train", model.meta.input)

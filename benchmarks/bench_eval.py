@@ -52,7 +52,7 @@ def run(quick: bool = False) -> list[dict]:
     import torch
     import torch.nn.functional as F
 
-    from rcomp.data.registry import DATASETS, get_dataset, make_loader
+    from rcomp.data.registry import data_info, get_dataset, make_loader
     from rcomp.models.loading import save
     from rcomp.models.registry import build_model
 
@@ -60,7 +60,7 @@ def run(quick: bool = False) -> list[dict]:
     ckpt = tmp / "convnet8.safetensors"
     torch.manual_seed(0)
     torch.set_num_threads(2)
-    info = DATASETS["fake"]
+    info = data_info("fake")
     model = build_model("convnet8", 10, info.shape, list(info.mean), list(info.std), dataset="fake")
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     model.train()

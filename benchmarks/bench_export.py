@@ -76,11 +76,11 @@ def _train(arch: str, data: str, shape, path: Path, epochs: int, data_dir=None) 
     import torch
     import torch.nn.functional as F
 
-    from rcomp.data.registry import DATASETS, get_dataset, make_loader
+    from rcomp.data.registry import data_info, get_dataset, make_loader
     from rcomp.models.loading import save
     from rcomp.models.registry import build_model
 
-    info = DATASETS["digits"]
+    info = data_info("digits")
     torch.manual_seed(0)
     mean, std = (list(info.mean), list(info.std)) if shape[0] == 1 else ([0.0] * shape[0], [1.0] * shape[0])
     model = build_model(arch, 10, shape, mean, std, dataset=data)

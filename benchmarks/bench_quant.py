@@ -90,7 +90,7 @@ def run(quick: bool = False) -> list[dict]:
     import torch
     import torch.nn.functional as F
 
-    from rcomp.data.registry import DATASETS, get_dataset, make_loader
+    from rcomp.data.registry import data_info, get_dataset, make_loader
     from rcomp.models.loading import to_bytes
     from rcomp.models.registry import build_model
     from rcomp.pruning import prune
@@ -98,7 +98,7 @@ def run(quick: bool = False) -> list[dict]:
 
     setup_threads(2)
     torch.manual_seed(0)
-    info = DATASETS["digits"]
+    info = data_info("digits")
     model = build_model("resnet18-cifar", 10, (3, 32, 32), list(info.mean) * 3, list(info.std) * 3,
                         dataset="digits")
     train = get_dataset("digits", "train", model.meta.input)
