@@ -13,7 +13,7 @@ from rcomp.models.loading import load
 @pytest.mark.slow
 def test_demo_quick_end_to_end(tmp_path, cli):
     out = tmp_path / "demo"
-    res = cli("demo", "--quick", "--out-dir", out, "--set", "*.steps=2")
+    res = cli("demo", "--quick", "--out-dir", out, "--set", "bench*.steps=2")
     assert res.code == 0, res.stderr[-3000:]
     # the report: table, conclusion with numbers, json, plot (matplotlib is in the dev extra)
     assert "## Conclusion" in res.stdout and "baseline-adv" in res.stdout
@@ -51,7 +51,7 @@ def test_demo_quick_end_to_end(tmp_path, cli):
     assert abs(fp32["clean_acc"] - ckpt["clean_acc"]) <= 1 / 64 and int8["size_bytes"] < 0.5 * fp32["size_bytes"]
     assert "## The shipped file" in res.stdout and "ship.int8.onnx" in (out / "report.md").read_text()
     # a second run skips every finished stage
-    again = cli("demo", "--quick", "--out-dir", out, "--set", "*.steps=2", "--json")
+    again = cli("demo", "--quick", "--out-dir", out, "--set", "bench*.steps=2", "--json")
     assert again.code == 0, again.stderr[-2000:]
     assert "skipped" in again.stderr and " ran" not in again.stderr.replace("up to date", "")
 
