@@ -300,24 +300,14 @@ def run(cfg: Config, inputs: list, *, log=C.stderr_log, dist=None, **_: Any) -> 
     if cfg.from_file is not None:
         return _replay(cfg, path, given)
     attacks = cfg.build(cfg.seed)  # refuse bad attack settings before loading anything
-    if (dist.enabled if dist is not None else D.launched()) and cfg.records is None:
-        raise RcompError("under torchrun, give --records DIR (a folder every process can reach): the processes "
-                         "hand their results to rank 0 through it")
+    C.require_records(cfg, dist)
     if cfg.output is not None and (dist is None or dist.is_main):
         check_output_path(Path(cfg.output), C.input_files(path, given), force=cfg.force)
-    owned = dist is None
-    if owned:
-        dist, dev = D.setup(C.resolve_device(cfg.device))
-    else:
-        dev = D.local_device(dist, C.resolve_device(cfg.device))
-    try:
+    with D.process_group(dist, C.resolve_device(cfg.device)) as (dist, dev):
         model = given if given is not None else C.as_model(path, dev, cfg.arch, cfg.trust_factory, cfg.surrogate, log)
         C.check_gradients(model, attacks, path.name if path is not None else "the model", log)
         cfg_dev = cfg if dev == C.resolve_device(cfg.device) else _with_device(cfg, dev)
         return apply(model, cfg_dev, log, path, attacks, dist=dist if dist.enabled else None)
-    finally:
-        if owned:
-            D.teardown(dist)
 
 
 def _with_device(cfg: Config, dev: str) -> Config:

@@ -255,20 +255,10 @@ def run(cfg: Config, inputs: list, *, log=C.stderr_log, dist=None, **_: Any) -> 
 
         parsed = parse_thresholds(cfg.fail_under)
     thresholds = check_metrics(parsed, list(attacks))
-    if (dist.enabled if dist is not None else D.launched()) and cfg.records is None:
-        raise RcompError("under torchrun, give --records DIR (a folder every process can reach): the processes "
-                         "hand their results to rank 0 through it")
-    owned = dist is None
-    if owned:
-        dist, dev = D.setup(C.resolve_device(cfg.device))
-    else:
-        dev = D.local_device(dist, C.resolve_device(cfg.device))
-    try:
+    C.require_records(cfg, dist)
+    with D.process_group(dist, C.resolve_device(cfg.device)) as (dist, dev):
         data = _data(cfg, models, names, log if dist.is_main else _silent)  # rank 0 alone says the data
         return _run(cfg, paths, models, attacks, thresholds, dist, dev, log, data, names)
-    finally:
-        if owned:
-            D.teardown(dist)
 
 
 def _run(cfg: Config, paths: list, models: list, attacks: dict, thresholds: dict, dist, dev: str, log,

@@ -318,3 +318,12 @@ def human(n: int | None, unit: str = "") -> str:
         if abs(n) >= div:
             return f"{n / div:.2f}{suf}{unit}"
     return f"{n}{unit}"
+
+
+def require_records(cfg: Any, dist: Any) -> None:
+    """An evaluation split over processes (torchrun, or a recipe's ``dist``) needs ``--records DIR``."""
+    from rcomp.train import distributed as D
+
+    if (dist.enabled if dist is not None else D.launched()) and cfg.records is None:
+        raise RcompError("under torchrun, give --records DIR (a folder every process can reach): the processes "
+                         "hand their results to rank 0 through it")

@@ -349,13 +349,7 @@ def run(cfg: Config, inputs: list, *, log=C.stderr_log, default_output: bool = T
     ``DistInfo()``: train in this process alone)."""
     from rcomp.train import distributed as D
 
-    dev = C.resolve_device(cfg.device)
-    owned = dist is None
-    if owned:
-        dist, dev = D.setup(dev)
-    else:
-        dev = D.local_device(dist, dev)
-    try:
+    with D.process_group(dist, C.resolve_device(cfg.device)) as (dist, dev):
         C.seed_everything(cfg.seed)
         source, given = C.split_input(inputs[0]) if inputs else (None, None)
         scratch = source is None and given is None
@@ -379,6 +373,3 @@ def run(cfg: Config, inputs: list, *, log=C.stderr_log, default_output: bool = T
         if out is not None:
             log(f"wrote {out} ({C.parameters(res.model):,} parameters, sha256 {res.sha256[:12]})")
         return res
-    finally:
-        if owned:
-            D.teardown(dist)

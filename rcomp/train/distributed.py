@@ -12,7 +12,9 @@ training up to floating-point summation order. Only rank 0 writes files and prin
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 
@@ -82,6 +84,21 @@ def teardown(info: DistInfo) -> None:
 
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def process_group(given: DistInfo | None, device: str) -> Iterator[tuple[DistInfo, str]]:
+    """(info, this process's device) for one stage: the caller's group when ``given`` (a recipe under
+    torchrun owns it; ``DistInfo()`` runs this process alone), else the one torchrun launched, joined
+    here and left when the stage ends."""
+    if given is not None:
+        yield given, local_device(given, device)
+        return
+    info, device = setup(device)
+    try:
+        yield info, device
+    finally:
+        teardown(info)
 
 
 def wrap(model, info: DistInfo, device: str):
