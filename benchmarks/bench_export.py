@@ -33,7 +33,7 @@ from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import main, row, setup_threads  # noqa: E402
+from common import main, row, setup_threads, train_classifier  # noqa: E402
 
 CMD = "python benchmarks/bench_export.py"
 
@@ -73,27 +73,9 @@ def _cli(*args) -> tuple[int, str, str]:
 
 
 def _train(arch: str, data: str, shape, path: Path, epochs: int, data_dir=None) -> Path:
-    import torch
-    import torch.nn.functional as F
-
-    from rcomp.data.registry import data_info, get_dataset, make_loader
     from rcomp.models.loading import save
-    from rcomp.models.registry import build_model
 
-    info = data_info("digits")
-    torch.manual_seed(0)
-    mean, std = (list(info.mean), list(info.std)) if shape[0] == 1 else ([0.0] * shape[0], [1.0] * shape[0])
-    model = build_model(arch, 10, shape, mean, std, dataset=data)
-    ds = get_dataset(data, "train", model.meta.input, data_dir)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(epochs):
-        for x, y in make_loader(ds, 64, shuffle=True, seed=0):
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-    model.eval()
-    save(model, path, force=True)
+    save(train_classifier(arch, data, shape, epochs, data_dir), path, force=True)
     return path
 
 

@@ -31,7 +31,7 @@ from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import main, row, setup_threads  # noqa: E402
+from common import main, row, setup_threads, train_classifier  # noqa: E402
 
 CMD = "python benchmarks/bench_int8_backends.py"
 BATCH = 64
@@ -55,23 +55,11 @@ def cpu_text() -> str:
 
 def _digits_convnet8(epochs: int):
     import torch
-    import torch.nn.functional as F
 
-    from rcomp.data.registry import data_info, get_dataset, make_loader
-    from rcomp.models.registry import build_model
+    from rcomp.data.registry import get_dataset
 
-    info = data_info("digits")
-    torch.manual_seed(0)
-    model = build_model("convnet8", 10, (1, 8, 8), list(info.mean), list(info.std), dataset="digits")
+    model = train_classifier("convnet8", "digits", (1, 8, 8), epochs)
     train = get_dataset("digits", "train", model.meta.input)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(epochs):
-        for x, y in make_loader(train, 64, shuffle=True, seed=0):
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-    model.eval()
     test = get_dataset("digits", "test", model.meta.input)
     calib = torch.stack([train[i][0] for i in range(256)])
     x = torch.stack([test[i][0] for i in range(len(test))])

@@ -14,6 +14,30 @@ import time
 from collections.abc import Callable
 
 
+def train_classifier(arch: str, data: str, shape, epochs: int, data_dir=None):
+    """A seeded model trained with Adam (lr 3e-3, batch 64) on ``data``: the benchmarks' starting point.
+    One-channel inputs take digits' mean/std; others none (mean 0, std 1)."""
+    import torch
+    import torch.nn.functional as F
+
+    from rcomp.data.registry import data_info, get_dataset, make_loader
+    from rcomp.models.registry import build_model
+
+    info = data_info("digits")
+    torch.manual_seed(0)
+    mean, std = (list(info.mean), list(info.std)) if shape[0] == 1 else ([0.0] * shape[0], [1.0] * shape[0])
+    model = build_model(arch, 10, shape, mean, std, dataset=data)
+    ds = get_dataset(data, "train", model.meta.input, data_dir)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(epochs):
+        for x, y in make_loader(ds, 64, shuffle=True, seed=0):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    return model.eval()
+
+
 def setup_threads(n: int = 2) -> None:
     import torch
 
