@@ -254,4 +254,4 @@ def run(quick: bool = False) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main(run)
+    main(run, {"--legacy": dict(action="store_true", help="export with the legacy (TorchScript) exporter")})

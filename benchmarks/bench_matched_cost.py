@@ -115,4 +115,4 @@ def run(quick: bool = False) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main(run)
+    main(run, {"--seeds": dict(metavar="S,S", help="only these seeds (default 0,1,2; --quick: 0)")})

@@ -75,11 +75,21 @@ def print_table(rows: list[dict], command: str | None = None) -> None:
 JSON_PREFIX = "RCOMP-BENCH-ROWS "
 
 
-def main(run: Callable[..., list[dict]]) -> None:
-    """``--quick``: smaller sizes; ``--json``: print the rows as one JSON line (used by run.py)."""
-    quick = "--quick" in sys.argv
-    rows = run(quick=quick)
-    if "--json" in sys.argv:
+def main(run: Callable[..., list[dict]], options: dict[str, dict] | None = None) -> None:
+    """The script's command line: ``--quick`` (smaller sizes), ``--json`` (the rows as one JSON line, used by
+    run.py), ``--help`` (the script's docstring; runs nothing) and the script's own ``options`` (argparse
+    keyword arguments by flag; the script reads them from ``sys.argv``). An unknown flag exits 2."""
+    import argparse
+
+    doc = (sys.modules["__main__"].__doc__ or "").strip()
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smaller sizes, fewer repetitions")
+    ap.add_argument("--json", action="store_true", help="print the rows as one JSON line (benchmarks/run.py)")
+    for flag, kwargs in (options or {}).items():
+        ap.add_argument(flag, **kwargs)
+    args = ap.parse_args()
+    rows = run(quick=args.quick)
+    if args.json:
         import json
 
         print(JSON_PREFIX + json.dumps(rows, default=str), flush=True)
