@@ -34,17 +34,24 @@ from rcomp.quant.catalog import PT2E_EXTRA
 from rcomp.quant.catalog import require_pt2e as require
 
 _loaded = False
+#: the inductor settings torch.compile of a pt2e int8 graph needs; set only around its calls (see :func:`compiled`)
+_COMPILE_SETTINGS: dict = {}
 
 
 def load_torchao() -> None:
     """Import torchao's pt2e x86 passes once (their import registers inductor's int8 fusions).
 
-    torchao logs a torch pytree notice at import (``register_constant()`` on an Enum); it is torchao's, says
-    nothing a user can act on, and is kept off the terminal here."""
+    torchao's import also sets a process-wide inductor setting (``pre_grad_custom_pass``), which would change
+    how the caller's own ``torch.compile`` works; rcomp puts the caller's value back and applies torchao's only
+    around its own compiled calls. torchao logs a torch pytree notice at import (``register_constant()`` on an
+    Enum); it is torchao's, says nothing a user can act on, and is kept off the terminal here."""
     global _loaded
     if _loaded:
         return
     require()
+    import torch._inductor.config as inductor_config
+
+    before = inductor_config.pre_grad_custom_pass
     log = logging.getLogger("torch.utils._pytree")
     level = log.level
     log.setLevel(logging.ERROR)
@@ -55,6 +62,8 @@ def load_torchao() -> None:
                          f"{str(exc).splitlines()[0][:120]}); reinstall it: {PT2E_EXTRA}") from None
     finally:
         log.setLevel(level)
+        _COMPILE_SETTINGS.update(freezing=True, pre_grad_custom_pass=inductor_config.pre_grad_custom_pass)
+        inductor_config.pre_grad_custom_pass = before
     _loaded = True
 
 
@@ -147,12 +156,14 @@ def _decompositions():
 
 
 class Pt2eInt8(nn.Module):
-    """The lowered int8 network (a GraphModule on oneDNN int8 kernels); runs without autograd."""
+    """The lowered int8 network (a GraphModule on oneDNN int8 kernels); runs without autograd.
+    ``settings``: inductor settings applied around each call (compiled graphs only), never left set."""
 
-    def __init__(self, gm: torch.fx.GraphModule, twin: nn.Module | None = None):
+    def __init__(self, gm: torch.fx.GraphModule, twin: nn.Module | None = None, settings: dict | None = None):
         super().__init__()
         self.gm = gm
         self._twin = [twin] if twin is not None else []  # not a submodule: never saved, never trained
+        self._settings = dict(settings or {})
 
     def cost_net(self) -> nn.Module:
         """The network whose layers parameter and MAC counts read: the twin (same layers; the lowered graph
@@ -160,6 +171,11 @@ class Pt2eInt8(nn.Module):
         return self._twin[0] if self._twin else self.gm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._settings:  # compiled: inductor compiles (per new shape) inside the call
+            import torch._inductor.config as inductor_config
+
+            with torch.no_grad(), inductor_config.patch(self._settings):
+                return self.gm(x)
         with torch.no_grad():
             return self.gm(x)
 
@@ -207,14 +223,13 @@ def lower(fq: nn.Module, example_shape: tuple[int, ...] | None) -> Pt2eInt8:
 
 def compiled(net: nn.Module) -> nn.Module:
     """``torch.compile`` (inductor, freezing on) of a pt2e int8 network: faster, at a compile cost per input
-    shape (see docs/quantization.md); the uncompiled net is the reference it must agree with."""
+    shape (see docs/quantization.md); the uncompiled net is the reference it must agree with. The inductor
+    settings it needs (freezing, torchao's pre-grad pass) hold only during its calls: the caller's own
+    ``torch.compile`` is not changed."""
     load_torchao()
-    import torch._inductor.config as inductor_config
-
-    inductor_config.freezing = True
     if isinstance(net, Pt2eInt8):
-        return Pt2eInt8(torch.compile(net.gm), net.cost_net())
-    return Pt2eInt8(torch.compile(net))
+        return Pt2eInt8(torch.compile(net.gm, dynamic=False), net.cost_net(), _COMPILE_SETTINGS)
+    return Pt2eInt8(torch.compile(net, dynamic=False), None, _COMPILE_SETTINGS)
 
 
 def fused_ops(net: nn.Module) -> list[str]:
