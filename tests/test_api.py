@@ -85,6 +85,19 @@ def test_every_stage_returns_one_shape_and_writes_nothing_without_output(name, c
 
 
 @pytest.mark.parametrize("name", list(STAGES))
+def test_no_stage_changes_a_pruned_model_in_training_mode(name, ckpt, tmp_path, monkeypatch):
+    """The input a notebook hands over mid-work: made in memory by prune (its structure differs from the
+    architecture's), left in training mode. quantize used to switch it to eval mode and write its pruned
+    structure into the caller's metadata."""
+    monkeypatch.chdir(tmp_path)
+    model = rcomp.prune(rcomp.load(ckpt), ratio=0.5, **QUIET).model.train()
+    before = _snapshot(model)
+    assert before[3] is True and "structure" not in json.loads(before[2])
+    _call(name, model)
+    assert _same(_snapshot(model), before), f"rcomp.{name} changed its input model"
+
+
+@pytest.mark.parametrize("name", list(STAGES))
 def test_output_is_written_like_dash_o_and_reloads(name, ckpt, tmp_path):
     out = tmp_path / f"out{STAGES[name][1]}"
     res = _call(name, str(ckpt), output=out)
@@ -169,3 +182,28 @@ def test_a_model_made_in_memory_exports_without_a_source(ckpt, tmp_path):
 def test_onnxruntime_quantize_needs_output_in_the_api(ckpt):
     with pytest.raises(rcomp.RcompError, match="give output="):
         rcomp.quantize(str(ckpt), backend="onnxruntime", **QUIET)
+
+
+def test_a_callers_model_is_moved_only_as_a_copy(ckpt):
+    """attack and bench run on --device: a model handed over on another device is copied there, never moved
+    (checked with torch's meta device, which every build has; on CUDA the same call is the one users make)."""
+    from rcomp.models.wrapper import on_device
+
+    model = rcomp.load(ckpt)
+    assert on_device(model, "cpu") is model  # already there: no copy
+    moved = on_device(model, "meta")
+    assert moved is not model and {p.device.type for p in moved.parameters()} == {"meta"}
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+
+
+def test_attack_and_bench_place_the_callers_model_through_on_device(ckpt, monkeypatch):
+    """The stages ask on_device for the model they run (a spy records the object it is given)."""
+    import rcomp.models.wrapper as W
+
+    seen = []
+    real = W.on_device
+    monkeypatch.setattr(W, "on_device", lambda m, d: (seen.append(m), real(m, d))[1])
+    model = rcomp.load(ckpt)
+    _call("attack", model)
+    _call("bench", model)
+    assert len(seen) >= 2 and all(m is model or m.meta is not model.meta for m in seen) and model in seen

@@ -60,10 +60,11 @@ def build_attacks(names: Sequence[str], eps: Sequence[float], *, lenient: bool =
 
 def _load(item, device: str, arch: str | None, trust: bool):
     from rcomp.models.loading import load
+    from rcomp.models.wrapper import on_device
 
     if isinstance(item, (str, Path)):
         return load(Path(item), device=device, factory=arch, trust_factory=trust), Path(item)
-    return item, getattr(item, "source_path", None)
+    return on_device(item, device), getattr(item, "source_path", None)  # a caller's model stays where it was
 
 
 def _macs(model) -> int | None:

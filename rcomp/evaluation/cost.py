@@ -74,17 +74,22 @@ def measure_latency(model, input_shape: tuple[int, int, int], batch: int, device
     if reps < 1 or warmup < 0:
         raise ValueError(f"reps must be >= 1 and warmup >= 0, got {reps}, {warmup}")
     x = torch.rand(batch, *input_shape, device=device)
+    modes = [(m, m.training) for m in model.modules()]  # the caller's modes, put back after timing
     model.eval()
     sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
-    for _ in range(warmup):
-        model(x)
-    times = []
-    for _ in range(reps):
-        sync()
-        t0 = timer()
-        model(x)
-        sync()
-        times.append((timer() - t0) * 1000)
+    try:
+        for _ in range(warmup):
+            model(x)
+        times = []
+        for _ in range(reps):
+            sync()
+            t0 = timer()
+            model(x)
+            sync()
+            times.append((timer() - t0) * 1000)
+    finally:
+        for m, mode in modes:
+            m.training = mode
     return latency_stats(times, batch=batch, threads=torch.get_num_threads(), warmup=warmup)
 
 

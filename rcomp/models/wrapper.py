@@ -70,3 +70,18 @@ class Classifier(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.net.parameters())
+
+
+def on_device(model: nn.Module, device) -> nn.Module:
+    """``model`` itself when its parameters and buffers are already on ``device``, else a copy moved there: a
+    model the caller handed to the Python API keeps its device (``rcomp.attack(m, device="cuda")`` must not
+    move ``m``). A module without tensors (an ONNX model) is returned as is."""
+    import copy
+
+    import torch
+
+    want = torch.device(device)
+    tensors = list(model.parameters()) + list(model.buffers())
+    if all(t.device.type == want.type and (want.index is None or t.device.index == want.index) for t in tensors):
+        return model
+    return copy.deepcopy(model).to(want)

@@ -10,6 +10,7 @@ the rounding of the low-bit model, as in Thorsteinsson et al. (2024, arXiv 2403.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 from typing import Any
 
@@ -70,7 +71,7 @@ def quantize(model, calib: Iterable[torch.Tensor], *, bits: int = 8, simulate: b
     qb.check_backend(backend)
     if simulate and qc.runtime(backend) == qc.PT2E:
         raise RcompError("--backend pt2e makes real int8 models only; drop --simulate, or simulate with --backend x86")
-    model = model.cpu().eval()
+    model = copy.deepcopy(model).cpu().eval()  # the caller's model keeps its device, mode and metadata
     structure = structure_diff(model)
     if structure:
         model.meta.compression["structure"] = structure

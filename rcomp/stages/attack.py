@@ -241,6 +241,7 @@ def apply(model, cfg: Config, log=C.stderr_log, path: Path | None = None, attack
     from rcomp.data.registry import check_fits, get_dataset, make_loader
     from rcomp.data.subset import points_text
     from rcomp.evaluation.robustness import evaluate
+    from rcomp.models.wrapper import on_device
 
     quiet = dist is not None and dist.enabled and not dist.is_main  # torchrun: rank 0 alone says the data
     cfg = dataclasses.replace(cfg, data=C.resolve_data(cfg.data, model.meta.dataset,
@@ -249,7 +250,7 @@ def apply(model, cfg: Config, log=C.stderr_log, path: Path | None = None, attack
     C.seed_everything(cfg.seed)
     attacks = attacks if attacks is not None else cfg.build(cfg.seed)
     dev = C.resolve_device(cfg.device)
-    model.to(dev)
+    model = on_device(model, dev)  # a caller's model stays where it was
     name = path.name if path is not None else "model"
     ds = get_dataset(cfg.data, cfg.split, model.meta.input, cfg.data_dir, log=log)
     check_fits(ds, model.meta.num_classes, cfg.data)
