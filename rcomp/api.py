@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rcomp.errors import ThresholdError
 from rcomp.stages.common import Log, stderr_log
 
 
@@ -56,9 +57,14 @@ def _run(name: str, inputs: list, options: dict[str, Any], log: Log, keep_model:
 
     stage = get_stage(name)
     res = stage.run(make_config(stage.config, options, command=name), inputs, log=log, default_output=False)
-    res.raise_failures()  # bench --fail-under
     out = res.output
-    return Result(res.model if keep_model else None, res.report, Path(out) if out is not None else None)
+    result = Result(res.model if keep_model else None, res.report, Path(out) if out is not None else None)
+    try:
+        res.raise_failures()  # bench --fail-under
+    except ThresholdError as exc:
+        exc.result = result  # what fell short, still readable
+        raise
+    return result
 
 
 def prune(model: Any, *, log: Log = stderr_log, **options: Any) -> Result:
@@ -88,7 +94,8 @@ def bench(models: list, *, log: Log = stderr_log, **options: Any) -> Result:
     """Benchmark ``models`` (loaded or paths) side by side; ``.report`` is ``--format json``'s, ``.path`` the
     ``output=`` copy. Rows are named by file name, or for a model made in memory by its architecture and last
     command (``convnet8 prune``), made unique with its position (``[2]``). Raises
-    :class:`~rcomp.errors.ThresholdError` when a ``fail_under`` threshold is not met."""
+    :class:`~rcomp.errors.ThresholdError` when a ``fail_under`` threshold is not met; its ``.result`` is the
+    Result all the same (``.report`` with the figures that fell short, ``.path`` the ``output=`` file)."""
     return _run("bench", list(models), options, log, keep_model=False)
 
 

@@ -17,9 +17,13 @@ class RcompError(Exception):
 
 
 class ThresholdError(RcompError):
-    """A measured result fell below a threshold the user set: exit code 1."""
+    """A measured result fell below a threshold the user set: exit code 1.
+
+    From the Python API, ``.result`` holds the stage's :class:`rcomp.Result` (the report that fell short, and
+    the file ``output=`` wrote) where the stage measured before refusing (bench ``fail_under``); else None."""
 
     exit_code = 1
+    result = None
 
 
 class TrainingFailed(RcompError):

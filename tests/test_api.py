@@ -207,3 +207,15 @@ def test_attack_and_bench_place_the_callers_model_through_on_device(ckpt, monkey
     _call("attack", model)
     _call("bench", model)
     assert len(seen) >= 2 and all(m is model or m.meta is not model.meta for m in seen) and model in seen
+
+
+def test_bench_below_fail_under_raises_with_the_result_readable(ckpt, tmp_path):
+    """A gate that fails still measured: the ThresholdError carries the Result (report and written file)."""
+    from rcomp.errors import ThresholdError
+
+    out = tmp_path / "table.json"
+    with pytest.raises(ThresholdError, match="below --fail-under") as info:
+        _call("bench", str(ckpt), fail_under="clean=1", output=out)
+    res = info.value.result
+    assert type(res) is rcomp.Result and res.path == out and out.exists()
+    assert res.report["models"][0]["clean_acc"] < 1
