@@ -285,3 +285,13 @@ def test_pt2e_leaves_the_callers_inductor_settings_alone(pair):
     assert (inductor_config.freezing, inductor_config.pre_grad_custom_pass) == before == (False, None)
     assert seen["inside"] == (True, _COMPILE_SETTINGS["pre_grad_custom_pass"])
     assert _COMPILE_SETTINGS["pre_grad_custom_pass"] is not None  # torchao's pass, kept for the compiled calls
+
+
+def test_export_refuses_a_pt2e_file_for_its_own_reason(pair, cli):
+    """Not the torch.ao reason (packed weights): a pt2e int8 graph runs on oneDNN kernels with no ONNX form."""
+    _, _, pt2e, _, _, d = pair
+    path = d / "export-me.pt2e.safetensors"
+    save(pt2e, path, force=True)
+    res = cli("export", path, "-o", d / "x.onnx")
+    assert_one_line_error(res, "pt2e int8 checkpoint", "no ONNX form", "rcomp export FLOAT.safetensors")
+    assert "torch.ao" not in res.stderr and not (d / "x.onnx").exists()

@@ -36,11 +36,17 @@ EXPORTERS = ("dynamo", "legacy")
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 
 INT8_REFUSAL = (
-    "{name} is a torch.ao int8 checkpoint, which cannot be exported faithfully (torch.export and the dynamo "
-    "exporter fail on its packed weights; the legacy exporter writes a QDQ graph whose logits differ by up to "
-    "0.32, top-1 agreement 98.4%, so the file would not be the model rcomp measured); export the float "
+    "{name} is a {why}; export the float "
     "checkpoint it was quantized from and quantize the ONNX file instead: rcomp export FLOAT.safetensors -o "
     "model.onnx && rcomp quantize model.onnx --backend onnxruntime --data DATA")
+#: why, by int8 runtime (quantization catalogue's runtime names)
+INT8_WHY = {
+    "torch.ao": ("torch.ao int8 checkpoint, which cannot be exported faithfully (torch.export and the dynamo "
+                 "exporter fail on its packed weights; the legacy exporter writes a QDQ graph whose logits differ by "
+                 "up to 0.32, top-1 agreement 98.4%, so the file would not be the model rcomp measured)"),
+    "pt2e": ("pt2e int8 checkpoint, which rcomp does not export (its int8 graph runs on oneDNN kernels that have no "
+             "ONNX form)"),
+}
 
 
 class _ExportFakeQuant(nn.Module):

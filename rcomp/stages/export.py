@@ -135,13 +135,14 @@ def export_bytes(model, cfg: Config, source: Path | None, log=C.stderr_log) -> t
 def refuse_real_int8(meta, name: str) -> None:
     """A model on real integer kernels (torch.ao int8) cannot be exported faithfully: refused with the way
     round (:data:`rcomp.onnx.export.INT8_REFUSAL`)."""
-    from rcomp.quant.catalog import is_real
+    from rcomp.quant.catalog import BACKEND_INFO, TORCH_AO, is_real
 
     q = meta.compression.get("quantization") if isinstance(meta.compression, dict) else None
     if isinstance(q, dict) and is_real(q):
-        from rcomp.onnx.export import INT8_REFUSAL
+        from rcomp.onnx.export import INT8_REFUSAL, INT8_WHY
 
-        raise RcompError(INT8_REFUSAL.format(name=name))
+        runtime = BACKEND_INFO.get(q.get("backend"), (None, None, TORCH_AO))[2]
+        raise RcompError(INT8_REFUSAL.format(name=name, why=INT8_WHY.get(runtime, INT8_WHY[TORCH_AO])))
 
 
 def check_source(cfg: Config, meta, tensors: tuple, where: str) -> None:
