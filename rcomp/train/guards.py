@@ -144,11 +144,11 @@ class CollapseMonitor:
 #   single - pgd >= max(CO_GAP, CO_Z * 0.5 / sqrt(n))  and  pgd <= CO_GAP_RATIO * single
 #       (the training adversary leaves high accuracy and PGD takes at least 3/4 of it away)
 #   and the check's clean accuracy is above chance.
-#   Measured (benchmarks/bench_co_guard.py, docs/benchmarks.md): healthy runs (PGD, FGSM with random
-#   start, N-FGSM on digits at eps 0.1-0.2 and on `fake` at 0.15) never had PGD below 0.43 of the
-#   single figure when their gap exceeded 0.3 (FGSM with random start on `fake` at eps 0.15 reaches a
-#   gap of 0.5 at PGD 0.44, the robustness N-FGSM reaches there); plain FGSM at eps 0.175-0.2 on `fake`
-#   reached gaps of 0.4-0.55 at ratios 0.04-0.12.
+#   Measured (benchmarks/bench_co_guard.py, docs/benchmarks.md; 1x8x8 digits and `fake`, 128 check images):
+#   over every check with a gap of at least 0.3, runs that kept their robustness (FGSM with random start
+#   or plain FGSM on `fake` at eps 0.15-0.16, PGD-5 near what N-FGSM reaches there) had PGD at 0.37-0.52 of
+#   the single figure; runs that overfit (plain FGSM on `fake` at eps 0.175-0.2, the mlp at 0.2) at
+#   0.01-0.12. Healthy PGD, FGSM-with-random-start and N-FGSM runs on digits at eps 0.1-0.2 kept gaps <= 0.24.
 # On a collapse: training stops, the best check's weights (highest PGD accuracy) are restored, the
 # collapse goes to stderr and the history (with the rule that fired), and the run fails (exit 1,
 # nothing written) unless --allow-collapse, which writes the restored best weights instead.
