@@ -204,6 +204,13 @@ def summary(name: str, r: dict) -> dict:
 
 
 def run(quick: bool = False, cases: dict | None = None) -> list[dict]:
+    if cases is None and "--case" in sys.argv:
+        names = sys.argv[sys.argv.index("--case") + 1].split(",")
+        unknown = [n for n in names if n not in CASES]
+        if unknown:
+            print(f"unknown --case {', '.join(unknown)}; choose from {', '.join(CASES)}", file=sys.stderr)
+            sys.exit(2)
+        cases = {n: CASES[n] for n in names}
     cases = cases or (QUICK if quick else {k: CASES[k] for k in DEFAULT})
     rows = []
     for name, spec in cases.items():
@@ -225,8 +232,6 @@ def run(quick: bool = False, cases: dict | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    if "--case" in sys.argv:
-        names = sys.argv[sys.argv.index("--case") + 1].split(",")
-        run(cases={n: CASES[n] for n in names})
-    else:
-        main(run)
+    main(run, {"--case": {"metavar": "NAME[,NAME]",
+                          "help": "run these cases (printing per-epoch figures) instead of the default table; "
+                                  "names: " + ", ".join(CASES)}})
