@@ -431,6 +431,25 @@ def test_loop_stops_restores_best_and_fails_unless_allowed(monkeypatch, allow):
     assert g["pgd_acc"] == [0.3, 0.6, 0.5, 0.05] and metrics["epochs"][-1]["overfit_collapse"]["epoch"] == 3
 
 
+def test_loop_gap_rule_stops_and_restores_the_best_check(monkeypatch):
+    """Scripted: PGD never falls (the fall rule stays quiet) while the training adversary is beaten 0.6 at epoch 2."""
+    from rcomp.models.registry import build_model
+    from rcomp.train import TrainConfig, finetune
+
+    seen = _scripted(monkeypatch, [0.1, 0.12, 0.05, 0.3], singles=[0.1, 0.3, 0.6, 0.9])
+    torch.manual_seed(0)
+    model = build_model("mlp", 10, (1, 8, 8))
+    cfg = TrainConfig(epochs=4, batch_size=64, adv=AdvConfig("fgsm", 0.1, random_start=False), progress=False,
+                      allow_collapse=True)
+    out, metrics = finetune(model, _digits_subset(), cfg)
+    g = metrics["overfit_guard"]
+    assert len(seen) == 3 and metrics["steps"] == 2 * 4  # stopped after epoch 2
+    assert g["collapse"]["rule"] == "gap" and g["collapse"]["best_epoch"] == 1 and g["collapse"]["single"] == 0.6
+    assert g["single_acc"] == [0.1, 0.3, 0.6] and g["single_attack"] == "fgsm without random start"
+    assert [e["guard_single_acc"] for e in metrics["epochs"]] == [0.3, 0.6]
+    assert all(torch.equal(seen[1][k], v) for k, v in out.state_dict().items())  # epoch 1's weights, the best
+
+
 def test_guard_is_off_for_multi_step_training(monkeypatch):
     from rcomp.models.registry import build_model
     from rcomp.train import TrainConfig, finetune
