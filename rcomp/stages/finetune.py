@@ -21,8 +21,9 @@ fake-quant twin and keep their format); with --arch and no CKPT it trains from s
 Defaults: SGD lr 0.01 momentum 0.9 constant schedule for a checkpoint (the study's recipe),
 Adam lr 3e-3 for --arch; batch 128; PGD 10 steps of 2.5 eps/steps; FGSM from a random
 start with step 1.25 eps; N-FGSM noise 2 eps, step eps, no projection. Single-step runs (fgsm,
-n-fgsm) are watched for catastrophic overfitting: PGD-5 on a fixed batch each epoch; on a
-collapse the best weights are restored and the run exits 1 (--allow-collapse writes them). The same --seed gives bit-identical output on CPU. Under
+n-fgsm) are watched for catastrophic overfitting: PGD-5 and the training adversary on a fixed
+batch each epoch; when PGD accuracy falls far below its best, or the training adversary leaves
+high accuracy that PGD takes away (the gap), the best weights are restored and the run exits 1 (--allow-collapse writes them). The same --seed gives bit-identical output on CPU. Under
 `torchrun --nproc-per-node N -m rcomp finetune ...` it trains with DistributedDataParallel
 (gloo on CPU, nccl on GPU); --batch-size stays the global batch; only rank 0 writes."""
 EXAMPLES = """rcomp finetune --arch convnet8 --data digits --epochs 20 --batch-size 64 -o dense.safetensors

@@ -312,10 +312,11 @@ class _Run:
         pool, source = (self.val_idx, "validation images") if self.val_idx else (self.train_idx, "training images")
         perm = torch.randperm(len(pool), generator=generator(derive_seed(cfg.seed, 13))).tolist()
         x, y = fetch(self.ds, sorted(pool[i] for i in perm[:CO_BATCH]), self.device)
-        self.guard = OverfitGuard(x, y, cfg.adv.eps, cfg.adv.norm, derive_seed(cfg.seed, 17), source)
+        self.guard = OverfitGuard(x, y, cfg.adv.eps, cfg.adv.norm, derive_seed(cfg.seed, 17), source, adv=cfg.adv)
         if self.info.is_main:
-            print(f"overfitting guard: PGD-{self.guard.steps} accuracy on {len(y)} fixed {source} after every "
-                  "epoch; a collapse restores the best weights", file=sys.stderr, flush=True)
+            print(f"overfitting guard: PGD-{self.guard.steps} accuracy and the training adversary's "
+                  f"({self.guard.adv_name()}) on {len(y)} fixed {source} after every epoch; a collapse restores the "
+                  "best weights", file=sys.stderr, flush=True)
         self.guard.check(self.trainable, self.start_epoch, None)
 
     def _guard_check(self, epoch: int, row: dict[str, Any]) -> None:
@@ -324,6 +325,7 @@ class _Run:
             return
         hit = self.guard.check(self.trainable, epoch + 1, row.get("train_adv_acc"))
         row["guard_pgd_acc"] = self.guard.checks[-1]["pgd"]
+        row["guard_single_acc"] = self.guard.checks[-1]["single"]
         if hit is None:
             return
         self.guard.restore_best(self.trainable)
