@@ -59,7 +59,16 @@ def test_o_saves_the_worst_case_of_every_stage_and_from_replays_it(cli, trained_
     assert stages == list(d["attacks"]) and set(info["attack"]["stages"]) == set(stages)
     assert all(info["attack"]["stages"][k] == d["attacks"][k]["params"] for k in stages)
     x, xa, y, stage, ok = t["images"], t["adv_images"], t["labels"], t["stage"], t["clean_correct"].bool()
-    assert x.shape == xa.shape == (48, 1, 8, 8) and t["index"].tolist() == list(range(48))
+    assert x.shape == xa.shape == (48, 1, 8, 8)
+    # index: each point's index in the split (-n 48 is a stratified sample, not the first 48), its image that one
+    from rcomp.data.registry import get_dataset
+    from rcomp.data.subset import choose
+    from rcomp.models.loading import load
+
+    ds = get_dataset("digits", "test", load(trained_digits).meta.input)
+    want = [int(i) for i in choose(ds, 48)[0]]
+    assert t["index"].tolist() == want != list(range(48))
+    assert all(torch.equal(x[k], ds[i][0]) and int(y[k]) == ds[i][1] for k, i in enumerate(want))
     assert float((xa - x).abs().max()) <= 0.1 + 1e-6 and float(xa.min()) >= 0 and float(xa.max()) <= 1
     assert int(ok.sum()) == round(d["clean_acc"] * 48)
     robust = ok & (stage < 0)
@@ -105,7 +114,7 @@ def test_records_agree_with_the_figures(model, loader):
     for cascade in (True, False):
         res = evaluate(model, loader, atk(), progress=False, cascade=cascade, records="images")
         rec = res.records
-        assert len(rec) == res.n == 96 and rec.index.tolist() == list(range(96))
+        assert len(rec) == res.n == 96 and rec.index.tolist() == loader.indices  # dataset indices of the sample
         assert int(rec.clean_correct.sum()) / 96 == res.clean_acc
         assert int(rec.robust.sum()) / 96 == res.worst_case_acc
         assert rec.adv.shape == rec.clean.shape == (96, 1, 8, 8)

@@ -143,13 +143,16 @@ def make_loader(ds, batch_size: int = 128, *, shuffle: bool = False, seed: int =
     if batch_size < 1:
         raise RcompError(f"--batch-size must be at least 1, got {batch_size}")
     idx, points = choose(ds, n)
-    if len(idx) < len(ds):
+    subset = len(idx) < len(ds)
+    if subset:
         ds = take(ds, idx)
     g = torch.Generator()
     g.manual_seed(seed)
     loader = DataLoader(ds, batch_size=batch_size, shuffle=shuffle if sampler is None else False, generator=g,
                         num_workers=0, drop_last=drop_last, sampler=sampler)
     loader.points = points
+    # the dataset index of each item in loader order (records and -o files name points by it); None: 0, 1, ...
+    loader.indices = [int(i) for i in idx] if subset and not shuffle and sampler is None else None
     return loader
 
 

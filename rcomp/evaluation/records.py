@@ -24,7 +24,7 @@ from typing import Any
 from rcomp.errors import RcompError
 
 KIND = "rcomp-eval-records"
-VERSION = 1
+VERSION = 2  # 2: ``index`` is the point's dataset index (1: its position among the evaluated points)
 _CHUNK = re.compile(r"^chunk-(\d{6})\.safetensors$")
 
 

@@ -234,6 +234,14 @@ class _Everyone:
         return len(ids)
 
 
+def _dataset_index(indices, pos: int, count: int, first: int) -> torch.Tensor:
+    """The dataset indices of the ``count`` points at loader position ``pos``: from the loader's subset indices
+    (``-n`` picks a stratified sample, so position and dataset index differ), else the positions from ``first``."""
+    if indices is not None and pos + count <= len(indices):
+        return torch.as_tensor(indices[pos:pos + count], dtype=torch.long)
+    return torch.arange(first, first + count)
+
+
 def evaluate(model, loader: Iterable, attacks: dict[str, Callable] | None = None, device: str = "cpu",
              progress: bool = True, *, desc: str = "evaluate", total: int | None = None, cascade: bool = False,
              records: bool | str = False, first_index: int = 0, store=None,
@@ -291,6 +299,7 @@ def evaluate(model, loader: Iterable, attacks: dict[str, Callable] | None = None
             total = None
     t_start = time.perf_counter()
     seen = 0
+    indices = getattr(loader, "indices", None)  # a subset's dataset indices (make_loader), else positions
     try:
         with Progress(total, desc, enabled=progress) as bar:
             # under torchrun, rank 0's bar shows every process's points (their chunks), rate and ETA included
@@ -321,7 +330,7 @@ def evaluate(model, loader: Iterable, attacks: dict[str, Callable] | None = None
                     y = torch.as_tensor(y).to(device, non_blocking=True)
                     ok, flags = _clean_pass(model, x, y, checks=checks and bool(attacks))
                     book, secs = attack_batch(model, x, y, ok, attacks, cascade, device, key, keep=images)
-                    t = {"index": torch.arange(first, first + len(y)), "label": y.cpu().long(),
+                    t = {"index": _dataset_index(indices, first - first_index, len(y), first), "label": y.cpu().long(),
                          "clean_correct": ok.cpu(), "stage": book.first.cpu(), "norm": book.norm.cpu(),
                          "attacked": book.attacked.cpu(), "robust": book.robust.cpu(),
                          "attack_norm": book.attack_norm.cpu(), "seconds": torch.tensor(secs, dtype=torch.float64),

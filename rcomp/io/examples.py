@@ -2,7 +2,8 @@
 
 Plain safetensors: ``images``, ``adv_images`` and ``labels``, with the attack's parameters as JSON
 metadata; files written since several attacks (a suite, a cascade) can be saved also hold, per
-point, ``index`` (its position in the evaluated data), ``stage`` (the position, in the metadata's
+point, ``index`` (its index in the dataset split; in files written before 2026-12-01, its position among
+the evaluated points, which differs under ``-n``), ``stage`` (the position, in the metadata's
 ``stages`` list, of the first attack that fooled it; -1: none) and ``clean_correct``. The
 adversarial image of each point is that of its per-example worst case: the first attack that
 fooled it. rcomp's own writer sorts keys, so the same examples give the same bytes.
