@@ -25,7 +25,7 @@ from rcomp.text import echo
 
 #: value kinds and what they become: see :meth:`Option.parse`
 KINDS = ("str", "choice", "int", "float", "number", "eps", "eps_list", "fraction", "bool", "path", "shape",
-         "floats", "json", "names", "repeat")
+         "floats", "ints", "json", "names", "repeat")
 
 
 @dataclass(frozen=True)
@@ -106,6 +106,13 @@ class Option:
             vals = tuple(parse_number(p, f) for p in _parts(value))
             if not vals:
                 raise RcompError(f"{f} is empty; give comma-separated numbers, e.g. 0.5,0.5,0.5")
+            return vals
+        if k == "ints":  # whole numbers, each in range: --save-at 9,36,67
+            vals = tuple(_int(p, f) for p in _parts(value))
+            if not vals:
+                raise RcompError(f"{f} is empty; give comma-separated whole numbers, e.g. 9,36,67")
+            for v in vals:
+                self._check_range(v, v)
             return vals
         if k == "json":
             return _json_object(value, f)

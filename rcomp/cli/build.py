@@ -67,7 +67,7 @@ def _metavar(o: Option) -> str:
         names = o.choices.catalogue.builtin_names() if isinstance(o.choices, Choices) else o.choices
         return "[" + "|".join(names) + ("|..." if isinstance(o.choices, Choices) and o.choices.catalogue.group else "") + "]"
     return {"int": "INTEGER", "float": "FLOAT", "number": "NUMBER", "eps": "EPS", "eps_list": "EPS[,EPS]",
-            "fraction": "FRACTION", "path": "PATH", "shape": "C,H,W", "floats": "X[,X]", "json": "JSON",
+            "fraction": "FRACTION", "path": "PATH", "shape": "C,H,W", "floats": "X[,X]", "ints": "N[,N]", "json": "JSON",
             "names": "NAME[,NAME]"}.get(o.kind, "TEXT")
 
 

@@ -26,6 +26,11 @@ any stage runs (unknown command or option, a value out of range, missing input, 
 names, an output outside the output folder, options only the command line may set), naming the
 recipe line. A stage whose output exists and whose config and inputs (by sha256) are unchanged since
 it last ran is skipped, so an interrupted sweep resumes.
+
+Some stages write more than their output: ``finetune`` with ``save-at: [9, 36]`` also writes the model
+after 9 and 36 steps (``pruned-ft-s90.safetensors`` -> ``pruned-ft-s9.safetensors``...). Each such file
+is named, for the other stages' inputs and globs, by its file name without ``.safetensors``
+(``pruned-ft-s9``), listed just before the stage that writes it, and stamped with it.
 """
 
 from __future__ import annotations
@@ -72,6 +77,7 @@ class Stage:
     input_paths: list[str] = field(default_factory=list)
     file_inputs: list[str] = field(default_factory=list)  # inputs that are files, not stage outputs
     config: Any = None
+    extras: list[str] = field(default_factory=list)  # files it writes besides its output (relative to the folder)
 
 
 def _line_map(root) -> dict[tuple, int]:
@@ -335,11 +341,44 @@ def plan(recipe: Recipe, out_dir: Path, allow_factories: frozenset[str] = frozen
             raise RcompError(f"{w}: output {st.output!r} is also stage {outputs[out]!r}'s output")
         outputs[out] = st.name
         st.config = _configure(recipe, st, out, allow_factories, w)
+    extras = _extra_outputs(recipe, names, outputs, out_dir)
     for st in recipe.stages:
-        _link_inputs(recipe, st, names, out_dir)
+        _link_inputs(recipe, st, names, out_dir, extras)
         _check_sources(recipe, st, out_dir)
     _check_overwrites(recipe, out_dir)
     return _order(recipe, names)
+
+
+def _extra_outputs(recipe: Recipe, names: dict[str, Stage], outputs: dict[Path, str], out_dir: Path
+                   ) -> dict[str, tuple[str, str]]:
+    """``{name: (stage that writes it, path)}`` of the files stages write besides their output (the stage
+    module's ``extra_outputs(config)``), named by file name without ``.safetensors``; a name or file another
+    stage has is refused."""
+    from rcomp.stages import get_stage
+
+    found: dict[str, tuple[str, str]] = {}
+    for st in recipe.stages:
+        fn = getattr(get_stage(st.command).module, "extra_outputs", None)
+        st.extras = []
+        w = f"{recipe.source} line {st.line}" if st.line else recipe.source
+        for p in (fn(st.config) if fn is not None else []):
+            try:
+                rel = str(Path(p).relative_to(out_dir))
+            except ValueError:
+                raise RcompError(f"{w}: stage {st.name!r} would also write {printable(str(p), 80)}, outside the "
+                                 "output folder") from None
+            name = Path(rel).name.removesuffix(".safetensors")
+            full = _inside(out_dir, rel, w)
+            if name in names or name in found:
+                other = names[name].name if name in names else found[name][0]
+                raise RcompError(f"{w}: stage {st.name!r} also writes {rel}, named {name!r} like "
+                                 f"{'stage' if name in names else 'a file of stage'} {other!r}; rename one of them")
+            if full in outputs:
+                raise RcompError(f"{w}: stage {st.name!r} also writes {rel}, stage {outputs[full]!r}'s output")
+            outputs[full] = st.name
+            found[name] = (st.name, str(full))
+            st.extras.append(rel)
+    return found
 
 
 def _check_sources(recipe: Recipe, st: Stage, out_dir: Path) -> None:
@@ -348,7 +387,7 @@ def _check_sources(recipe: Recipe, st: Stage, out_dir: Path) -> None:
     from rcomp.stages import get_stage
     from rcomp.stages.common import check_source
 
-    produced = {str(out_dir / recipe_stage.output) for recipe_stage in recipe.stages}
+    produced = {str(out_dir / p) for recipe_stage in recipe.stages for p in [recipe_stage.output, *recipe_stage.extras]}
     for p in st.input_paths:
         if p in produced:
             continue
@@ -372,6 +411,7 @@ def _check_overwrites(recipe: Recipe, out_dir: Path) -> None:
     """No stage output is the recipe file or a file some stage reads, nor the same file as another output
     (a hard link, or a symlink the path check let through)."""
     outs = {st.name: out_dir / st.output for st in recipe.stages}
+    outs.update({f"{st.name} ({rel})": out_dir / rel for st in recipe.stages for rel in st.extras})
     protected: dict[Any, str] = {}
     if recipe.path is not None:
         protected[Path(recipe.path).resolve()] = "the recipe file"
@@ -382,38 +422,57 @@ def _check_overwrites(recipe: Recipe, out_dir: Path) -> None:
             protected.setdefault(_identity(Path(p)), f"an input of stage {st.name!r}")
     protected.pop(None, None)
     seen: dict[tuple[int, int], str] = {}
-    for st in recipe.stages:
+    by_name = {st.name: st for st in recipe.stages}
+    for label, out in outs.items():
+        st = by_name[label.split(" (")[0]]
+        shown = printable(repr(str(out.relative_to(out_dir)) if out.is_relative_to(out_dir) else st.output), 80)
         w = f"{recipe.source} line {st.line}" if st.line else recipe.source
-        out, ident = outs[st.name], _identity(outs[st.name])
+        ident = _identity(out)
         what = protected.get(out.resolve()) or (protected.get(ident) if ident else None)
         if what:
-            raise RcompError(f"{w}: output {printable(repr(st.output), 80)} of stage {st.name!r} is {what}; a "
+            raise RcompError(f"{w}: output {shown} of stage {st.name!r} is {what}; a "
                              "recipe never writes over its own inputs: choose another output name")
         if ident is not None:
             if ident in seen:
-                raise RcompError(f"{w}: output {printable(repr(st.output), 80)} is the same file as stage "
+                raise RcompError(f"{w}: output {shown} is the same file as stage "
                                  f"{seen[ident]!r}'s output (a hard link); remove one of them or rename an output")
             seen[ident] = st.name
 
 
-def _link_inputs(recipe: Recipe, st: Stage, names: dict[str, Stage], out_dir: Path) -> None:
+def _link_inputs(recipe: Recipe, st: Stage, names: dict[str, Stage], out_dir: Path,
+                 extras: dict[str, tuple[str, str]] | None = None) -> None:
+    """Resolve ``st``'s inputs: stage names and globs over them (a stage's extra files named too, each just
+    before its stage), else files."""
     w = f"{recipe.source} line {st.line}" if st.line else recipe.source
     st.deps, st.input_paths, st.file_inputs = [], [], []
+    extras = extras or {}
+    known = [e for n in names for e in [*(x for x, (owner, _) in extras.items() if owner == n), n]]
     for ref in st.inputs:
-        matches = [n for n in names if fnmatch.fnmatchcase(n, ref)] if any(c in ref for c in "*?[") else \
-            ([ref] if ref in names else [])
+        matches = [n for n in known if fnmatch.fnmatchcase(n, ref)] if any(c in ref for c in "*?[") else \
+            ([ref] if ref in names or ref in extras else [])
         if not matches:
             if not Path(ref).is_file():
                 raise RcompError(f"{w}: input {ref!r} is neither a stage name nor an existing file")
             st.input_paths.append(ref)
             st.file_inputs.append(ref)
         for m in matches:
-            if m in st.deps:
+            if m in extras:
+                owner, path = extras[m]
+                if owner == st.name:
+                    raise RcompError(f"{w}: stage {st.name!r} takes its own file {m!r} as input")
+                if path not in st.input_paths:
+                    st.input_paths.append(path)
+                    if owner not in st.deps:
+                        st.deps.append(owner)
                 continue
             if m == st.name:
                 raise RcompError(f"{w}: stage {st.name!r} takes its own output as input")
-            st.deps.append(m)
-            st.input_paths.append(str(out_dir / names[m].output))
+            path = str(out_dir / names[m].output)
+            if path in st.input_paths:
+                continue
+            if m not in st.deps:
+                st.deps.append(m)
+            st.input_paths.append(path)
 
 
 def _order(recipe: Recipe, names: dict[str, Stage]) -> list[Stage]:
@@ -473,22 +532,28 @@ def _read_stamp(stamp: Path) -> dict | None:
     return prev if isinstance(prev, dict) else None
 
 
-def _up_to_date(out: Path, stamp: Path, fp: str, log=None) -> dict | None:
-    """The stamp when the stage need not run: same fingerprint, and the output's bytes are those the stamp
-    recorded (an output changed or damaged since is made again, and the log says why)."""
+def _up_to_date(out: Path, stamp: Path, fp: str, log=None, extras: list[Path] = ()) -> dict | None:
+    """The stamp when the stage need not run: same fingerprint, and the bytes of the output and of each
+    extra file are those the stamp recorded (a file changed, damaged or missing since is made again, and
+    the log says why)."""
     from rcomp.io.header import sha256_file
 
     prev = _read_stamp(stamp)
     if prev is None or prev.get("fingerprint") != fp or not out.exists():
         return None
-    try:
-        digest = sha256_file(out)
-    except RcompError:
-        digest = None
-    if digest is None or digest != prev.get("output_sha256"):
-        if log is not None:
-            log(f"{out}: its content is not what its last run wrote (sha256 differs); running the stage again")
+    recorded = prev.get("extra_sha256") if extras else {}
+    if not isinstance(recorded, dict):
         return None
+    for path, want in [(out, prev.get("output_sha256")), *((p, recorded.get(p.name)) for p in extras)]:
+        try:
+            digest = sha256_file(path) if path.exists() else None
+        except RcompError:
+            digest = None
+        if digest is None or digest != want:
+            if log is not None:
+                log(f"{path}: its content is not what its last run wrote (sha256 differs or it is missing); running "
+                    "the stage again")
+            return None
     return prev
 
 
@@ -656,7 +721,7 @@ def _run_all(order: list[Stage], out_dir: Path, log, dist=None) -> list[dict]:
         plan_ = None
         if main:  # rank 0 alone reads stamps and outputs, and says what every process does
             fp = _fingerprint(st)
-            prev = _up_to_date(out, stamp, fp, log)
+            prev = _up_to_date(out, stamp, fp, log, [out_dir / rel for rel in st.extras])
             shard, why = _shardable(st) if dist.enabled and prev is None else (False, "")
             plan_ = {"skip": prev is not None, "seconds": (prev or {}).get("seconds", 0.0), "shard": shard,
                      "fp": fp, "why": why}
@@ -694,8 +759,10 @@ def _run_all(order: list[Stage], out_dir: Path, log, dist=None) -> list[dict]:
         seconds = time.perf_counter() - t0
         D.barrier(dist)  # every process is done with the stage (and its records)
         if main:
+            extra = {Path(rel).name: sha256_file(out_dir / rel) for rel in st.extras if (out_dir / rel).exists()}
             atomic_write_text(stamp, json.dumps({"fingerprint": plan_["fp"], "seconds": seconds,
-                                                 "output_sha256": sha256_file(out) if out.exists() else None}))
+                                                 "output_sha256": sha256_file(out) if out.exists() else None,
+                                                 **({"extra_sha256": extra} if st.extras else {})}))
             _drop_records(out_dir, st.name)  # this stage's records made for the processes (this run's or older)
         records.append({**base, "status": "ran", "seconds": seconds,
                         **({"result": res.report} if st.command == "bench" and main else {})})

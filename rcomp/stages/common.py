@@ -61,6 +61,8 @@ class StageResult:
     text: str | None = None
     #: thresholds the results fell short of (bench --fail-under): exit 1 after printing
     failures: list[str] = field(default_factory=list)
+    #: finetune --save-at: ``{steps: model}``, the model after that many steps (written beside the output)
+    snapshots: dict[int, Any] = field(default_factory=dict)
 
     def raise_failures(self) -> None:
         from rcomp.errors import ThresholdError

@@ -112,6 +112,14 @@ class Config:
     save_every: int = O.opt(0, "--save-every", kind="int", min=0, max=100000,
                           help="Write a resumable training state every K epochs, to OUT with suffix "
                                ".state.safetensors (0: never).")
+    save_at: tuple[int, ...] = O.opt((), "--save-at", kind="ints", min=1, max=10**9,
+                                     help="Also write the model after each of these optimizer steps (e.g. 9,36,67 "
+                                          "with --steps-budget 90: four budgets from one run), to OUT with the "
+                                          "step count in its name: its trailing -sN replaced, else -sN appended "
+                                          "(ft-s90.safetensors -> ft-s9.safetensors). Each records its own "
+                                          "steps, so its cost. With the const schedule it has the weights of a "
+                                          "run of that many steps; a step/cosine/onecycle schedule runs over "
+                                          "the whole run.")
     resume: Path | None = O.opt(None, "--resume", kind="path",
                               help="Continue from a state written by --save-every (give the same options).")
     allow_collapse: bool = O.opt(False, "--allow-collapse", kind="bool",
@@ -138,6 +146,18 @@ class Config:
         if self.grad_align and self.adv not in SINGLE_STEP:
             raise RcompError(f"--grad-align regularises single-step training; use it with --adv fgsm or n-fgsm, "
                              f"not {self.adv}")
+        if self.save_at:
+            self.save_at = tuple(sorted(set(self.save_at)))
+            if self.allow_collapse:
+                raise RcompError("--save-at writes snapshots of a run that finished without a collapse; drop "
+                                 "--allow-collapse, or --save-at")
+            if self.resume is not None:
+                raise RcompError("--save-at needs the whole run (a resumed run skips the steps before its state); "
+                                 "drop --resume, or --save-at")
+            if self.steps_budget is not None and self.save_at[-1] >= self.steps_budget:
+                raise RcompError(f"--save-at {self.save_at[-1]}: the run takes {self.steps_budget} optimizer steps "
+                                 "(--steps-budget) and its output is the model after all of them; give snapshot "
+                                 f"steps below {self.steps_budget}")
         if self.adv == "n-fgsm" and self.norm != "linf":
             raise RcompError("--adv n-fgsm is defined for --norm linf only; use fgsm or pgd with --norm l2")
         C.check_data(self.data, self.data_dir)
@@ -179,6 +199,36 @@ def _default_output(cfg: Config, source: Path | None) -> Path | None:
     return Path(name + ".safetensors")
 
 
+def snapshot_path(out: Path, steps: int) -> Path:
+    """Where ``--save-at STEPS`` writes: ``OUT`` with its trailing ``-sN`` replaced by ``-sSTEPS``, else with
+    ``-sSTEPS`` appended (``ft-s90.safetensors`` -> ``ft-s9.safetensors``, ``ft.safetensors`` -> ``ft-s9...``)."""
+    out = Path(out)
+    stem = out.name[: -len(".safetensors")] if out.name.endswith(".safetensors") else out.stem
+    base = re.sub(r"-s\d+$", "", stem)
+    return out.with_name(f"{base}-s{steps}.safetensors")
+
+
+def extra_outputs(cfg: Config) -> list[Path]:
+    """The files the stage writes besides its output (the recipe engine names and stamps them): the snapshots."""
+    return [snapshot_path(cfg.output, n) for n in cfg.save_at] if cfg.output is not None else []
+
+
+def _snapshot_paths(cfg: Config, out: Path | None, inputs: tuple) -> dict[int, Path]:
+    """``{steps: path}`` of the snapshots, each checked as an output before any training."""
+    from rcomp.io.atomic import check_output_path
+
+    if not cfg.save_at or out is None:
+        return {}
+    paths = {}
+    for n in cfg.save_at:
+        p = snapshot_path(out, n)
+        if p.resolve() == Path(out).resolve():
+            raise RcompError(f"--save-at {n} would write the output {out} itself (its name ends in -s{n}); name the "
+                             "output after its own step count, or drop that snapshot")
+        paths[n] = check_output_path(p, inputs, force=cfg.force)
+    return paths
+
+
 def steps_budget(cfg: Config, log=C.stderr_log) -> int | None:
     """The step budget: given, or the steps that cost --budget-fraction of --budget-of's training."""
     if cfg.budget_of is None:
@@ -205,7 +255,7 @@ def train_config(cfg: Config, opt_name: str, device: str, state_path: Path | Non
                       random_start=cfg.random_start, noise=cfg.noise, grad_align=cfg.grad_align),
         augment=cfg.augment,
         val_split=cfg.val_split, seed=cfg.seed, device=device, save_every=cfg.save_every, state_path=state_path,
-        max_steps=steps_budget(cfg), allow_collapse=cfg.allow_collapse,
+        max_steps=steps_budget(cfg), allow_collapse=cfg.allow_collapse, snapshot_at=cfg.save_at,
     ).validate()
 
 
@@ -255,7 +305,8 @@ def _auto_figures(model, ds, idx: list[int], cfg: Config, dev: str) -> dict[str,
 def _log_start(cfg: Config, tcfg, what: str, n_images: int, dist, log) -> None:
     a = tcfg.adv
     n_train = n_images - (max(1, round(n_images * cfg.val_split)) if cfg.val_split else 0)
-    spe = max(1, n_train // cfg.batch_size)
+    full, rest = divmod(n_train, cfg.batch_size)  # the sampler's count: it keeps the last, smaller batch
+    spe = max(1, full + (1 if rest >= dist.world else 0))
     length = (f"for {tcfg.max_steps} optimizer steps (the budget: {-(-tcfg.max_steps // spe)} epoch(s) of {spe} "
               "steps)" if tcfg.max_steps else f"for {cfg.epochs} epochs")
     log(f"training {what} on {cfg.data} ({n_images} images) {length}, adv {cfg.adv}"
@@ -333,11 +384,21 @@ def apply(model, cfg: Config, *, source: Path | None = None, dist=None, dev: str
     cost = {k: metrics[k] for k in _cost_keys() if k in metrics}
     if "overfit_guard" in metrics:
         cost["overfit_guard"] = metrics["overfit_guard"]
-    entry = C.record(model, "finetune", _params(cfg, tcfg, source, model, dist),
-                   getattr(model, "source_sha256", None) if source else None,
+    params = _params(cfg, tcfg, source, model, dist)
+    source_sha = getattr(model, "source_sha256", None) if source else None
+    snapshots = {}
+    for n, (snap, info) in sorted((metrics.get("snapshots") or {}).items()):
+        snap.meta.dataset = cfg.data
+        snap_test = _test_metrics(snap, cfg, tcfg, dist, dev, log) if cfg.eval_n else {}
+        snap_cost = {"steps": n, **({"wall_seconds": info["wall_seconds"]} if "wall_seconds" in cost else {})}
+        C.record(snap, "finetune", {**params, "snapshot": {"steps": n, "of_steps": metrics["steps"]}}, source_sha,
+                 {"epochs": info["epochs"], **snap_cost, **snap_test,
+                  **({"train_points": train_points} if train_points else {})})
+        snapshots[n] = C.derived(snap)
+    entry = C.record(model, "finetune", params, source_sha,
                    {"epochs": metrics["epochs"], **cost, **test,
                     **({"train_points": train_points} if train_points else {})})
-    return C.StageResult(model=C.derived(model), entry=entry,
+    return C.StageResult(model=C.derived(model), entry=entry, snapshots=snapshots,
                          report={"epochs": metrics["epochs"], **cost, **test})
 
 
@@ -365,12 +426,20 @@ def run(cfg: Config, inputs: list, *, log=C.stderr_log, default_output: bool = T
         out = C.plan_output(_default_output(cfg, source) if default_output else cfg.output, source,
                             "ft" if cfg.adv == "none" else f"ft-{cfg.adv}", cfg.force, model=given,
                             default=default_output)
+        snap_paths = _snapshot_paths(cfg, out, C.input_files(source, given))
         res = apply(model, cfg, source=source, dist=dist, dev=dev, state_path=_state_path(cfg, out), log=log,
                     from_scratch=scratch, copy=given is not None)
         if not dist.is_main:
             return res
         res.model.cpu()
+        written = []
+        for n, path in snap_paths.items():  # the snapshots first: a finished output has all of them beside it
+            sha = C.save_output(res.snapshots[n].cpu(), path, cfg.force, C.input_files(source, given))
+            written.append({"steps": n, "path": str(path), "sha256": sha})
+            log(f"wrote {path} (the model after {n} of {res.report.get('steps', '?')} steps, sha256 {sha[:12]})")
         C.publish(res, out, cfg.force, C.input_files(source, given))
+        if written:
+            res.report["snapshots"] = written
         if out is not None:
             log(f"wrote {out} ({C.parameters(res.model):,} parameters, sha256 {res.sha256[:12]})")
         return res

@@ -63,6 +63,7 @@ class TrainConfig:
     allow_collapse: bool = False     # keep a model whose training collapsed (else TrainingFailed); after a
     #                                  catastrophic overfitting (fgsm, n-fgsm) the best weights are kept
     overfit_guard: bool = True       # fgsm/n-fgsm: watch PGD accuracy on a fixed batch (rcomp.train.guards)
+    snapshot_at: tuple[int, ...] = ()  # also return a copy of the model after each of these optimizer steps
 
     def validate(self) -> TrainConfig:
         if not isinstance(self.epochs, int) or self.epochs < 1:
@@ -88,6 +89,8 @@ class TrainConfig:
         if self.max_steps is not None and (isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int)
                                            or self.max_steps < 1):
             raise RcompError(f"--steps-budget must be a positive number of optimizer steps, got {self.max_steps!r}")
+        if any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in self.snapshot_at):
+            raise RcompError(f"--save-at takes positive step counts, got {self.snapshot_at!r}")
         if self.save_every and self.state_path is None:
             raise RcompError("--save-every needs a path for the training state")
         self.adv = self.adv.resolved()
@@ -96,7 +99,8 @@ class TrainConfig:
     def fingerprint(self) -> dict[str, Any]:
         """The options a resumed run must share with the run that wrote the state."""
         d = asdict(self)
-        for k in ("epochs", "device", "save_every", "state_path", "progress", "allow_collapse", "overfit_guard"):
+        for k in ("epochs", "device", "save_every", "state_path", "progress", "allow_collapse", "overfit_guard",
+                  "snapshot_at"):
             d.pop(k)
         return d
 
@@ -219,7 +223,12 @@ def finetune(model, train_ds, config: TrainConfig | None = None, *, dataset: str
     Pruned models are trained at their (smaller) shapes; quantized ones through their fake-quant
     twin (:mod:`rcomp.quant.qat`) and returned in their original quantization format.
     ``metrics``: ``{"epochs": [per-epoch dicts], "final": last epoch, "epoch_seconds": [...],
-    "steps": optimizer steps taken, "wall_seconds": the run's wall time}``.
+    "steps": optimizer steps taken, "wall_seconds": the run's wall time}``; with ``config.snapshot_at``
+    also ``"snapshots"``: ``{steps: (model after that many steps, in the returned model's format,
+    {"epochs": the epochs finished by then, "wall_seconds": time to then})}``. With the constant
+    schedule (and warm-up, which is counted in epochs) a snapshot after N steps has the weights of a
+    run of N steps; with a schedule over the whole run (step, cosine, onecycle) its learning rates
+    were those of the longer run.
     A run whose loss or weights become non-finite, or that collapses to chance (unless
     ``allow_collapse``), raises :class:`~rcomp.errors.TrainingFailed` (see :mod:`.guards`).
     """
@@ -243,7 +252,16 @@ def finetune(model, train_ds, config: TrainConfig | None = None, *, dataset: str
                "wall_seconds": round(time.perf_counter() - t_start, 3)}
     if run.guard is not None:
         metrics["overfit_guard"] = run.guard.record(cfg.batch_size)
+    if cfg.snapshot_at:
+        metrics["snapshots"] = {n: (_untrain_copy(t, model), info) for n, (t, info) in run.snapshots.items()}
     return model, metrics
+
+
+def _untrain_copy(trainable_copy, model):
+    """A snapshot of the trained module (a copy) in ``model``'s format (quantized models: their own)."""
+    if not getattr(model, "is_quantized", False):
+        return trainable_copy.eval()
+    return _untrain(trainable_copy, model).eval()
 
 
 class _Run:
@@ -266,6 +284,12 @@ class _Run:
             raise RcompError(f"the training set ({len(self.train_idx)} examples) is too small for "
                              f"{info.world} processes")
         self.total = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * self.spe
+        late = [n for n in cfg.snapshot_at if n >= self.total]
+        if late:
+            raise RcompError(f"--save-at {late[0]}: the run takes {self.total} optimizer steps and its output is the "
+                             f"model after all of them; give snapshot steps below {self.total}")
+        self.snapshots: dict[int, tuple[Any, dict[str, Any]]] = {}
+        self.t_start = time.perf_counter()
         self.end_epoch = -(-self.total // self.spe)
         self.optimizer = make_optimizer(self.trainable.parameters(), cfg.optimizer, cfg.lr, cfg.momentum,
                                         cfg.weight_decay)
@@ -346,6 +370,8 @@ class _Run:
                 if self.steps >= self.total:
                     break
                 sums += self._step(epoch, b, idx, gsize, offset)
+                if self.steps in cfg.snapshot_at and info.is_main:
+                    self._snapshot()
                 n = max(float(sums[3]), 1.0)
                 post = {"loss": f"{sums[0] / n:.4f}", "acc": f"{sums[1] / n:.3f}"}
                 if cfg.adv.mode != "none":
@@ -369,6 +395,14 @@ class _Run:
                 save_state(cfg.state_path, self.trainable, self.optimizer,
                            {"epoch": epoch + 1, "history": self.history, "fingerprint": _jsonish(cfg.fingerprint())})
             D.barrier(info)
+
+    def _snapshot(self) -> None:
+        """A copy of the trained module after this step (eval mode; training goes on with the original)."""
+        import copy
+
+        snap = copy.deepcopy(self.trainable).eval()
+        self.snapshots[self.steps] = (snap, {"epochs": list(self.history),
+                                             "wall_seconds": round(time.perf_counter() - self.t_start, 3)})
 
     def _step(self, epoch: int, b: int, idx, gsize: int, offset: int) -> torch.Tensor:
         """One optimizer step on one batch; returns (loss sum, clean correct, adv correct, n)."""
