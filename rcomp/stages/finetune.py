@@ -302,11 +302,25 @@ def _auto_figures(model, ds, idx: list[int], cfg: Config, dev: str) -> dict[str,
     return {"clean_acc": res.clean_acc, "robust_acc": res.worst_case_acc}
 
 
+def _steps_per_epoch(cfg: Config, n_images: int, dist) -> int:
+    """Optimizer steps of an epoch, as the loop's sampler counts them (it keeps the last, smaller batch)."""
+    n_train = n_images - (max(1, round(n_images * cfg.val_split)) if cfg.val_split else 0)
+    full, rest = divmod(n_train, cfg.batch_size)
+    return max(1, full + (1 if rest >= dist.world else 0))
+
+
+def _check_snapshots(cfg: Config, tcfg, n_images: int, dist) -> None:
+    """Before any training: every --save-at step comes before the run's last step."""
+    total = tcfg.max_steps or cfg.epochs * _steps_per_epoch(cfg, n_images, dist)
+    late = [n for n in cfg.save_at if n >= total]
+    if late:
+        raise RcompError(f"--save-at {late[0]}: the run takes {total} optimizer steps and its output is the model "
+                         f"after all of them; give snapshot steps below {total}")
+
+
 def _log_start(cfg: Config, tcfg, what: str, n_images: int, dist, log) -> None:
     a = tcfg.adv
-    n_train = n_images - (max(1, round(n_images * cfg.val_split)) if cfg.val_split else 0)
-    full, rest = divmod(n_train, cfg.batch_size)  # the sampler's count: it keeps the last, smaller batch
-    spe = max(1, full + (1 if rest >= dist.world else 0))
+    spe = _steps_per_epoch(cfg, n_images, dist)
     length = (f"for {tcfg.max_steps} optimizer steps (the budget: {-(-tcfg.max_steps // spe)} epoch(s) of {spe} "
               "steps)" if tcfg.max_steps else f"for {cfg.epochs} epochs")
     log(f"training {what} on {cfg.data} ({n_images} images) {length}, adv {cfg.adv}"
@@ -371,6 +385,7 @@ def apply(model, cfg: Config, *, source: Path | None = None, dist=None, dev: str
 
         train_ds, train_points = subset(train_ds, cfg.n)
     tcfg = train_config(cfg, opt_name, dev, state_path)
+    _check_snapshots(cfg, tcfg, len(train_ds), dist)
     if cfg.resume is not None:
         check_resume(cfg.resume, tcfg)
     if dist.is_main:
