@@ -56,7 +56,7 @@ def test_demo_quick_end_to_end(tmp_path, cli):
     assert "skipped" in again.stderr and " ran" not in again.stderr.replace("up to date", "")
 
 
-def test_demo_without_the_onnx_extra_skips_only_the_shipped_file_stages(monkeypatch):
+def test_demo_without_the_onnx_extra_skips_only_the_shipped_file_stages(monkeypatch, tmp_path):
     """No onnx/onnxruntime: the demo says on stderr which extra to install and drops export, the ORT int8 and
     the bench that reads them; every other stage stays (no training here)."""
     from rcomp.cli.demo import QUICK, demo_recipe_text, skip_onnx_stages
@@ -71,8 +71,11 @@ def test_demo_without_the_onnx_extra_skips_only_the_shipped_file_stages(monkeypa
     assert [st.name for st in recipe.stages] == [n for n in full if n not in gone]
     assert len(said) == 1 and "onnxruntime" in said[0] and "pip install 'rcomp[onnx]'" in said[0]
     assert "skipping stages ship, ship-int8, bench-ship" in said[0]
+    from rcomp.recipes.engine import plan
+
     left = {st.name for st in recipe.stages}
-    assert all(i in left or "*" in i for st in recipe.stages for i in st.inputs)  # nothing reads a dropped stage
+    order = plan(recipe, tmp_path / "out")  # every input resolves: a stage, a file one writes (its snapshots), a glob
+    assert {st.name for st in order} == left and not any(set(st.deps) & set(gone) for st in order)
 
 
 def test_demo_with_the_onnx_extra_keeps_every_stage():

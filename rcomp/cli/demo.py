@@ -27,7 +27,8 @@ ONNX_MODULES = ("onnx", "onnxruntime", "onnxscript")
 SUMMARY = "Run the study of Thorsteinsson et al. (arXiv 2403.09441) end to end on digits, offline."
 DOC = """Trains a standard and a PGD-adversarially trained convnet8; prunes and quantizes them; fine-tunes
 each compressed model with PGD-7 and with N-FGSM at matched pass budgets (5/20/37.5/50% of the
-adversarial baseline's training passes) and a standard control; benches every checkpoint with PGD
+adversarial baseline's training passes; one run per path and method writes every budget on the way,
+finetune --save-at) and a standard control; benches every checkpoint with PGD
 and judges the baselines and the largest budgets with auto; exports the study's path to ONNX, makes
 it int8 with ONNX Runtime and benches the .onnx files beside their checkpoint (skipped, and said,
 without the ONNX extra: pip install 'rcomp[onnx]'); writes report.md, report.json and

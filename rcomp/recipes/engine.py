@@ -164,7 +164,8 @@ class Recipe:
 
     def without(self, names) -> list[str]:
         """Drop the stages named and every stage that reads one of them by name, transitively (a glob input
-        just matches fewer); returns the names dropped, in recipe order."""
+        just matches fewer); returns the names dropped, in recipe order. A stage that reads one of a dropped
+        stage's extra files (finetune save-at) by name is not seen here: :func:`plan` then refuses it."""
         dropped = set(names)
         grew = True
         while grew:
