@@ -13,7 +13,7 @@ from rcomp.stages import STAGES, get_stage
 from conftest import assert_one_line_error
 
 SAMPLES = {"choice": None, "int": 1, "float": 0.5, "number": 0.5, "eps": "8/255", "eps_list": "8/255",
-           "fraction": 0.5, "bool": True, "path": "some/file", "shape": [1, 8, 8], "floats": [0.5],
+           "fraction": 0.5, "bool": True, "path": "some/file", "shape": [1, 8, 8], "floats": [0.5], "ints": [3, 9],
            "json": {"width": 8}, "names": None, "str": "digits", "repeat": ["a=1"]}
 
 
