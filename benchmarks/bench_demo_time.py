@@ -43,7 +43,19 @@ def stage_seconds(out: Path) -> dict[str, float]:
     return {p.stem: float(json.loads(p.read_text())["seconds"]) for p in sorted((out / ".rcomp-run").glob("*.json"))}
 
 
+def _from_arg() -> Path | None:
+    """``--from DIR`` as given to the script (main() has checked the flags)."""
+    args = sys.argv[1:]
+    for i, a in enumerate(args):
+        if a == "--from" and i + 1 < len(args):
+            return Path(args[i + 1])
+        if a.startswith("--from="):
+            return Path(a.split("=", 1)[1])
+    return None
+
+
 def run(quick: bool = False, source: Path | None = None) -> list[dict]:
+    source = source if source is not None else _from_arg()
     cmd = ["rcomp", "demo", *(["--quick"] if quick else []), "--no-plot"]
     wall = cpu = None
     with tempfile.TemporaryDirectory() as tmp:
@@ -79,9 +91,5 @@ def run(quick: bool = False, source: Path | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    if "--from" in sys.argv:
-        from benchmarks.common import print_table
-
-        print_table(run(source=Path(sys.argv[sys.argv.index("--from") + 1])))
-    else:
-        main(run)
+    main(run, options={"--from": {"metavar": "DIR", "default": None,
+                                  "help": "read a finished demo folder instead of running the demo"}})
