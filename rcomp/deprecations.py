@@ -28,7 +28,8 @@ class Allowed:
 
 _TORCH_AO = ("torch.ao int8: the default int8 runtime (x86/fbgemm/qnnpack), the loader of every int8 file written so "
              "far, and the fake-quant twin (prepare_qat_fx, FakeQuantize) of every quantized model; removal plan: "
-             "`--backend pt2e` (torchao, issue 24) runs the same files on oneDNN int8 kernels and becomes the default "
+             "`--backend pt2e` (torchao, issue 24) runs the same files on oneDNN int8 kernels (`rcomp quantize OLD "
+             "--backend pt2e` moves a file there) and becomes the default "
              "once its lowering cost per load is paid once (docs/quantization.md); then torch.ao stays only to load "
              "old int8 files and for the twin until the twin moves to torchao's prepare_qat_pt2e (a new tensor "
              "layout); drop it when torch removes torch.ao.quantization (announced for 2.10, still in 2.14.1)")

@@ -295,3 +295,37 @@ def test_export_refuses_a_pt2e_file_for_its_own_reason(pair, cli):
     res = cli("export", path, "-o", d / "x.onnx")
     assert_one_line_error(res, "pt2e int8 checkpoint", "no ONNX form", "rcomp export FLOAT.safetensors")
     assert "torch.ao" not in res.stderr and not (d / "x.onnx").exists()
+
+
+@pytest.mark.slow
+def test_quantize_moves_a_torch_ao_file_to_pt2e_without_calibration(pair, cli):
+    """`rcomp quantize OLD.int8 --backend pt2e`: the deprecated runtime's file on pt2e, the same twin (so the same
+    outputs as pt2e quantized from the float model with that calibration), compared on both runtimes."""
+    _, x86, pt2e, x, _, d = pair
+    old, out = d / "old.x86.safetensors", d / "moved.safetensors"
+    save(x86, old, force=True)
+    res = cli("quantize", old, "--backend", "pt2e", "--data", "digits", "--eval-n", "64", "-o", out, "--json")
+    assert res.code == 0, res.stderr
+    assert "deprecated upstream" in res.stderr and "no calibration" in res.stderr
+    rep = json.loads(res.stdout)
+    assert rep["quantization"]["backend"] == "pt2e" and rep["top1_agreement"] >= 0.99 and rep["eval_n"] == 64
+    moved = load(out)
+    entry = moved.meta.history[-1]
+    assert entry["params"]["from_backend"] == "x86" and entry["params"]["calibrated"] is False
+    with torch.no_grad():
+        assert torch.equal(moved(x[:64]), pt2e(x[:64]))
+    # the API takes the loaded model the same way, and leaves it on torch.ao
+    api = rcomp_quantize(x86)
+    assert api.meta.compression["quantization"]["backend"] == "pt2e"
+    assert x86.meta.compression["quantization"]["backend"] == "x86"
+    # a pt2e file has nowhere to move; a torch.ao file without --backend pt2e is told the way
+    assert_one_line_error(cli("quantize", out, "--backend", "pt2e", "-o", d / "again.safetensors"),
+                          "already quantized")
+    assert_one_line_error(cli("quantize", old, "-o", d / "again.safetensors"), "already quantized",
+                          "moves to the maintained pt2e runtime with --backend pt2e")
+
+
+def rcomp_quantize(model):
+    import rcomp
+
+    return rcomp.quantize(model, backend="pt2e", eval_n=0, log=lambda _m: None).model

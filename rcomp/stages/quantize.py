@@ -11,6 +11,7 @@ from rcomp import options as O
 from rcomp.errors import RcompError
 from rcomp.quant import catalog as qc
 from rcomp.stages import common as C
+from rcomp.text import printable
 
 SUPPORTED = f"supported: {qc.supported()}"
 
@@ -76,13 +77,77 @@ class Config:
         return qc.MODES.get(qc.mode_for(self.simulate)).get("suffix").format(bits=self.bits)
 
 
+def moves_to_pt2e(cfg: Config, meta) -> str | None:
+    """The torch.ao backend of a real int8 checkpoint that ``--backend pt2e`` moves to the pt2e runtime (the
+    same fake-quant twin, integer weights and ranges: no calibration), else None."""
+    q = meta.compression.get("quantization") if isinstance(meta.compression, dict) else None
+    if not isinstance(q, dict) or not qc.is_real(q) or cfg.simulate or cfg.backend not in qc.BACKENDS:
+        return None
+    old = q.get("backend")
+    if old not in qc.BACKENDS or qc.runtime(old) != qc.TORCH_AO or qc.runtime(cfg.backend) != qc.PT2E:
+        return None
+    return old
+
+
 def check_source(cfg: Config, meta, tensors: tuple[str, ...], where: str) -> None:
-    """Quantizing works on float models only; the header says whether this one already is quantized."""
+    """Quantizing works on float models only, but for moving a torch.ao int8 file to pt2e (``--backend pt2e``);
+    the header says whether this one already is quantized."""
     q = C.quant_text(meta)
+    if q and moves_to_pt2e(cfg, meta):
+        return
     if q:
+        qq = meta.compression.get("quantization") if isinstance(meta.compression, dict) else None
+        move = (" (a torch.ao int8 file moves to the maintained pt2e runtime with --backend pt2e)"
+                if isinstance(qq, dict) and qc.is_real(qq) and qq.get("backend") in qc.BACKENDS
+                and qc.runtime(qq["backend"]) == qc.TORCH_AO else "")
         raise RcompError(f"{where} is already quantized ({q}); quantize the float checkpoint it was made from, or "
-                         "fine-tune this one as it is (rcomp finetune keeps its format)")
+                         f"fine-tune this one as it is (rcomp finetune keeps its format){move}")
     C.resolve_data(cfg.data, meta.dataset, where, cfg.data_dir, log=_no_log, why="calibration")  # before loading
+
+
+def _move_to_pt2e(model, old: str, cfg: Config, log, source: str) -> C.StageResult:
+    """A torch.ao int8 model on the pt2e runtime (``rcomp.quant.assemble.with_backend``): the same twin, hence the
+    same integer weights and ranges; no calibration data. With data at hand (``--data`` or the recorded dataset)
+    and ``--eval-n``, the accuracy on both runtimes and their top-1 agreement are reported."""
+    from rcomp.quant.assemble import with_backend
+
+    log(f"{printable(Path(source).name)} runs on torch.ao's {old} int8 engine (deprecated upstream): moving it to "
+        "pt2e (torchao's oneDNN int8 kernels) with the same integer weights and ranges; no calibration")
+    qmodel = with_backend(model, cfg.backend)
+    metrics: dict[str, Any] = {}
+    data_name = cfg.data or model.meta.dataset
+    if cfg.eval_n and data_name:
+        metrics = _agreement(model, qmodel, cfg, data_name, log)
+    elif cfg.eval_n:
+        log("no dataset recorded and no --data: the two runtimes are not compared (give --data to compare them)")
+    q = qmodel.meta.compression["quantization"]
+    params = {"bits": 8, "simulate": False, "backend": cfg.backend, "from_backend": old, "calibrated": False,
+              "data": data_name if metrics else None, "seed": cfg.seed}
+    entry = C.record(qmodel, "quantize", params, getattr(model, "source_sha256", None), metrics)
+    return C.StageResult(model=C.derived(qmodel), report={"quantization": q, **metrics}, entry=entry)
+
+
+def _agreement(model, qmodel, cfg: Config, data_name: str, log) -> dict[str, Any]:
+    import torch
+
+    from rcomp.data.registry import get_dataset, make_loader
+    from rcomp.data.subset import points_text
+    from rcomp.quant.backend import silenced
+
+    test = get_dataset(data_name, "test", model.meta.input, cfg.data_dir, seed=cfg.seed, log=log)
+    loader = make_loader(test, cfg.batch_size, n=cfg.eval_n)
+    n = same = right_old = right_new = 0
+    with silenced(), torch.no_grad():
+        for x, y in loader:
+            a, b = model(x).argmax(1), qmodel(x).argmax(1)
+            n += len(y)
+            same += int((a == b).sum())
+            right_old += int((a == y).sum())
+            right_new += int((b == y).sum())
+    log(f"{data_name} test accuracy ({points_text(loader.points)}): torch.ao int8 {right_old / n:.4f} -> pt2e int8 "
+        f"{right_new / n:.4f}, top-1 agreement {same / n:.4f}")
+    return {"accuracy_torch_ao": right_old / n, "accuracy": right_new / n, "top1_agreement": same / n, "eval_n": n,
+            "eval_points": loader.points}
 
 
 def _no_log(msg: str) -> None:
@@ -115,6 +180,9 @@ def apply(model, cfg: Config, log=C.stderr_log, source: str = "model") -> C.Stag
     from rcomp.quant.ptq import quantize as ptq
     from rcomp.quant.ptq import trace
 
+    old_backend = moves_to_pt2e(cfg, model.meta)
+    if old_backend is not None:
+        return _move_to_pt2e(model, old_backend, cfg, log, source)
     check_source(cfg, model.meta, (), source)
     if model.is_quantized:
         raise RcompError(f"{source} is already quantized; quantize the float checkpoint it was made from")
@@ -148,7 +216,8 @@ def run(cfg: Config, inputs: list, *, log=C.stderr_log, default_output: bool = T
         return quantize_onnx(cfg, path, log, default_output=default_output)
     if path is not None:
         C.check_source(sys.modules[__name__], cfg, path)
-    out = C.plan_output(cfg.output, path, cfg.suffix, cfg.force, model=given, default=default_output)
+    suffix = "pt2e" if _moves(cfg, path, given) else cfg.suffix
+    out = C.plan_output(cfg.output, path, suffix, cfg.force, model=given, default=default_output)
     C.seed_everything(cfg.seed)
     model = given if given is not None else C.as_model(path, "cpu", cfg.arch, cfg.trust_factory)
     res = apply(model, cfg, log, source=str(path) if path is not None else "model")
@@ -159,8 +228,21 @@ def run(cfg: Config, inputs: list, *, log=C.stderr_log, default_output: bool = T
     size_out = out.stat().st_size if out is not None else None
     if out is not None:
         sizes = f"{size_in:,} -> {size_out:,}" if size_in is not None else f"{size_out:,}"
-        log(f"quantized {src[0] if src else 'the model'} -> {out} ({q['mode']}, {cfg.bits} bits, {cfg.backend}; "
+        log(f"quantized {src[0] if src else 'the model'} -> {out} ({q['mode']}, {q['bits']} bits, {q['backend']}; "
             f"{sizes} bytes, sha256 {res.sha256[:12]})")
     res.report = {"path": res.report.pop("path"), "sha256": res.report.pop("sha256"), "quantization": q,
                   "size_bytes": size_out, "input_size_bytes": size_in, **res.report}
     return res
+
+
+def _moves(cfg: Config, path: Path | None, given) -> bool:
+    """Whether this run moves a torch.ao int8 model to pt2e (from the header, or the loaded model's meta)."""
+    if given is not None:
+        return moves_to_pt2e(cfg, given.meta) is not None
+    if path is None:
+        return False
+    from rcomp.io.format import CheckpointMeta
+    from rcomp.io.header import read_header
+
+    return moves_to_pt2e(cfg, CheckpointMeta.from_metadata(read_header(Path(path)).metadata, where=str(path))) \
+        is not None
