@@ -73,11 +73,11 @@ def measure_latency(model, input_shape: tuple[int, int, int], batch: int, device
     after ``warmup`` untimed ones, with the batch and ``torch.get_num_threads()`` recorded."""
     if reps < 1 or warmup < 0:
         raise ValueError(f"reps must be >= 1 and warmup >= 0, got {reps}, {warmup}")
+    from rcomp.attacks.base import eval_mode
+
     x = torch.rand(batch, *input_shape, device=device)
-    modes = [(m, m.training) for m in model.modules()]  # the caller's modes, put back after timing
-    model.eval()
     sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
-    try:
+    with eval_mode(model):  # the caller's modes come back after timing
         for _ in range(warmup):
             model(x)
         times = []
@@ -87,9 +87,6 @@ def measure_latency(model, input_shape: tuple[int, int, int], batch: int, device
             model(x)
             sync()
             times.append((timer() - t0) * 1000)
-    finally:
-        for m, mode in modes:
-            m.training = mode
     return latency_stats(times, batch=batch, threads=torch.get_num_threads(), warmup=warmup)
 
 

@@ -21,6 +21,7 @@ Measured reason and figures: docs/quantization.md.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import warnings
@@ -171,13 +172,16 @@ class Pt2eInt8(nn.Module):
         return self._twin[0] if self._twin else self.gm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._settings:  # compiled: inductor compiles (per new shape) inside the call
-            import torch._inductor.config as inductor_config
-
-            with torch.no_grad(), inductor_config.patch(self._settings):
-                return self.gm(x)
-        with torch.no_grad():
+        with torch.no_grad(), self._compile_settings():
             return self.gm(x)
+
+    def _compile_settings(self):
+        """Compiled graphs: inductor compiles (per new shape) inside the call, under the settings it needs."""
+        if not self._settings:
+            return contextlib.nullcontext()
+        import torch._inductor.config as inductor_config
+
+        return inductor_config.patch(self._settings)
 
     def train(self, mode: bool = True):
         """An inference graph: there is no training mode to switch (the exported graph refuses it)."""

@@ -77,16 +77,20 @@ class Config:
         return qc.MODES.get(qc.mode_for(self.simulate)).get("suffix").format(bits=self.bits)
 
 
+def _torch_ao_int8(meta) -> str | None:
+    """The backend of a real int8 checkpoint that runs on torch.ao's engines, else None."""
+    q = meta.compression.get("quantization") if isinstance(meta.compression, dict) else None
+    if not isinstance(q, dict) or not qc.is_real(q) or q.get("backend") not in qc.BACKENDS:
+        return None
+    return q["backend"] if qc.runtime(q["backend"]) == qc.TORCH_AO else None
+
+
 def moves_to_pt2e(cfg: Config, meta) -> str | None:
     """The torch.ao backend of a real int8 checkpoint that ``--backend pt2e`` moves to the pt2e runtime (the
     same fake-quant twin, integer weights and ranges: no calibration), else None."""
-    q = meta.compression.get("quantization") if isinstance(meta.compression, dict) else None
-    if not isinstance(q, dict) or not qc.is_real(q) or cfg.simulate or cfg.backend not in qc.BACKENDS:
+    if cfg.simulate or cfg.backend not in qc.BACKENDS or qc.runtime(cfg.backend) != qc.PT2E:
         return None
-    old = q.get("backend")
-    if old not in qc.BACKENDS or qc.runtime(old) != qc.TORCH_AO or qc.runtime(cfg.backend) != qc.PT2E:
-        return None
-    return old
+    return _torch_ao_int8(meta)
 
 
 def check_source(cfg: Config, meta, tensors: tuple[str, ...], where: str) -> None:
@@ -96,10 +100,8 @@ def check_source(cfg: Config, meta, tensors: tuple[str, ...], where: str) -> Non
     if q and moves_to_pt2e(cfg, meta):
         return
     if q:
-        qq = meta.compression.get("quantization") if isinstance(meta.compression, dict) else None
         move = (" (a torch.ao int8 file moves to the maintained pt2e runtime with --backend pt2e)"
-                if isinstance(qq, dict) and qc.is_real(qq) and qq.get("backend") in qc.BACKENDS
-                and qc.runtime(qq["backend"]) == qc.TORCH_AO else "")
+                if _torch_ao_int8(meta) else "")
         raise RcompError(f"{where} is already quantized ({q}); quantize the float checkpoint it was made from, or "
                          f"fine-tune this one as it is (rcomp finetune keeps its format){move}")
     C.resolve_data(cfg.data, meta.dataset, where, cfg.data_dir, log=_no_log, why="calibration")  # before loading
@@ -130,12 +132,10 @@ def _move_to_pt2e(model, old: str, cfg: Config, log, source: str) -> C.StageResu
 def _agreement(model, qmodel, cfg: Config, data_name: str, log) -> dict[str, Any]:
     import torch
 
-    from rcomp.data.registry import get_dataset, make_loader
     from rcomp.data.subset import points_text
     from rcomp.quant.backend import silenced
 
-    test = get_dataset(data_name, "test", model.meta.input, cfg.data_dir, seed=cfg.seed, log=log)
-    loader = make_loader(test, cfg.batch_size, n=cfg.eval_n)
+    loader = _test_loader(model, cfg, data_name, log)
     n = same = right_old = right_new = 0
     with silenced(), torch.no_grad():
         for x, y in loader:
@@ -154,15 +154,20 @@ def _no_log(msg: str) -> None:
     """A header check says nothing: the stage says which data it took when it takes it."""
 
 
-def _accuracy(model, qmodel, cfg: Config, data_name: str, log) -> dict[str, Any]:
+def _test_loader(model, cfg: Config, data_name: str, log):
+    """The ``--eval-n`` test points both models are scored on."""
     from rcomp.data.registry import get_dataset, make_loader
+
+    test = get_dataset(data_name, "test", model.meta.input, cfg.data_dir, seed=cfg.seed, log=log)
+    return make_loader(test, cfg.batch_size, n=cfg.eval_n)
+
+
+def _accuracy(model, qmodel, cfg: Config, data_name: str, log) -> dict[str, Any]:
+    from rcomp.data.subset import points_text
     from rcomp.evaluation.accuracy import clean_accuracy
     from rcomp.quant.backend import silenced
 
-    test = get_dataset(data_name, "test", model.meta.input, cfg.data_dir, seed=cfg.seed, log=log)
-    from rcomp.data.subset import points_text
-
-    loader = make_loader(test, cfg.batch_size, n=cfg.eval_n)
+    loader = _test_loader(model, cfg, data_name, log)
     with silenced():
         before, n = clean_accuracy(model, loader)
         after, _ = clean_accuracy(qmodel, loader)
