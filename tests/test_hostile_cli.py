@@ -688,3 +688,15 @@ def test_examples_with_bad_labels_are_refused(cli, tiny_ckpt, tmp_path, labels, 
     src = tmp_path / "adv.safetensors"
     save_examples(src, x, x.clone(), labels(torch.tensor([1, 2, 3, 4])), {"attack": "fgsm", "eps": 0.1}, (), False)
     _refused(cli("attack", tiny_ckpt, "--from", src), needle)
+
+
+@pytest.mark.parametrize("cmd", [("prune", "--ratio", "0.5"), ("attack", "--data", "digits", "-n", "4",
+                                                               "--attack", "fgsm", "--eps", "0.1")])
+def test_output_names_with_control_characters_are_refused(cli, tiny_ckpt, tmp_path, cmd):
+    """`-o $'a\\nb.safetensors'` used to be written and its path printed on two lines: the next command in a pipe
+    read `b.safetensors`, another file (the wrong model, silently, where one of that name exists)."""
+    for name in ("a\nb.safetensors", "a\tb.safetensors", "a\rb.safetensors"):
+        out = tmp_path / name
+        res = cli(cmd[0], tiny_ckpt, *cmd[1:], "-o", out)
+        assert_one_line_error(res, "control character", "choose a name without one")
+        assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["tiny.safetensors"]

@@ -80,6 +80,10 @@ def check_output_path(output: Path, inputs: tuple[Path, ...] = (), force: bool =
     file even with ``force``; a missing or unwritable folder.
     """
     output = Path(output)
+    if any(ord(c) < 32 or ord(c) == 127 for c in str(output)):
+        raise RcompError(f"output {printable(str(output), 80)} holds a control character (a newline, tab...): the "
+                         "path printed on stdout would reach the next command in a pipe as another path; choose a "
+                         "name without one")
     if str(output) in ("/dev/stdout", "/dev/stderr", "/dev/fd/1", "/dev/fd/2", "/proc/self/fd/1", "/proc/self/fd/2", "-"):
         raise RcompError(f"output {output} is not a file: rcomp writes checkpoints to a file with -o and prints "
                          "that file's path on stdout; pipe the path to the next rcomp command")
