@@ -265,6 +265,7 @@ def evaluate(model, loader: Iterable, attacks: dict[str, Callable] | None = None
     model is left in the train/eval mode it came in.
     """
     from rcomp.evaluation.cascade import expand_suites, masking_checkable, wants_cascade
+    from rcomp.models.layout import fast_layout
     from rcomp.progress import Progress
 
     attacks = dict(attacks or {})
@@ -292,6 +293,13 @@ def evaluate(model, loader: Iterable, attacks: dict[str, Callable] | None = None
                          "resume without -o, or start a new folder")
     was_training = model.training
     model.eval()
+    # the module gradient attacks differentiate; none for an ONNX model without a surrogate (black-box only)
+    surrogate = model.gradient_model() if getattr(model, "has_surrogate", True) and hasattr(model, "gradient_model") \
+        else None
+    shape = getattr(getattr(getattr(model, "meta", None), "input", None), "shape", None)
+    example = torch.rand(2, *shape, device=device) if shape is not None and len(shape) == 3 else None
+    # channels-last weights while attacking (tried on a 2-image batch first), put back after
+    layout = fast_layout(model, surrogate, device=device, example=example)
     if total is None:
         try:
             total = len(loader.dataset)  # type: ignore[attr-defined]
@@ -300,6 +308,7 @@ def evaluate(model, loader: Iterable, attacks: dict[str, Callable] | None = None
     t_start = time.perf_counter()
     seen = 0
     indices = getattr(loader, "indices", None)  # a subset's dataset indices (make_loader), else positions
+    layout.__enter__()
     try:
         with Progress(total, desc, enabled=progress) as bar:
             # under torchrun, rank 0's bar shows every process's points (their chunks), rate and ETA included
@@ -372,6 +381,7 @@ def evaluate(model, loader: Iterable, attacks: dict[str, Callable] | None = None
                                          t.get("adv") if images else None, t.get("clean") if images else None))
     finally:
         model.train(was_training)
+        layout.__exit__(None, None, None)
     seconds = time.perf_counter() - t_start
     n = fold.n
     seeds = {getattr(a, "seed", None) for a in attacks.values()}

@@ -1,0 +1,104 @@
+"""How much faster do attacks run with channels-last weights (what ``evaluate`` now does on CPU)?
+
+rcomp's evaluation loop switches a model's 4-D weights to channels-last while it attacks
+(:func:`rcomp.models.layout.fast_layout`) and puts them back after. This script times the same
+attack on the same batch with and without, interleaved (A, B, A, B ...), and reports the median
+ratio and its spread, and checks that the adversarial accuracy is the same. Models: convnet8
+trained 3 epochs on digits (1x8x8, the demo's architecture), its fake-quant int8 twin, and
+resnet18-cifar with random weights (3x32x32; time does not depend on the weights). One thread:
+two-thread torch on a shared machine is skewed by OpenMP busy-waiting (docs/benchmarks.md).
+
+    python benchmarks/bench_layout.py           # PGD-10 on 128 points, 7 rounds; APGD-T on convnet8
+    python benchmarks/bench_layout.py --quick   # 3 rounds, smaller batches
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import main, row, setup_threads, train_classifier  # noqa: E402
+
+
+def _cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def _pair(model, attack, x, y, rounds: int):
+    import torch
+
+    from rcomp.models.layout import fast_layout
+
+    grad = model.gradient_model() if hasattr(model, "gradient_model") else model
+    plain, fast, same, ref = [], [], True, None
+    for _ in range(rounds):
+        for layout in (False, True):
+            if hasattr(attack, "reset"):
+                attack.reset()
+            t0 = time.perf_counter()
+            if layout:
+                with fast_layout(model, grad):
+                    adv = attack(model, x, y)
+            else:
+                adv = attack(model, x, y)
+            (fast if layout else plain).append(time.perf_counter() - t0)
+            with torch.no_grad():
+                acc = (model(adv).argmax(1) == y).float().mean().item()
+            if layout:
+                same = same and acc == ref
+            else:
+                ref = acc
+    ratios = [p / f for p, f in zip(plain, fast, strict=True)]
+    return statistics.median(plain), statistics.median(fast), statistics.median(ratios), min(ratios), max(ratios), same
+
+
+def run(quick: bool = False) -> list[dict]:
+    import torch
+
+    from rcomp.attacks import make_attack
+    from rcomp.data.registry import get_dataset
+    from rcomp.evaluation.accuracy import fetch
+    from rcomp.models.registry import build_model
+    from rcomp.quant.ptq import quantize
+
+    setup_threads(1)
+    rounds = 3 if quick else 7
+    n = 64 if quick else 128
+    cmd = "python benchmarks/bench_layout.py" + (" --quick" if quick else "")
+    digits = train_classifier("convnet8", "digits", (1, 8, 8), 3)
+    ds = get_dataset("digits", "test", digits.meta.input)
+    x, y = fetch(ds, range(n))
+    int8 = quantize(digits, [x], bits=8)
+    torch.manual_seed(0)
+    resnet = build_model("resnet18-cifar", 10, (3, 32, 32)).eval()
+    xr, yr = torch.rand(n // 4, 3, 32, 32), torch.randint(0, 10, (n // 4,))
+    cases = [("convnet8 digits", digits, x, y), ("convnet8 digits int8 (fake-quant twin)", int8, x, y),
+             ("resnet18-cifar (random weights)", resnet, xr, yr)]
+    rows = [row("CPU, threads", f"{_cpu()}, {torch.get_num_threads()}", command=cmd)]
+    for name, model, xs, ys in cases:
+        attacks = [("pgd-10", make_attack("pgd", eps=0.1, steps=10, seed=0))]
+        if model is digits:
+            attacks.append(("apgd-t", make_attack("apgd-t", eps=0.1, steps=20 if quick else 50, seed=0)))
+        for aname, attack in attacks:
+            p, f, med, lo, hi, same = _pair(model, attack, xs, ys, rounds)
+            rows.append(row(f"{name}, {aname} on {len(ys)} points: plain / channels-last s", f"{p:.3f} / {f:.3f}",
+                            command=cmd))
+            rows.append(row(f"{name}, {aname}: speed-up (median [min, max] of {rounds})",
+                            f"{med:.2f}x [{lo:.2f}, {hi:.2f}]", ">= 1.0x", lo >= 1.0 or med >= 1.05, cmd))
+            rows.append(row(f"{name}, {aname}: same adversarial accuracy", same, "same", same, cmd))
+    return rows
+
+
+if __name__ == "__main__":
+    main(run)
