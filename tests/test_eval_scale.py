@@ -165,6 +165,25 @@ def test_bench_two_gloo_processes_equal_one(cli, trained_digits, tmp_path):
     assert len(finals) == 2 and all(ln.endswith("/s") for ln in finals), two.stderr[-2000:]
 
 
+def test_bench_pgd_then_auto_splits_over_two_processes_with_one_process_figures(cli, trained_digits, tmp_path):
+    """The demo's judging bench: pgd draws per call but comes first in the cascade, so it runs on the points
+    correct clean as in independent mode and every process can move its streams on; auto's stages draw per
+    point. Before, the whole bench ran in rank 0 alone."""
+    args = ("bench", trained_digits, *BENCH, "--attack", "pgd,auto", "--steps", "3", "--queries", "20")
+    one = cli(*args, "--records", tmp_path / "one")
+    assert one.code == 0, one.stderr
+    two = torchrun(*args, "--records", tmp_path / "two")
+    assert two.returncode == 0, two.stderr[-4000:]
+    assert "alone" not in two.stderr and "one process" not in two.stderr, two.stderr[-2000:]
+    a, b = json.loads(one.stdout), json.loads(two.stdout)
+    assert _strip(a) == _strip(b)
+    assert a["models"][0]["worst_case_acc"] < a["models"][0]["clean_acc"]  # the attacks did something
+    (sub,) = [p.name for p in (tmp_path / "one").iterdir()]
+    _same_chunks(tmp_path / "one" / sub, tmp_path / "two" / sub)
+    for c in sorted((tmp_path / "one" / sub).glob("chunk-*")):  # pgd's stream counter where one process had it
+        assert torch.equal(_tensors(c)["calls"][:1], _tensors(tmp_path / "two" / sub / c.name)["calls"][:1]), c.name
+
+
 # ---------------------------------------------------------------------------
 # kill -9 at a chosen moment, then --resume (issue 23 point 2)
 # ---------------------------------------------------------------------------

@@ -471,7 +471,8 @@ def shard_refusal(attacks: dict[str, Any], cascade: bool) -> str | None:
     (pgd, apgd, cw, fgsm with a random start, --targeted) can in independent mode: each process
     moves its random streams on over the batches of the others (:meth:`~rcomp.attacks.base.Attack.skip_call`,
     knowing from one clean pass whether the batch is attacked). In a cascade, whether it is called on
-    a batch depends on what the attacks before it did there, which only their process knows."""
+    a batch depends on what the attacks before it did there, which only their process knows -- except for
+    the first, which runs on the points correct clean as in independent mode (``pgd,auto``)."""
     moving = [k for k, a in attacks.items() if not batch_independent(a)]
     if not moving:
         return None
@@ -479,10 +480,11 @@ def shard_refusal(attacks: dict[str, Any], cascade: bool) -> str | None:
     if unknown:
         return (f"{', '.join(unknown)} cannot tell how its random numbers depend on the batch, so splitting the "
                 "points over processes could change the result; run it in one process")
-    if cascade:
+    moving = [k for k in moving if k != next(iter(attacks))] if cascade else moving
+    if cascade and moving:
         return (f"{', '.join(moving)} draw(s) random numbers per call, and in a cascade which batches call it "
-                "depends on the attacks before it; run the cascade in one process, or without --cascade "
-                "(or with attacks that draw per point: auto, apgd-t, square, fgsm)")
+                "depends on the attacks before it; list it first, run the cascade in one process, or run without "
+                "--cascade (or with attacks that draw per point: auto, apgd-t, square, fgsm)")
     return None
 
 
