@@ -84,9 +84,10 @@ def demo(cfg: DemoOptions, inputs: list[Path]) -> None:
     recipe = Recipe(text, source="demo recipe", overrides=overrides)
     main = is_main_process()
     skip_onnx_stages(recipe, log if main and workers == 1 else _quiet)
-    if workers > 1:  # the workers run this same command; rank 0 writes the report
+    if workers > 1:  # the workers run this same command (checked here first); rank 0 writes the report
+        run_recipe(recipe, cfg.out_dir, dry_run=True, log=log)
         launch_workers(["demo", "--out-dir", str(cfg.out_dir), *(["--quick"] if cfg.quick else []),
-                        *(["--no-plot"] if cfg.no_plot else []), *worker_flags(workers, cfg.json, cfg.set)], workers)
+                        *(["--no-plot"] if cfg.no_plot else []), *worker_flags(cfg.json, cfg.set)], workers)
         return
     t0 = time.perf_counter()
     records = run_recipe(recipe, cfg.out_dir, log=log)

@@ -71,7 +71,7 @@ def print_records(records: list[dict], dry_run: bool) -> None:
             print(f"\n{r['stage']}:\n{render(r['result'], 'table')}")
 
 
-def worker_flags(workers: int | None, json: bool, sets) -> list[str]:
+def worker_flags(json: bool, sets) -> list[str]:
     """The flags every worker of ``--workers N`` gets besides the command's own: the --set overrides, --json,
     and --workers 1 (a worker never starts workers)."""
     return [*(a for s in sets for a in ("--set", s)), *(["--json"] if json else []), "--workers", "1"]
@@ -93,10 +93,12 @@ def run(cfg: RunOptions, inputs: list[Path]) -> None:
     check_workers(cfg.workers)
     rec = load_recipe(inputs[0], parse_sets(cfg.set), max_stages=cfg.max_stages)
     folder = Path(cfg.out_dir or rec.default_out_dir())
-    if cfg.workers > 1 and not cfg.dry_run:  # the recipe was checked here first: a refusal is said once
+    if cfg.workers > 1 and not cfg.dry_run:
+        # the whole recipe is checked here first, so a refusal is said once, before any worker starts
+        run_recipe(rec, folder, dry_run=True, log=log, allow_factories=frozenset(cfg.allow_factory))
         launch_workers(["run", str(inputs[0]), "--out-dir", str(folder), "--max-stages", str(cfg.max_stages),
                         *(a for f in cfg.allow_factory for a in ("--allow-factory", f)),
-                        *worker_flags(cfg.workers, cfg.json, cfg.set)], cfg.workers)
+                        *worker_flags(cfg.json, cfg.set)], cfg.workers)
         return
     records = run_recipe(rec, folder, dry_run=cfg.dry_run, log=log, allow_factories=frozenset(cfg.allow_factory))
     from rcomp.train.distributed import is_main_process

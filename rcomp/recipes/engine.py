@@ -897,6 +897,8 @@ def _run_waves(order: list[Stage], out_dir: Path, log, own_log, dist) -> list[di
             t0 = time.perf_counter()
             try:
                 res = _run_stage(st, log, dist=dist, config=cfg)
+                seconds = time.perf_counter() - t0
+                D.barrier(dist)  # every process is done with the stage (and its records)
             except RcompError as exc:  # said by the first process to fail, once
                 if D.first_to_fail():
                     raise
@@ -905,8 +907,6 @@ def _run_waves(order: list[Stage], out_dir: Path, log, own_log, dist) -> list[di
                 if D.another_failed():  # a process that failed left the group: it said why
                     raise AlreadyReported("another process failed", exit_code=1) from None
                 raise
-            seconds = time.perf_counter() - t0
-            D.barrier(dist)  # every process is done with the stage (and its records)
             if main:
                 _write_stamp(st, out_dir, plans[st.name]["fp"], seconds)
                 _drop_records(out_dir, st.name)  # this stage's records made for the processes (this run's or older)
