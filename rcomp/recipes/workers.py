@@ -59,11 +59,23 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _die_with_parent() -> None:  # runs in the child before exec: SIGTERM when the launcher dies (Linux)
-    with contextlib.suppress(Exception):
+def _die_with_parent():
+    """A function for the child to run before exec (Linux): SIGTERM it when the launcher dies, even by
+    SIGKILL (PR_SET_PDEATHSIG); None elsewhere. libc is loaded here, in the parent: nothing is imported
+    between fork and exec."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
         import ctypes
 
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+    def child() -> None:
+        prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+    return child
 
 
 class _Relay(threading.Thread):
@@ -73,15 +85,19 @@ class _Relay(threading.Thread):
     def __init__(self, stream, sink, lock: threading.Lock):
         super().__init__(daemon=True)
         self.stream, self.sink, self.lock, self.muted = stream, sink, lock, False
+        self.error: BaseException | None = None  # why the sink could not be written
 
     def run(self) -> None:
         for raw in iter(self.stream.readline, b""):
             if self.muted:
                 continue
             line = raw.decode("utf-8", errors="replace")
-            with self.lock, contextlib.suppress(OSError, ValueError):
-                self.sink.write(line)
-                self.sink.flush()
+            with self.lock:
+                try:
+                    self.sink.write(line)
+                    self.sink.flush()
+                except Exception as exc:  # noqa: BLE001 - the reader went away: keep draining the worker
+                    self.muted, self.error = True, exc
         self.stream.close()
 
 
@@ -116,6 +132,7 @@ def launch(args: list[str], n: int, log) -> int:
     log(f"running {n} worker processes on this machine ({threads} torch thread(s) each; "
         f"{'OMP_NUM_THREADS' if os.environ.get('OMP_NUM_THREADS') else f'{cores()} cores'} // workers)")
     lock = threading.Lock()
+    before_exec = _die_with_parent()
     procs: list[subprocess.Popen] = []
     relays: list[_Relay] = []
     code = 0
@@ -124,7 +141,7 @@ def launch(args: list[str], n: int, log) -> int:
             p = subprocess.Popen([sys.executable, "-m", "rcomp", *args], stdin=subprocess.DEVNULL,
                                  stdout=subprocess.PIPE if rank == 0 else subprocess.DEVNULL, stderr=subprocess.PIPE,
                                  env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}, start_new_session=True,
-                                 preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+                                 preexec_fn=before_exec)
             procs.append(p)
             streams = [(p.stderr, sys.stderr)] + ([(p.stdout, sys.stdout)] if rank == 0 else [])
             for stream, sink in streams:
@@ -159,4 +176,7 @@ def launch(args: list[str], n: int, log) -> int:
                 p.wait()
         for r in relays:
             r.join(timeout=GRACE_S)
+    lost = next((r.error for r in relays if r.error is not None), None)
+    if lost is not None:  # the command's stdout or stderr went away: the caller says so as for one process
+        raise lost
     return code
