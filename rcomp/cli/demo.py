@@ -52,7 +52,8 @@ class DemoOptions:
     no_plot: bool = opt(False, "--no-plot", kind="bool", help="Skip the trade-off plot.")
     workers: int | None = opt(None, "--workers", kind="int", min=1, max=256,
                               help="Local processes running the recipe (independent stages side by side, bench "
-                                   "split; same files as one process). Default: min(2, cores), said on stderr.")
+                                   "split; the files of one process at the same thread count). Default: min(2, cores), "
+                                   "said on stderr.")
     json: bool = json_opt()
 
 

@@ -19,7 +19,7 @@ options and inputs are unchanged is skipped, so an interrupted sweep resumes whe
 cannot run code: a stage naming a user factory (arch: package.module:factory) runs only when the same
 factory is given here with --allow-factory. With --workers N (or under torchrun) the stages that do not depend
 on each other run side by side in the N processes, and the attack and bench stages are split over them, with
-files and figures identical to one process's."""
+files and figures identical to one process's at the same torch thread count."""
 EXAMPLES = """rcomp run examples/paper-fashion-mnist.yaml --set epochs_ft=1 --out-dir runs/fmnist
 rcomp run sweep.yaml --workers 2   # independent stages side by side, attack/bench split over 2 processes
 torchrun --standalone --nproc-per-node 2 -m rcomp run sweep.yaml   # the same under torchrun
@@ -40,8 +40,8 @@ class RunOptions:
                           help="Refuse a recipe that expands to more stages than this.")
     workers: int = opt(1, "--workers", kind="int", min=1, max=256,
                        help="Run the recipe in this many local processes: independent stages side by side, attack "
-                            "and bench stages split over them (as torchrun would; same files as one process). Each "
-                            "uses max(1, cores // N) torch threads unless OMP_NUM_THREADS is set.")
+                            "and bench stages split over them (as torchrun would; the files of one process at the same thread "
+                            "count). Each uses max(1, cores // N) torch threads unless OMP_NUM_THREADS is set.")
     json: bool = json_opt()
 
 

@@ -871,13 +871,21 @@ def _run_waves(order: list[Stage], out_dir: Path, log, own_log, dist) -> list[di
             except RcompError as exc:
                 failed, error = [number[st.name], str(exc), exc.exit_code], exc
                 break  # this process's other stages of the wave do not start
+            except Exception:  # an internal error: this process says it and stops; the others stop silently
+                D.first_to_fail()
+                raise
             seconds = time.perf_counter() - t0
             _write_stamp(st, out_dir, plans[st.name]["fp"], seconds)
             _drop_records(out_dir, st.name)
             ran[st.name] = seconds
             done[st.name] = {"status": "ran", "seconds": seconds,
                              **({"result": res.report} if st.command == "bench" and main else {})}
-        reports = D.all_gather_json({"ran": ran, "failed": failed}, dist)
+        try:
+            reports = D.all_gather_json({"ran": ran, "failed": failed}, dist)
+        except Exception:
+            if D.another_failed():  # a process that failed left the group: it said why
+                raise AlreadyReported("another process failed", exit_code=1) from None
+            raise
         for rep in reports:
             for name, seconds in rep["ran"].items():
                 done.setdefault(name, {"status": "ran", "seconds": seconds})
