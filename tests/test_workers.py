@@ -44,6 +44,7 @@ def _figures(bench: Path) -> list:
             json.loads(bench.read_text())["models"]]
 
 
+@pytest.mark.slow
 def test_two_workers_write_the_files_of_one_process_and_a_rerun_skips(cli, tmp_path, monkeypatch):
     recipe = _write(tmp_path / "tiny.yaml", TINY)
     runs = {}
@@ -82,6 +83,7 @@ def test_two_workers_write_the_files_of_one_process_and_a_rerun_skips(cli, tmp_p
     assert [s["status"] for s in _stages(cli("run", recipe, "--out-dir", "out", "--json"))] == ["skipped"] * 4
 
 
+@pytest.mark.slow
 def test_a_stage_failing_in_a_worker_is_said_once(cli, tmp_path):
     """A fine-tuning run that diverges (adam, lr 10), run beside a good one in the other worker: exit 1, the
     stage's one line once, its file not written; the good stage's file and stamp stay for the rerun."""
