@@ -33,3 +33,12 @@ class TrainingFailed(RcompError):
     """
 
     exit_code = 1
+
+
+class AlreadyReported(RcompError):
+    """A failure another process of the same run has already said (a recipe's torchrun or --workers
+    processes): the command exits with ``exit_code`` without printing a second line."""
+
+    def __init__(self, message: str = "", exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code

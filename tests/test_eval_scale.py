@@ -123,6 +123,7 @@ def test_recipe_under_torchrun_refuses_once_and_writes_nothing(trained_digits, t
          "options": {"data": "digits", "attack": "fgsm", "eps": 0.1, "nope": 1}}]}))
     res = torchrun("run", bad, "--out-dir", tmp_path / "out")
     assert res.returncode != 0 and "nope" in res.stderr
+    assert res.stderr.count("rcomp: error:") == 1  # said once, not once per process
     assert not (tmp_path / "out").exists()
 
 

@@ -14,7 +14,7 @@ import sys
 import typer
 
 from rcomp import __version__
-from rcomp.errors import RcompError
+from rcomp.errors import AlreadyReported, RcompError
 
 HELP = """Compress PyTorch image classifiers and measure and restore their adversarial robustness.
 
@@ -206,6 +206,8 @@ def _exit_code(exc: BaseException, args: list[str]) -> int:
     if isinstance(exc, Abort):
         print("rcomp: interrupted; no output was written", file=sys.stderr)
         return 130
+    if isinstance(exc, AlreadyReported):  # another process of the run said it
+        return exc.exit_code
     if isinstance(exc, RcompError):
         msg, code = str(exc), exc.exit_code
     elif isinstance(exc, OSError) and exc.filename is not None:  # the file system refused a path

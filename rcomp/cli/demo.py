@@ -11,7 +11,7 @@ import typer
 
 from rcomp.cli.build import help_text, make_command
 from rcomp.cli.output import emit_json, log
-from rcomp.cli.run import parse_sets
+from rcomp.cli.run import launch_workers, parse_sets, worker_flags
 from rcomp.options import json_opt, opt
 
 #: --quick: tiny training and evaluation. The budgets stay the real step counts (so the report's matched
@@ -50,6 +50,10 @@ class DemoOptions:
     set: tuple[str, ...] = opt((), "--set", kind="repeat", metavar="KEY=VALUE",
                                help="Override a recipe variable or stage option, e.g. --set eps=0.2.")
     no_plot: bool = opt(False, "--no-plot", kind="bool", help="Skip the trade-off plot.")
+    workers: int | None = opt(None, "--workers", kind="int", min=1, max=256,
+                              help="Local processes running the recipe (independent stages side by side, bench "
+                                   "split; the files of one process at the same thread count). Default: min(2, cores), "
+                                   "said on stderr.")
     json: bool = json_opt()
 
 
@@ -67,11 +71,29 @@ def demo(cfg: DemoOptions, inputs: list[Path]) -> None:
     if cfg.show_recipe:
         print(text, end="")
         return
+    from rcomp.recipes.workers import check_workers, cores
+    from rcomp.train.distributed import is_main_process, launched
+
+    workers = cfg.workers
+    if workers is None:
+        workers = 1 if launched() else min(2, cores())
+        if not launched():
+            log(f"note: --workers not given: running {workers} worker process(es), min(2, {cores()} cores); "
+                "--workers 1 runs the demo in this process")
+    check_workers(workers)
     overrides = {**(QUICK if cfg.quick else {}), **parse_sets(cfg.set)}
     recipe = Recipe(text, source="demo recipe", overrides=overrides)
-    skip_onnx_stages(recipe, log)
+    main = is_main_process()
+    skip_onnx_stages(recipe, log if main and workers == 1 else _quiet)
+    if workers > 1:  # the workers run this same command (checked here first); rank 0 writes the report
+        run_recipe(recipe, cfg.out_dir, dry_run=True, log=log)
+        launch_workers(["demo", "--out-dir", str(cfg.out_dir), *(["--quick"] if cfg.quick else []),
+                        *(["--no-plot"] if cfg.no_plot else []), *worker_flags(cfg.json, cfg.set)], workers)
+        return
     t0 = time.perf_counter()
     records = run_recipe(recipe, cfg.out_dir, log=log)
+    if not main:  # under torchrun or --workers, rank 0 alone reports
+        return
     bench = json.loads((Path(cfg.out_dir) / "bench.json").read_text())
     ran = {r["stage"] for r in records}
     strong, ship = Path(cfg.out_dir) / "bench-auto.json", Path(cfg.out_dir) / "bench-ship.json"
@@ -84,6 +106,10 @@ def demo(cfg: DemoOptions, inputs: list[Path]) -> None:
         emit_json({k: v for k, v in report.items() if k != "markdown"})
     else:
         print(report["markdown"])
+
+
+def _quiet(msg: str) -> None:
+    """The log of a process that does not speak (a worker other than rank 0; the launcher, whose rank 0 says it)."""
 
 
 def skip_onnx_stages(recipe, log) -> list[str]:

@@ -44,12 +44,13 @@ import json
 import math
 import os
 import re
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rcomp.errors import RcompError
+from rcomp.errors import AlreadyReported, RcompError
 from rcomp.text import printable
 
 STAMP_DIR = ".rcomp-run"
@@ -644,6 +645,7 @@ def _run_sharded(recipe: Recipe, out_dir: Path, log, allow_factories: frozenset[
 
     dist, _ = D.setup("cpu", backend="gloo", timeout_s=RECIPE_WAIT_S)  # the stages pick their own devices
     try:
+        own_log = log  # the stages this process runs alone log here
         if not dist.is_main:
             log = _silent
         error = None
@@ -652,12 +654,16 @@ def _run_sharded(recipe: Recipe, out_dir: Path, log, allow_factories: frozenset[
             _check_out_dir(out_dir)
         except RcompError as exc:
             error = exc
-        if not D.all_ok(error is None, dist):
-            raise error or RcompError("another torchrun process refused the recipe (its message says why)")
+        refusals = D.all_gather_json(None if error is None else [str(error), error.exit_code], dist)
+        first = next((r for r, e in enumerate(refusals) if e is not None), None)
+        if first is not None:  # every process refuses; the first that found a reason says it, once
+            if first == dist.rank:
+                raise error
+            raise AlreadyReported(f"process {first} refused the recipe", exit_code=refusals[first][1])
         made = [p for p in (out_dir, out_dir / STAMP_DIR) if not os.path.lexists(p)]
         D.barrier(dist)  # every process has looked at the folder before rank 0 makes it
         try:
-            return _run_all(order, out_dir, log, dist)
+            return _run_waves(order, out_dir, log, own_log, dist)
         except BaseException:
             if dist.is_main:
                 for p in reversed(made):
@@ -704,67 +710,215 @@ def _drop_records(out_dir: Path, name: str) -> None:
         root.rmdir()  # only when no other stage's records are left there
 
 
-def _run_all(order: list[Stage], out_dir: Path, log, dist=None) -> list[dict]:
+def _run_all(order: list[Stage], out_dir: Path, log) -> list[dict]:
+    """The stages one after the other in this process (no torchrun)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / STAMP_DIR).mkdir(exist_ok=True)
+    records = []
+    for i, st in enumerate(order, 1):
+        out = out_dir / st.output
+        base = {"stage": st.name, "output": str(out), "command": st.command}
+        fp = _fingerprint(st)
+        prev = _up_to_date(out, out_dir / STAMP_DIR / f"{st.name}.json", fp, log, [out_dir / rel for rel in st.extras])
+        if prev is not None:
+            log(f"[{i}/{len(order)}] {st.name}: up to date, skipped")
+            records.append({**base, "status": "skipped", "seconds": prev.get("seconds", 0.0)})
+            continue
+        log(f"[{i}/{len(order)}] {st.name}: {command_line(st)}")
+        t0 = time.perf_counter()
+        res = _run_stage(st, log)
+        seconds = time.perf_counter() - t0
+        _write_stamp(st, out_dir, fp, seconds)
+        _drop_records(out_dir, st.name)  # records an earlier torchrun run of this stage left
+        records.append({**base, "status": "ran", "seconds": seconds,
+                        **({"result": res.report} if st.command == "bench" else {})})
+    return records
+
+
+# ------------------------------------------------------------------------------------------
+# several processes (torchrun, or rcomp run --workers N): stages in waves
+# ------------------------------------------------------------------------------------------
+
+def _waves(order: list[Stage]) -> list[list[Stage]]:
+    """The stages grouped by depth (a stage's wave comes after those of everything it reads), each wave
+    in recipe order: the stages of one wave are independent of each other."""
+    level: dict[str, int] = {}
+    groups: dict[int, list[Stage]] = {}
+    for st in order:  # topological: every dependency has its level already
+        level[st.name] = 1 + max((level[d] for d in st.deps), default=-1)
+        groups.setdefault(level[st.name], []).append(st)
+    return [groups[k] for k in sorted(groups)]
+
+
+def expected_cost(st: Stage) -> float:
+    """A rough relative cost of running a stage alone, to balance the processes: a fine-tuning run's
+    passes times its batch (the epochs over digits' size when no steps budget is set); 1 for the rest."""
+    cfg = st.config
+    if st.command != "finetune" or cfg is None:
+        return 1.0
+    try:
+        from rcomp.train.budget import DEFAULT_TRAIN_SIZE, passes_per_step
+
+        batch = int(cfg.batch_size)
+        steps = cfg.steps_budget or cfg.epochs * math.ceil(DEFAULT_TRAIN_SIZE / batch)
+        return float(steps * batch * passes_per_step(cfg.adv, cfg.steps, getattr(cfg, "grad_align", 0.0) or 0.0))
+    except (AttributeError, TypeError, ValueError, RcompError):
+        return 100.0
+
+
+def assign(stages: list[Stage], world: int) -> dict[str, int]:
+    """Which process runs each of ``stages`` (independent, each run by one process): the longest expected
+    first, each to the process with the least expected work so far (ties: the lowest rank). A bench stage
+    runs in rank 0, which reports its figures. Deterministic."""
+    load = [0.0] * world
+    owner: dict[str, int] = {}
+    pinned = [st for st in stages if st.command == "bench"]
+    for st in pinned:
+        owner[st.name] = 0
+        load[0] += expected_cost(st)
+    rest = sorted((st for st in stages if st.command != "bench"), key=lambda st: -expected_cost(st))
+    for st in rest:  # sorted() is stable: equal costs keep recipe order
+        r = min(range(world), key=lambda k: (load[k], k))
+        owner[st.name] = r
+        load[r] += expected_cost(st)
+    return owner
+
+
+class _Prefixed:
+    """A text stream that starts every line (after a newline or a carriage return) with ``prefix``: the
+    stderr of a process while stages run side by side, so each line names its stage."""
+
+    def __init__(self, stream, prefix: str):
+        self.stream, self.prefix, self.start = stream, prefix, True
+
+    def write(self, text: str) -> int:
+        out = []
+        for piece in re.split(r"([\r\n])", text):
+            if piece in ("\r", "\n"):
+                self.start = True
+            elif piece and self.start:
+                out.append(self.prefix)
+                self.start = False
+            out.append(piece)
+        self.stream.write("".join(out))
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
+
+
+def _write_stamp(st: Stage, out_dir: Path, fp: str, seconds: float) -> None:
     from rcomp.io.atomic import atomic_write_text
     from rcomp.io.header import sha256_file
+
+    out = out_dir / st.output
+    extra = {Path(rel).name: sha256_file(out_dir / rel) for rel in st.extras if (out_dir / rel).exists()}
+    atomic_write_text(out_dir / STAMP_DIR / f"{st.name}.json",
+                      json.dumps({"fingerprint": fp, "seconds": seconds,
+                                  "output_sha256": sha256_file(out) if out.exists() else None,
+                                  **({"extra_sha256": extra} if st.extras else {})}))
+
+
+def _run_waves(order: list[Stage], out_dir: Path, log, own_log, dist) -> list[dict]:
+    """The stages over the processes of ``dist``, wave by wave (:func:`_waves`): the wave's stages that
+    run in one process go to the processes at once (:func:`assign`), each writing its output and stamp;
+    then its attack and bench stages that can be split run one after the other over all processes, rank 0
+    merging their records. Every stage runs with the config, seed and inputs of a one-process run, so its
+    files are those of one. A failure stops the run at the end of its wave, said once (by the process of
+    the first failing stage in recipe order). Returns rank 0's records, in recipe order."""
     from rcomp.train import distributed as D
 
-    dist = dist or D.DistInfo()
     main = dist.is_main
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / STAMP_DIR).mkdir(exist_ok=True)
-    records = []
-    for i, st in enumerate(order, 1):
-        out = out_dir / st.output
-        stamp = out_dir / STAMP_DIR / f"{st.name}.json"
-        base = {"stage": st.name, "output": str(out), "command": st.command}
-        plan_ = None
+    number = {st.name: i for i, st in enumerate(order, 1)}
+    total = len(order)
+    done: dict[str, dict] = {}
+    for wave in _waves(order):
+        plans = None
         if main:  # rank 0 alone reads stamps and outputs, and says what every process does
-            fp = _fingerprint(st)
-            prev = _up_to_date(out, stamp, fp, log, [out_dir / rel for rel in st.extras])
-            shard, why = _shardable(st) if dist.enabled and prev is None else (False, "")
-            plan_ = {"skip": prev is not None, "seconds": (prev or {}).get("seconds", 0.0), "shard": shard,
-                     "fp": fp, "why": why}
-        plan_ = D.broadcast(plan_, dist)
-        if plan_["skip"]:
-            log(f"[{i}/{len(order)}] {st.name}: up to date, skipped")
-            records.append({**base, "status": "skipped", "seconds": plan_["seconds"]})
-            continue
-        log(f"[{i}/{len(order)}] {st.name}: {command_line(st)}")
-        t0 = time.perf_counter()
-        res = None
-        if not dist.enabled:
-            res = _run_stage(st, log)
-        elif plan_["shard"]:
+            plans = {}
+            for st in wave:
+                fp = _fingerprint(st)
+                prev = _up_to_date(out_dir / st.output, out_dir / STAMP_DIR / f"{st.name}.json", fp, log,
+                                   [out_dir / rel for rel in st.extras])
+                shard, why = _shardable(st) if prev is None else (False, "")
+                plans[st.name] = {"skip": prev is not None, "seconds": (prev or {}).get("seconds", 0.0),
+                                  "shard": shard, "fp": fp, "why": why}
+        plans = D.broadcast(plans, dist)
+        for st in wave:
+            if plans[st.name]["skip"]:
+                log(f"[{number[st.name]}/{total}] {st.name}: up to date, skipped")
+                done[st.name] = {"status": "skipped", "seconds": plans[st.name]["seconds"]}
+        alone = [st for st in wave if not plans[st.name]["skip"] and not plans[st.name]["shard"]]
+        owner = assign(alone, dist.world)
+        side = len(alone) > 1  # stages run side by side: their lines carry their names
+        ran: dict[str, float] = {}
+        failed = error = None
+        for st in (st for st in alone if owner[st.name] == dist.rank):
+            own_log(f"[{number[st.name]}/{total}] {st.name}: {command_line(st)}")
+            if plans[st.name]["why"]:
+                own_log(f"{st.name}: runs in rank {dist.rank} alone: {plans[st.name]['why']}")
+            t0 = time.perf_counter()
+            try:
+                with contextlib.redirect_stderr(_Prefixed(sys.stderr, f"[{st.name}] ")) if side else \
+                        contextlib.nullcontext():
+                    res = _run_stage(st, own_log, dist=D.DistInfo())
+            except RcompError as exc:
+                failed, error = [number[st.name], str(exc), exc.exit_code], exc
+                break  # this process's other stages of the wave do not start
+            except Exception:  # an internal error: this process says it and stops; the others stop silently
+                D.first_to_fail()
+                raise
+            seconds = time.perf_counter() - t0
+            _write_stamp(st, out_dir, plans[st.name]["fp"], seconds)
+            _drop_records(out_dir, st.name)
+            ran[st.name] = seconds
+            done[st.name] = {"status": "ran", "seconds": seconds,
+                             **({"result": res.report} if st.command == "bench" and main else {})}
+        try:
+            reports = D.all_gather_json({"ran": ran, "failed": failed}, dist)
+        except Exception:
+            if D.another_failed():  # a process that failed left the group: it said why
+                raise AlreadyReported("another process failed", exit_code=1) from None
+            raise
+        for rep in reports:
+            for name, seconds in rep["ran"].items():
+                done.setdefault(name, {"status": "ran", "seconds": seconds})
+        fails = sorted((rep["failed"], r) for r, rep in enumerate(reports) if rep["failed"] is not None)
+        if fails:
+            (_, _, code), r = fails[0]
+            if r == dist.rank:
+                raise error
+            raise AlreadyReported(f"a stage failed in process {r}", exit_code=code)
+        for st in (st for st in wave if plans[st.name]["shard"]):
+            log(f"[{number[st.name]}/{total}] {st.name}: {command_line(st)}")
             log(f"{st.name}: split over {dist.world} processes")
             cfg = st.config
             if cfg.records is None:  # the processes hand their records to rank 0 through this folder
-                folder = out_dir / RECORDS_DIR / f"{st.name}-{plan_['fp'][:16]}"
+                folder = out_dir / RECORDS_DIR / f"{st.name}-{plans[st.name]['fp'][:16]}"
                 cfg = dataclasses.replace(cfg, records=folder, resume=True)
-            res = _run_stage(st, log, dist=dist, config=cfg)
-        else:
-            if plan_["why"]:
-                log(f"{st.name}: runs in rank 0 alone: {plan_['why']}")
-            error = None
+            t0 = time.perf_counter()
+            try:
+                res = _run_stage(st, log, dist=dist, config=cfg)
+                seconds = time.perf_counter() - t0
+                D.barrier(dist)  # every process is done with the stage (and its records)
+            except RcompError as exc:  # said by the first process to fail, once
+                if D.first_to_fail():
+                    raise
+                raise AlreadyReported(str(exc), exit_code=exc.exit_code) from None
+            except Exception:
+                if D.another_failed():  # a process that failed left the group: it said why
+                    raise AlreadyReported("another process failed", exit_code=1) from None
+                raise
             if main:
-                try:
-                    res = _run_stage(st, log, dist=D.DistInfo())
-                except RcompError as exc:
-                    error = exc
-            failed = D.broadcast(str(error) if error is not None else None, dist)
-            if error is not None:
-                raise error
-            if failed is not None:
-                raise RcompError(f"stage {st.name} failed in rank 0 (its message says why)")
-        seconds = time.perf_counter() - t0
-        D.barrier(dist)  # every process is done with the stage (and its records)
-        if main:
-            extra = {Path(rel).name: sha256_file(out_dir / rel) for rel in st.extras if (out_dir / rel).exists()}
-            atomic_write_text(stamp, json.dumps({"fingerprint": plan_["fp"], "seconds": seconds,
-                                                 "output_sha256": sha256_file(out) if out.exists() else None,
-                                                 **({"extra_sha256": extra} if st.extras else {})}))
-            _drop_records(out_dir, st.name)  # this stage's records made for the processes (this run's or older)
-        records.append({**base, "status": "ran", "seconds": seconds,
-                        **({"result": res.report} if st.command == "bench" and main else {})})
-    return records
+                _write_stamp(st, out_dir, plans[st.name]["fp"], seconds)
+                _drop_records(out_dir, st.name)  # this stage's records made for the processes (this run's or older)
+            done[st.name] = {"status": "ran", "seconds": seconds,
+                             **({"result": res.report} if st.command == "bench" and main else {})}
+    return [{"stage": st.name, "output": str(out_dir / st.output), "command": st.command, **done[st.name]}
+            for st in order]

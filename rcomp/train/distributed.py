@@ -149,6 +149,58 @@ def broadcast(value, info: DistInfo):
     return json.loads(bytes(buf.tolist()).decode())
 
 
+def all_gather_json(value, info: DistInfo) -> list:
+    """Every process's ``value`` (JSON-like data), in rank order, in every process (``[value]`` when not
+    distributed)."""
+    if not info.enabled:
+        return [value]
+    import json
+
+    import torch
+    import torch.distributed as dist
+
+    data = json.dumps(value).encode()  # JSON through byte tensors: all_gather_object would pickle
+    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(info.world)]
+    dist.all_gather(sizes, torch.tensor([len(data)], dtype=torch.int64))
+    longest = max(int(s) for s in sizes)
+    mine = torch.zeros(longest, dtype=torch.uint8)
+    if data:
+        mine[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    bufs = [torch.zeros(longest, dtype=torch.uint8) for _ in range(info.world)]
+    dist.all_gather(bufs, mine)
+    return [json.loads(bytes(b[: int(s)].tolist()).decode()) for b, s in zip(bufs, sizes, strict=True)]
+
+
+def first_to_fail() -> bool:
+    """In a failing process of a launched group: True for the first process to call this (it says why the
+    run stopped), False for every later one (they stop without a word, so a failure is printed once).
+    True when not launched, or when the group's store cannot be reached (saying it twice beats not at all)."""
+    if not launched():
+        return True
+    try:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            return True
+        store = dist.distributed_c10d._get_default_store()
+        return int(store.add("rcomp/failed", 1)) == 1
+    except Exception:  # noqa: BLE001 - the store went with a process that already stopped
+        return True
+
+
+def another_failed() -> bool:
+    """In a launched group: whether a process has already failed (:func:`first_to_fail`), or the group's
+    store went with a process that stopped."""
+    try:
+        import torch.distributed as dist
+
+        if not launched() or not dist.is_initialized():
+            return False
+        return bool(dist.distributed_c10d._get_default_store().check(["rcomp/failed"]))
+    except Exception:  # noqa: BLE001 - the store is gone: its process (rank 0) stopped
+        return True
+
+
 def all_ok(ok: bool, info: DistInfo) -> bool:
     """True in every process when ``ok`` is true in every process (identity when not distributed)."""
     if not info.enabled:
