@@ -97,6 +97,7 @@ def test_recipe_under_torchrun_equals_one_process(cli, trained_digits, tmp_path)
     assert "att: split over 2 processes" in two.stderr and "cmp: split over 2 processes" in two.stderr
     assert "pgd: runs in rank 0 alone: pgd draw(s) random numbers per call, and in a cascade" in two.stderr
     assert two.stderr.count("[1/4] pruned:") == 1  # one process logs
+    assert "resuming" not in two.stderr  # the split stages' fresh records folders are no resume
     # the same files, and nothing else (no records folder, no temp file, one stamp per stage)
     assert _files(tmp_path / "one") == _files(tmp_path / "two")
     stamps = sorted(p.name for p in (tmp_path / "two" / ".rcomp-run").iterdir())

@@ -301,7 +301,8 @@ def build_report(bench: dict[str, Any], records: list[dict], out_dir: Path, *, r
         md += ["**Smoke run (--quick): no conclusions.**", ""]
     judged = bench.get("judged")
     md += [f"Data: {bench['data']} ({bench['n']} test images); device {bench.get('device')}, "
-           f"{bench.get('threads')} threads.", f"Attacks: {attack_desc}.", ""]
+           f"{bench.get('threads')} torch thread{'' if bench.get('threads') == 1 else 's'} a process.",
+           f"Attacks: {attack_desc}.", ""]
     if judged:
         md += [f"Every checkpoint is benched with {', '.join(judged['all'])}; the baselines and the largest "
                f"budgets are judged again with {', '.join(judged['selected'])} on {judged['selected_n']} images "

@@ -226,8 +226,8 @@ def open_records(cfg, model, path: Path | None, attacks: dict, device: str, n: i
         barrier(dist)  # every process has looked at the folder before any writes a chunk
     else:
         store = RecordDir(Path(folder or cfg.records), info, cfg.resume)
-    if cfg.resume:
-        have = len(store.chunks())
+    have = len(store.chunks()) if cfg.resume else 0
+    if have:  # a fresh folder (a recipe's split stage is one: its records are made --resume) says nothing
         log(f"resuming from {store.path}: {have} batch(es) of {cfg.batch_size} already done")
     return store
 
