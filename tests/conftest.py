@@ -214,3 +214,11 @@ def trained_digits(tmp_path_factory) -> Path:
     model.eval()
     save(model, path)
     return path
+
+
+@pytest.fixture(scope="module")
+def digits_model(trained_digits):
+    """The trained digits convnet8, loaded (one per test module)."""
+    from rcomp.models.loading import load
+
+    return load(trained_digits)

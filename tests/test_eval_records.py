@@ -32,10 +32,8 @@ def _tensors(path):
 
 
 @pytest.fixture(scope="module")
-def model(trained_digits):
-    from rcomp.models.loading import load
-
-    return load(trained_digits)
+def model(digits_model):
+    return digits_model
 
 
 @pytest.fixture(scope="module")

@@ -15,13 +15,6 @@ from rcomp.models.layout import fast_layout
 
 
 @pytest.fixture(scope="module")
-def digits_model(trained_digits):
-    from rcomp.models.loading import load
-
-    return load(trained_digits)
-
-
-@pytest.fixture(scope="module")
 def digits_loader(digits_model):
     from rcomp.data.registry import get_dataset, make_loader
 
