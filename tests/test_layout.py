@@ -89,7 +89,7 @@ def test_a_network_that_needs_contiguous_activations_keeps_its_layout():
     with fast_layout(net), pytest.raises(RuntimeError):  # what the probe protects against
         net(x)
     before = _strides(net)
-    with fast_layout(net, example=x):
+    with fast_layout(net, probe=lambda: net(x)):
         assert _strides(net) == before  # refused: nothing changed
         net(x)
     assert _strides(net) == before

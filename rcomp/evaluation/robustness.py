@@ -23,6 +23,7 @@ quantize/convert, and training's validation and ``finetune --eval-attack`` figur
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -296,10 +297,8 @@ def evaluate(model, loader: Iterable, attacks: dict[str, Callable] | None = None
     # the module gradient attacks differentiate; none for an ONNX model without a surrogate (black-box only)
     surrogate = model.gradient_model() if getattr(model, "has_surrogate", True) and hasattr(model, "gradient_model") \
         else None
-    shape = getattr(getattr(getattr(model, "meta", None), "input", None), "shape", None)
-    example = torch.rand(2, *shape, device=device) if shape is not None and len(shape) == 3 else None
     # channels-last weights while attacking (tried on a 2-image batch first), put back after
-    layout = fast_layout(model, surrogate, device=device, example=example)
+    layout = fast_layout(model, surrogate, device=device, probe=lambda: _probe(model, surrogate, device))
     if total is None:
         try:
             total = len(loader.dataset)  # type: ignore[attr-defined]
@@ -308,7 +307,8 @@ def evaluate(model, loader: Iterable, attacks: dict[str, Callable] | None = None
     t_start = time.perf_counter()
     seen = 0
     indices = getattr(loader, "indices", None)  # a subset's dataset indices (make_loader), else positions
-    layout.__enter__()
+    stack = contextlib.ExitStack()
+    stack.enter_context(layout)
     try:
         with Progress(total, desc, enabled=progress) as bar:
             # under torchrun, rank 0's bar shows every process's points (their chunks), rate and ETA included
@@ -381,7 +381,7 @@ def evaluate(model, loader: Iterable, attacks: dict[str, Callable] | None = None
                                          t.get("adv") if images else None, t.get("clean") if images else None))
     finally:
         model.train(was_training)
-        layout.__exit__(None, None, None)
+        stack.close()
     seconds = time.perf_counter() - t_start
     n = fold.n
     seeds = {getattr(a, "seed", None) for a in attacks.values()}
@@ -397,6 +397,20 @@ def evaluate(model, loader: Iterable, attacks: dict[str, Callable] | None = None
     if attacks and checks:
         res.checks = checks_of(res, fold.flags, attacks)
     return res
+
+
+def _probe(model, surrogate, device: str) -> None:
+    """A forward pass of ``model`` and of its gradient ``surrogate`` on two random images (eval mode)."""
+    from rcomp.attacks.base import eval_mode
+
+    shape = getattr(getattr(getattr(model, "meta", None), "input", None), "shape", None)
+    if shape is None:
+        return
+    x = torch.rand(2, *shape, device=device)
+    with torch.no_grad(), eval_mode(*(m for m in (model, surrogate) if m is not None)):
+        for m in (model, surrogate):
+            if m is not None:
+                m(x)
 
 
 def _clean_pass(model, x, y, checks: bool):

@@ -12,7 +12,7 @@ arithmetic is ordered: figures may move by float rounding, as between two CPUs.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -28,17 +28,17 @@ def _tensors(modules) -> Iterator[torch.Tensor]:
 
 
 @contextlib.contextmanager
-def fast_layout(*modules: nn.Module | None, device: str = "cpu", example: torch.Tensor | None = None) -> Iterator[None]:
+def fast_layout(*modules: nn.Module | None, device: str = "cpu", probe: Callable[[], object] | None = None
+                ) -> Iterator[None]:
     """Channels-last 4-D float weights of ``modules`` (e.g. a model and its gradient surrogate) inside the
     block, on CPU only; every tensor changed is put back on its own storage after. Elsewhere, a no-op.
-    ``example`` (a small input batch): each module is first run on it in the new layout, and if one fails
-    (a network that calls ``.view`` on its activations needs them contiguous) nothing is changed."""
+    ``probe`` (e.g. a forward pass on two images) is first run in the new layout, and if it raises (a network
+    that calls ``.view`` on its activations needs them contiguous) nothing is changed."""
     if torch.device(device).type != "cpu":
         yield
         return
-    mods = [m for m in modules if isinstance(m, nn.Module)]
     changed = []
-    for t in _tensors(mods):
+    for t in _tensors([m for m in modules if isinstance(m, nn.Module)]):
         if t.dim() == 4 and t.is_floating_point() and t.device.type == "cpu" and t.is_contiguous():
             # restrided explicitly: a tensor with one input channel counts as contiguous in both layouts, and
             # torch then keeps that convolution, and every one after it, in NCHW
@@ -46,30 +46,16 @@ def fast_layout(*modules: nn.Module | None, device: str = "cpu", example: torch.
             if cl.stride() != t.stride():
                 changed.append((t, t.data))
                 t.data = cl
-    if changed and example is not None and not _runs(mods, example):
-        _restore(changed)
-        changed = []
+    if changed and probe is not None:
+        try:
+            probe()
+        except Exception:  # noqa: BLE001 - any failure in the new layout means: keep the old one
+            _restore(changed)
+            changed = []
     try:
         yield
     finally:
         _restore(changed)
-
-
-def _runs(mods: list[nn.Module], example: torch.Tensor) -> bool:
-    """Whether every module runs on ``example``, in eval mode (no running statistics or observer moves);
-    each submodule's own mode is put back."""
-    modes = [(m, m.training) for root in mods for m in root.modules()]
-    try:
-        with torch.no_grad():
-            for m in mods:
-                m.eval()
-                m(example)
-    except Exception:  # noqa: BLE001 - any failure in the new layout means: keep the old one
-        return False
-    finally:
-        for m, mode in modes:
-            m.training = mode
-    return True
 
 
 def _restore(changed: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
