@@ -18,7 +18,8 @@ from hypothesis import strategies as hs
 
 from conftest import assert_one_line_error
 
-# two independent fine-tuning runs from one base, then a bench of both (split over the workers)
+# two independent fine-tuning runs from one base, then a bench of both (split over the workers), then a bench
+# of the better one
 TINY = {"name": "tiny", "defaults": {"data": "digits", "seed": 0}, "stages": [
     {"name": "base", "command": "finetune",
      "options": {"arch": "convnet8", "input-shape": "1,8,8", "epochs": 1, "batch-size": 64, "eval-n": 0}},
@@ -27,6 +28,9 @@ TINY = {"name": "tiny", "defaults": {"data": "digits", "seed": 0}, "stages": [
     {"name": "bench", "command": "bench", "inputs": ["ft-*"],
      "options": {"attack": "fgsm", "eps": 0.1, "n": 32, "latency-batch": 0, "format": "json"},
      "output": "bench.json"},
+    {"name": "judge", "command": "bench", "inputs": [{"best": ["ft-none", "ft-fgsm"], "by": "bench"}],
+     "options": {"attack": "pgd", "eps": 0.1, "n": 32, "latency-batch": 0, "format": "json"},
+     "output": "judge.json"},   # the better of the two by bench, chosen by rank 0 at run time
 ]}
 
 
@@ -59,20 +63,22 @@ def test_two_workers_write_the_files_of_one_process_and_a_rerun_skips(cli, tmp_p
     for name in ("base", "ft-none", "ft-fgsm"):
         assert (one / f"{name}.safetensors").read_bytes() == (two / f"{name}.safetensors").read_bytes(), name
     assert _figures(one / "bench.json") == _figures(two / "bench.json")
+    assert _figures(one / "judge.json") == _figures(two / "judge.json") and len(_figures(two / "judge.json")) == 1
+    assert runs[2].stderr.count("judge: best of ft-none") == 1
     # the two fine-tuning runs ran side by side, their lines named; every stage logged once
     err = runs[2].stderr
     assert "[ft-none] wrote" in err and "[ft-fgsm] wrote" in err and "bench: split over 2 processes" in err
-    assert [err.count(f"] {s}: rcomp") for s in ("base", "ft-none", "ft-fgsm", "bench")] == [1, 1, 1, 1]
+    assert [err.count(f"] {s}: rcomp") for s in ("base", "ft-none", "ft-fgsm", "bench", "judge")] == [1] * 5
     # the same files and stamps as one process, nothing else (no records folder, no temporary file)
     assert sorted(p.name for p in one.rglob("*")) == sorted(p.name for p in two.rglob("*"))
     for stamp in (one / ".rcomp-run").iterdir():  # bench.json holds timings: its sha256 differs run to run
         a, b = (json.loads(p.read_text()) for p in (stamp, two / ".rcomp-run" / stamp.name))
-        skip = {"seconds", *(["output_sha256"] if stamp.name == "bench.json" else [])}
+        skip = {"seconds", *(["output_sha256"] if stamp.name in ("bench.json", "judge.json") else [])}
         assert {k: v for k, v in a.items() if k not in skip} == {k: v for k, v in b.items() if k not in skip}
     # a second run, in workers or not, skips every finished stage
     again = cli("run", recipe, "--out-dir", "out", "--json", "--workers", 2)
     assert again.code == 0, again.stderr[-2000:]
-    assert [s["status"] for s in _stages(again)] == ["skipped"] * 4
+    assert [s["status"] for s in _stages(again)] == ["skipped"] * 5
     # a stage split over the workers that fails in rank 0 (--fail-under, checked there) is said once, exit 1
     low = cli("run", recipe, "--out-dir", "out", "--workers", 2, "--set", "bench.fail-under=clean=0.99")
     assert low.code == 1, low.stderr[-3000:]
@@ -80,7 +86,7 @@ def test_two_workers_write_the_files_of_one_process_and_a_rerun_skips(cli, tmp_p
         ln for ln in low.stderr.splitlines() if ln.startswith("rcomp: error: stage bench (line")]
     assert low.stderr.count("rcomp: error:") == 1 and "Traceback" not in low.stderr
     monkeypatch.chdir(tmp_path / "w1")
-    assert [s["status"] for s in _stages(cli("run", recipe, "--out-dir", "out", "--json"))] == ["skipped"] * 4
+    assert [s["status"] for s in _stages(cli("run", recipe, "--out-dir", "out", "--json"))] == ["skipped"] * 5
 
 
 @pytest.mark.slow
@@ -138,7 +144,7 @@ def test_a_refused_recipe_is_said_once_before_any_worker_starts(cli, tmp_path):
 def test_dry_run_with_workers_prints_the_commands(cli, tmp_path):
     res = cli("run", _write(tmp_path / "tiny.yaml", TINY), "--out-dir", tmp_path / "out", "--workers", 2,
               "--dry-run")
-    assert res.code == 0 and len(res.stdout.splitlines()) == 4 and "worker" not in res.stderr
+    assert res.code == 0 and len(res.stdout.splitlines()) == 5 and "worker" not in res.stderr
     assert not (tmp_path / "out").exists()
 
 

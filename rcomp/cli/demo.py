@@ -28,9 +28,9 @@ SUMMARY = "Run the study of Thorsteinsson et al. (arXiv 2403.09441) end to end o
 DOC = """Trains a standard and a PGD-adversarially trained convnet8; prunes and quantizes them; fine-tunes
 each compressed model with PGD-7 and with N-FGSM at matched pass budgets (5/20/37.5/50% of the
 adversarial baseline's training passes; one run per path and method writes every budget on the way,
-finetune --save-at) and a standard control; benches every checkpoint with PGD
-and judges the baselines and the largest budgets with auto; exports the study's path to ONNX, makes
-it int8 with ONNX Runtime and benches the .onnx files beside their checkpoint (skipped, and said,
+finetune --save-at) and a standard control; benches every checkpoint with PGD and judges with auto the
+baselines and the better method of each path (by PGD); exports the study's path to ONNX, makes it int8
+with ONNX Runtime and benches the .onnx files beside their checkpoint (skipped, and said,
 without the ONNX extra: pip install 'rcomp[onnx]'); writes report.md, report.json and
 tradeoff.png, and says whether adversarial fine-tuning of the compressed models reached the
 robustness of the adversarially trained baseline, at what cost (total and own accounting). A second run skips

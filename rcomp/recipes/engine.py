@@ -16,7 +16,8 @@ A recipe::
         options: {ratio: "{ratio}"}
       - name: report
         command: bench
-        inputs: [base, "pruned-*"]       # several inputs; * matches stage names
+        inputs: [base, "pruned-*"]       # several inputs; * matches stage names; {best: [a, b], by: bench}
+                                         # is the one stage bench (format: json) found more robust
         options: {attack: "fgsm,pgd", eps: "{eps}", format: json}
         output: bench.json               # default: <name>.safetensors in the output folder
 
@@ -51,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from rcomp.errors import AlreadyReported, RcompError
+from rcomp.recipes.choice import Choice
 from rcomp.text import printable
 
 STAMP_DIR = ".rcomp-run"
@@ -69,7 +71,7 @@ class Stage:
     name: str
     command: str
     options: dict[str, Any]
-    inputs: list[str]
+    inputs: list[Any]  # stage names, globs or files (str); inputs chosen at run time (choice.Choice)
     output: str
     line: int
     wild: dict[str, Any] = field(default_factory=dict)
@@ -79,6 +81,9 @@ class Stage:
     file_inputs: list[str] = field(default_factory=list)  # inputs that are files, not stage outputs
     config: Any = None
     extras: list[str] = field(default_factory=list)  # files it writes besides its output (relative to the folder)
+    choices: list[tuple[int, Any]] = field(default_factory=list)  # (position in the inputs, choice.Choice)
+    fixed_paths: list[str] = field(default_factory=list)  # input_paths without the chosen ones
+    chosen: bool = False  # input_paths has the run-time choices made (_choose)
 
 
 def _line_map(root) -> dict[tuple, int]:
@@ -172,7 +177,7 @@ class Recipe:
         while grew:
             grew = False
             for st in self.stages:
-                if st.name not in dropped and dropped.intersection(st.inputs):
+                if st.name not in dropped and dropped.intersection(_refs(st)):
                     dropped.add(st.name)
                     grew = True
         gone = [st.name for st in self.stages if st.name in dropped]
@@ -239,10 +244,17 @@ class Recipe:
         options.update(exact)
         wild = {k: v for k, v in wild.items() if k not in exact}
         ins = raw.get("inputs", [raw["input"]] if raw.get("input") is not None else [])
-        ins = [str(_subst(x, env, w)) for x in (ins if isinstance(ins, list) else [ins])]
+        iw = self.where("stages", i, "inputs" if "inputs" in raw else "input")
+        ins = [Choice.parse(_subst(x, env, w), iw) if isinstance(x, dict) else str(_subst(x, env, w))
+               for x in (ins if isinstance(ins, list) else [ins])]
         out = str(_subst(raw.get("output", f"{name}.safetensors"), env, w))
         return Stage(name=name, command=str(raw["command"]), options=options, wild=wild, inputs=ins, output=out,
                      line=self.lines.get(("stages", i), 0), index=i)
+
+
+def _refs(st: Stage) -> list[str]:
+    """The names a stage's inputs refer to (a choice's candidates and bench stage included)."""
+    return [r for x in st.inputs for r in (x.refs() if isinstance(x, Choice) else [x])]
 
 
 def _recipe_out_dir(value: Any, where: str) -> str | None:
@@ -347,6 +359,7 @@ def plan(recipe: Recipe, out_dir: Path, allow_factories: frozenset[str] = frozen
     for st in recipe.stages:
         _link_inputs(recipe, st, names, out_dir, extras)
         _check_sources(recipe, st, out_dir)
+    _check_choices(recipe, names)
     _check_overwrites(recipe, out_dir)
     return _order(recipe, names)
 
@@ -444,37 +457,91 @@ def _check_overwrites(recipe: Recipe, out_dir: Path) -> None:
 def _link_inputs(recipe: Recipe, st: Stage, names: dict[str, Stage], out_dir: Path,
                  extras: dict[str, tuple[str, str]] | None = None) -> None:
     """Resolve ``st``'s inputs: stage names and globs over them (a stage's extra files named too, each just
-    before its stage), else files."""
+    before its stage), else files; an input chosen at run time (:mod:`rcomp.recipes.choice`) keeps its place
+    in ``choices`` and its candidates and bench stage become dependencies."""
     w = f"{recipe.source} line {st.line}" if st.line else recipe.source
-    st.deps, st.input_paths, st.file_inputs = [], [], []
+    st.deps, st.input_paths, st.file_inputs, st.choices, st.chosen = [], [], [], [], False
     extras = extras or {}
     known = [e for n in names for e in [*(x for x, (owner, _) in extras.items() if owner == n), n]]
-    for ref in st.inputs:
-        matches = [n for n in known if fnmatch.fnmatchcase(n, ref)] if any(c in ref for c in "*?[") else \
+
+    def match(ref: str) -> list[tuple[str, str, str]]:
+        """``[(name, path, stage that writes it)]`` of the stage outputs and extra files ``ref`` names."""
+        found = [n for n in known if fnmatch.fnmatchcase(n, ref)] if any(c in ref for c in "*?[") else \
             ([ref] if ref in names or ref in extras else [])
+        out = []
+        for m in found:
+            owner, path = extras[m] if m in extras else (m, str(out_dir / names[m].output))
+            if owner == st.name:
+                raise RcompError(f"{w}: stage {st.name!r} takes its own " +
+                                 (f"file {m!r}" if m in extras else "output") + " as input")
+            out.append((m, path, owner))
+        return out
+
+    def depend(owner: str) -> None:
+        if owner not in st.deps:
+            st.deps.append(owner)
+
+    for ref in st.inputs:
+        if isinstance(ref, Choice):
+            ref.names, ref.paths = [], []
+            for cand in ref.best:
+                got = match(cand)
+                if not got:
+                    raise RcompError(f"{w}: best: {cand!r} is not a stage name (a choice is made among stages' "
+                                     "models, not files)")
+                for m, path, owner in got:
+                    if path not in ref.paths:
+                        ref.names.append(m)
+                        ref.paths.append(path)
+                        depend(owner)
+            if ref.by not in names:
+                raise RcompError(f"{w}: by: {ref.by!r} is not a stage name; name the bench stage that measures "
+                                 "the candidates")
+            ref.by_output = str(out_dir / names[ref.by].output)
+            depend(ref.by)
+            st.choices.append((len(st.input_paths), ref))
+            continue
+        matches = match(ref)
         if not matches:
             if not Path(ref).is_file():
                 raise RcompError(f"{w}: input {ref!r} is neither a stage name nor an existing file")
             st.input_paths.append(ref)
             st.file_inputs.append(ref)
-        for m in matches:
-            if m in extras:
-                owner, path = extras[m]
-                if owner == st.name:
-                    raise RcompError(f"{w}: stage {st.name!r} takes its own file {m!r} as input")
-                if path not in st.input_paths:
-                    st.input_paths.append(path)
-                    if owner not in st.deps:
-                        st.deps.append(owner)
-                continue
-            if m == st.name:
-                raise RcompError(f"{w}: stage {st.name!r} takes its own output as input")
-            path = str(out_dir / names[m].output)
-            if path in st.input_paths:
-                continue
-            if m not in st.deps:
-                st.deps.append(m)
-            st.input_paths.append(path)
+        for _, path, owner in matches:
+            if path not in st.input_paths:
+                st.input_paths.append(path)
+                depend(owner)
+    st.fixed_paths = list(st.input_paths)
+
+
+def _check_choices(recipe: Recipe, names: dict[str, Stage]) -> None:
+    """Each run-time choice's ``by`` stage is a bench writing JSON that measures every candidate."""
+    for st in recipe.stages:
+        w = f"{recipe.source} line {st.line}" if st.line else recipe.source
+        for _, ch in st.choices:
+            by = names[ch.by]
+            if by.command != "bench" or getattr(by.config, "format", None) != "json":
+                raise RcompError(f"{w}: by: {ch.by!r} must be a bench stage with format: json (its figures "
+                                 "choose the model)")
+            missing = [n for n, p in zip(ch.names, ch.paths, strict=True) if p not in by.input_paths]
+            if missing:
+                raise RcompError(f"{w}: bench stage {ch.by!r} does not measure {missing[0]!r}; add it to its "
+                                 "inputs or drop it from best:")
+
+
+def _choose(st: Stage, log) -> list[str]:
+    """``st``'s input paths with each run-time choice made (:func:`rcomp.recipes.choice.pick`), set on ``st``."""
+    from rcomp.recipes.choice import pick
+
+    if not st.choices:
+        return st.input_paths
+    paths = list(st.fixed_paths)
+    for pos, ch in reversed(st.choices):  # from the back, so earlier positions stay valid
+        chosen = pick(ch, f"stage {st.name} (line {st.line})", lambda msg: log(f"{st.name}: {msg}"))
+        if chosen not in paths:
+            paths.insert(pos, chosen)
+    st.input_paths, st.chosen = paths, True
+    return paths
 
 
 def _order(recipe: Recipe, names: dict[str, Stage]) -> list[Stage]:
@@ -503,7 +570,11 @@ def command_line(st: Stage) -> str:
     from rcomp.options import to_args
     from rcomp.text import shell_quote
 
-    return shell_quote(["rcomp", st.command, *st.input_paths, *to_args(st.config)])
+    paths = list(st.input_paths)
+    if not st.chosen:  # the choices show as what they choose among
+        for pos, ch in reversed(st.choices):
+            paths.insert(pos, ch.label())
+    return shell_quote(["rcomp", st.command, *paths, *to_args(st.config)])
 
 
 def _fingerprint(st: Stage) -> str:
@@ -718,6 +789,7 @@ def _run_all(order: list[Stage], out_dir: Path, log) -> list[dict]:
     for i, st in enumerate(order, 1):
         out = out_dir / st.output
         base = {"stage": st.name, "output": str(out), "command": st.command}
+        _choose(st, log)
         fp = _fingerprint(st)
         prev = _up_to_date(out, out_dir / STAMP_DIR / f"{st.name}.json", fp, log, [out_dir / rel for rel in st.extras])
         if prev is not None:
@@ -840,16 +912,27 @@ def _run_waves(order: list[Stage], out_dir: Path, log, own_log, dist) -> list[di
     done: dict[str, dict] = {}
     for wave in _waves(order):
         plans = None
+        refused = None
         if main:  # rank 0 alone reads stamps and outputs, and says what every process does
             plans = {}
-            for st in wave:
-                fp = _fingerprint(st)
-                prev = _up_to_date(out_dir / st.output, out_dir / STAMP_DIR / f"{st.name}.json", fp, log,
-                                   [out_dir / rel for rel in st.extras])
-                shard, why = _shardable(st) if prev is None else (False, "")
-                plans[st.name] = {"skip": prev is not None, "seconds": (prev or {}).get("seconds", 0.0),
-                                  "shard": shard, "fp": fp, "why": why}
+            try:
+                for st in wave:
+                    _choose(st, log)
+                    fp = _fingerprint(st)
+                    prev = _up_to_date(out_dir / st.output, out_dir / STAMP_DIR / f"{st.name}.json", fp, log,
+                                       [out_dir / rel for rel in st.extras])
+                    shard, why = _shardable(st) if prev is None else (False, "")
+                    plans[st.name] = {"skip": prev is not None, "seconds": (prev or {}).get("seconds", 0.0),
+                                      "shard": shard, "fp": fp, "why": why, "inputs": st.input_paths}
+            except RcompError as exc:  # e.g. a run-time choice that cannot be made: every process stops
+                refused, plans = exc, {"!refused": [str(exc), exc.exit_code]}  # no stage is named so
         plans = D.broadcast(plans, dist)
+        if "!refused" in plans:
+            if refused is not None:
+                raise refused
+            raise AlreadyReported("rank 0 stopped the run", exit_code=plans["!refused"][1])
+        for st in wave:  # every process runs a stage on the inputs rank 0 chose
+            st.input_paths, st.chosen = list(plans[st.name]["inputs"]), True
         for st in wave:
             if plans[st.name]["skip"]:
                 log(f"[{number[st.name]}/{total}] {st.name}: up to date, skipped")

@@ -12,8 +12,9 @@ each path does so, or says that it does not within :data:`MAX_BUDGET` of the bas
 Two accountings, both reported: *total* counts all the training behind a checkpoint (the model it
 was compressed from included); *own* counts only its last fine-tuning run (the pretrained model as
 a sunk cost, as a user who already has a model sees it). A point can *reach* the baseline only if
-it was judged by every attack the baseline was judged by (the demo judges the baselines and the
-largest budgets with ``auto``; a point measured by PGD alone is an upper bound and is said to be).
+it was judged by every attack the baseline was judged by (the demo judges the baselines and, per path,
+the better fine-tuning method by PGD-10 with ``auto``; a point measured by PGD alone is an upper bound and
+is said to be).
 
 Stage names the report understands: ``baseline`` (standard dense), ``baseline-adv`` (the
 reference), ``PATH-sN`` (path ``PATH`` fine-tuned for ``N`` steps, one point of a curve) and, from
@@ -304,10 +305,11 @@ def build_report(bench: dict[str, Any], records: list[dict], out_dir: Path, *, r
            f"{bench.get('threads')} torch thread{'' if bench.get('threads') == 1 else 's'} a process.",
            f"Attacks: {attack_desc}.", ""]
     if judged:
-        md += [f"Every checkpoint is benched with {', '.join(judged['all'])}; the baselines and the largest "
-               f"budgets are judged again with {', '.join(judged['selected'])} on {judged['selected_n']} images "
-               "(*judged by*). A point judged by fewer attacks than the baseline is an upper bound and cannot "
-               "reach the target.", ""]
+        md += [f"Every checkpoint is benched with {', '.join(judged['all'])}; the checkpoints in *judged by* "
+               f"with {', '.join(judged['selected'])} are judged again with it on {judged['selected_n']} images "
+               "(the demo: the baselines and, of each path's two fine-tuning methods at its 50% point, the one the "
+               "first bench found more robust). A point judged by fewer attacks than the baseline is an upper "
+               "bound and cannot reach the target.", ""]
     md += ["Robust accuracy counts a point only if it is correct clean and under the attack; *worst* is the "
            "per-example worst case over all attacks. Quantized models are attacked through their gradient "
            "surrogate and scored on their real forward pass. *total train cost*: forward+backward passes of all "
