@@ -268,6 +268,7 @@ def evaluate(model, loader: Iterable, attacks: dict[str, Callable] | None = None
     from rcomp.evaluation.cascade import expand_suites, masking_checkable, wants_cascade
     from rcomp.models.layout import fast_layout
     from rcomp.progress import Progress
+    from rcomp.quant.frozen import frozen_quantizers
 
     attacks = dict(attacks or {})
     cascade = wants_cascade(attacks, cascade)
@@ -309,6 +310,8 @@ def evaluate(model, loader: Iterable, attacks: dict[str, Callable] | None = None
     indices = getattr(loader, "indices", None)  # a subset's dataset indices (make_loader), else positions
     stack = contextlib.ExitStack()
     stack.enter_context(layout)
+    # a fake-quant network's weights rounded once, not on every attack step (bit-identical; rcomp.quant.frozen)
+    stack.enter_context(frozen_quantizers(model, surrogate))
     try:
         with Progress(total, desc, enabled=progress) as bar:
             # under torchrun, rank 0's bar shows every process's points (their chunks), rate and ETA included

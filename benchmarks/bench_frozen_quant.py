@@ -1,0 +1,82 @@
+"""How much faster do attacks on quantized models run with their fake-quant rounded once (``evaluate`` now does)?
+
+While rcomp evaluates a model, :func:`rcomp.quant.frozen.frozen_quantizers` replaces each frozen weight
+quantizer of a fake-quant network (an int8 model's gradient surrogate, a simulated low-bit model) by its
+output, computed once, and each per-tensor activation ``FakeQuantize`` by the bare op. This script times
+the same attack on the same batch with and without, interleaved (A, B, A, B ...), reports the median
+ratio and its spread, and checks that the adversarial examples are identical. Models: convnet8 trained
+3 epochs on digits (the demo's architecture), quantized to real int8 and to simulated int4. One thread
+(two-thread torch on a shared machine is skewed by OpenMP busy-waiting, docs/benchmarks.md).
+
+    python benchmarks/bench_frozen_quant.py           # PGD-10 and APGD-T (3 restarts) on 128 points, 7 rounds
+    python benchmarks/bench_frozen_quant.py --quick   # 3 rounds, 64 points, shorter APGD-T
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.bench_layout import _cpu  # noqa: E402
+from benchmarks.common import main, row, setup_threads, train_classifier  # noqa: E402
+
+
+def _pair(model, attack, x, y, rounds: int):
+    import torch
+
+    from rcomp.quant.frozen import frozen_quantizers
+
+    plain, frozen, same, ref = [], [], True, None
+    for _ in range(rounds):
+        for once in (False, True):
+            if hasattr(attack, "reset"):  # the same random start in both (PGD draws per call)
+                attack.reset()
+            t0 = time.perf_counter()
+            with frozen_quantizers(model, model.gradient_model()) if once else torch.enable_grad():
+                adv = attack(model, x, y)
+            (frozen if once else plain).append(time.perf_counter() - t0)
+            if once:
+                same = same and torch.equal(adv, ref)
+            else:
+                ref = adv
+    ratios = [p / f for p, f in zip(plain, frozen, strict=True)]
+    return statistics.median(plain), statistics.median(frozen), statistics.median(ratios), min(ratios), max(ratios), same
+
+
+def run(quick: bool = False) -> list[dict]:
+    import torch
+
+    from rcomp.attacks import make_attack
+    from rcomp.data.registry import get_dataset
+    from rcomp.evaluation.accuracy import fetch
+    from rcomp.quant.ptq import quantize
+
+    setup_threads(1)
+    rounds = 3 if quick else 7
+    n = 64 if quick else 128
+    cmd = "python benchmarks/bench_frozen_quant.py" + (" --quick" if quick else "")
+    digits = train_classifier("convnet8", "digits", (1, 8, 8), 3)
+    ds = get_dataset("digits", "test", digits.meta.input)
+    x, y = fetch(ds, range(n))
+    cases = [("convnet8 digits int8 (fake-quant twin)", quantize(digits, [x], bits=8)),
+             ("convnet8 digits simulated int4", quantize(digits, [x], bits=4, simulate=True))]
+    rows = [row("CPU, threads", f"{_cpu()}, {torch.get_num_threads()}", command=cmd)]
+    for name, model in cases:
+        for aname, attack in [("pgd-10", make_attack("pgd", eps=0.1, steps=10, seed=0)),
+                              ("apgd-t x3", make_attack("apgd-t", eps=0.1, steps=20 if quick else 50, restarts=3,
+                                                        seed=0))]:
+            p, f, med, lo, hi, same = _pair(model, attack, x, y, rounds)
+            rows.append(row(f"{name}, {aname} on {len(y)} points: plain / rounded once s", f"{p:.3f} / {f:.3f}",
+                            command=cmd))
+            rows.append(row(f"{name}, {aname}: speed-up (median [min, max] of {rounds})",
+                            f"{med:.2f}x [{lo:.2f}, {hi:.2f}]", ">= 1.0x", lo >= 1.0 or med >= 1.05, cmd))
+            rows.append(row(f"{name}, {aname}: identical adversarial examples", same, "same", same, cmd))
+    return rows
+
+
+if __name__ == "__main__":
+    main(run)
