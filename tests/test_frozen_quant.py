@@ -86,3 +86,25 @@ def test_attacks_through_evaluate_are_those_without_it(quantized, batch, monkeyp
     off = evaluate(copy.deepcopy(quantized), loader, copy.deepcopy(attacks), progress=False, records="images")
     assert on.robust_acc == off.robust_acc and on.worst_case_acc == off.worst_case_acc
     assert torch.equal(on.records.stage, off.records.stage) and torch.equal(on.records.adv, off.records.adv)
+
+
+def test_a_trainable_twin_switches_mode_inside_the_block_and_its_flags_land_on_the_originals(quantized, batch):
+    """Validation during quantization-aware fine-tuning: evaluate (frozen) runs attacks whose eval_mode calls
+    the trainable model's train(False), which sets every weight quantizer's observer flag."""
+    from rcomp.evaluation.robustness import evaluate
+    from rcomp.quant.qat import to_trainable
+
+    x, y = batch
+    trainable = to_trainable(quantized).train()
+    trainable.eval()
+    originals = {n: m for n, m in trainable.named_modules() if n.endswith("weight_fake_quant")}
+    with frozen_quantizers(trainable):
+        trainable.train()  # flags written through the stand-ins, onto the originals
+        assert all(bool(m.observer_enabled[0]) for m in originals.values())
+        trainable.eval()
+    assert all(not bool(m.observer_enabled[0]) for m in originals.values())
+    trainable.train()
+    res = evaluate(trainable, [(x[:32], y[:32])], {"pgd": make_attack("pgd", 0.1, steps=3, seed=0)}, progress=False)
+    assert trainable.training and all(bool(m.observer_enabled[0]) for m in originals.values())
+    assert {n: m for n, m in trainable.named_modules() if n.endswith("weight_fake_quant")} == originals
+    assert 0.0 <= res.robust_acc["pgd"] <= res.clean_acc

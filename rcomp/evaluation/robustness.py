@@ -383,8 +383,10 @@ def evaluate(model, loader: Iterable, attacks: dict[str, Callable] | None = None
                     parts.append(Records(list(attacks), *(t[k] for k in _RECORD_KEYS),
                                          t.get("adv") if images else None, t.get("clean") if images else None))
     finally:
-        model.train(was_training)
-        stack.close()
+        try:
+            stack.close()  # weights and quantizers back first: a module's train() may touch them
+        finally:
+            model.train(was_training)
     seconds = time.perf_counter() - t_start
     n = fold.n
     seeds = {getattr(a, "seed", None) for a in attacks.values()}

@@ -25,27 +25,50 @@ import torch
 from torch import nn
 
 
-class _Rounded(nn.Module):
+class _StandIn(nn.Module):
+    """Takes a frozen quantizer's place; anything else asked of it (``observer_enabled``, ``scale``...) is the
+    original's, so code that flips its flags inside the block (``Trainable.train``, ``eval_mode``) still works,
+    and once the original is not frozen any more the original computes."""
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        object.__setattr__(self, "_original", original)  # not a submodule: named_modules stays the network's
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_original"), name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _frozen(self._original):
+            return self._original(x)
+        return self.frozen_forward(x)
+
+    def frozen_forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class _Rounded(_StandIn):
     """Stands in for a weight quantizer: returns the weight it rounded once."""
 
-    def __init__(self, value: torch.Tensor):
-        super().__init__()
+    def __init__(self, original: nn.Module, value: torch.Tensor):
+        super().__init__(original)
         self.value = value
 
-    def forward(self, _weight: torch.Tensor) -> torch.Tensor:
+    def frozen_forward(self, _weight: torch.Tensor) -> torch.Tensor:
         return self.value
 
 
-class _PerTensor(nn.Module):
+class _PerTensor(_StandIn):
     """Stands in for a per-tensor activation ``FakeQuantize``: the same op, without the module's bookkeeping."""
 
     def __init__(self, fq: nn.Module):
-        super().__init__()
-        self.scale, self.zero_point = float(fq.scale), int(fq.zero_point)
-        self.quant_min, self.quant_max = int(fq.quant_min), int(fq.quant_max)
+        super().__init__(fq)
+        self.qparams = (float(fq.scale), int(fq.zero_point), int(fq.quant_min), int(fq.quant_max))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, self.quant_min, self.quant_max)
+    def frozen_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.fake_quantize_per_tensor_affine(x, *self.qparams)
 
 
 def _frozen(fq: nn.Module) -> bool:
@@ -75,7 +98,7 @@ def frozen_quantizers(*modules: nn.Module | None) -> Iterator[None]:
                     weight = getattr(parent, "weight", None)
                     if name == "weight_fake_quant" and isinstance(weight, torch.Tensor):
                         with torch.no_grad():
-                            stand_in: nn.Module = _Rounded(child(weight).detach())
+                            stand_in: nn.Module = _Rounded(child, child(weight).detach())
                     elif type(child) is FakeQuantize and child.qscheme in (torch.per_tensor_affine,
                                                                            torch.per_tensor_symmetric) \
                             and child.scale.numel() == 1:
