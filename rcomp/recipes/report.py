@@ -359,7 +359,8 @@ def ship_section(ship: dict[str, Any], tabulate) -> list[str]:
               f"{r['worst_case_acc']:.3f}", r.get("gradient_source") or "-"] for r in rows]
     policy = f", thread policy {ship['thread_policy']}" if ship.get("thread_policy") else ""
     return ["## The shipped file", "",
-            f"The study's path at its 50%-total point (pruned 0.5, PGD fine-tuned) exported to ONNX (parity-checked "
+            f"The study's path at its 50%-total point (pruned 0.5, fine-tuned by the method the PGD bench found more "
+            f"robust: {rows[0]['file'] if rows else '-'}) exported to ONNX (parity-checked "
             f"against the checkpoint) and made int8 by ONNX Runtime, benched beside the checkpoint on the same "
             f"{ship.get('n')} points{policy}. Gradient attacks on an .onnx file are crafted on the checkpoint its "
             "metadata names and scored on the file (transfer); Square queries the file itself; worst is per "
