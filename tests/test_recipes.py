@@ -115,6 +115,32 @@ def test_dry_run_prints_commands(tmp_path, weights, cli):
     assert not (tmp_path / "o").exists()
 
 
+def test_a_stage_writing_onnx_defaults_to_an_onnx_output_and_a_wrong_one_is_refused_before_anything_runs(
+        tmp_path, weights, cli):
+    body = f"""
+        stages:
+          - name: m
+            command: convert
+            input: {weights}
+            options: {{arch: mlp, input-shape: "1,8,8"}}
+          - name: x
+            command: export
+            input: m
+          - name: xq
+            command: quantize
+            input: x
+            options: {{backend: onnxruntime}}
+    """
+    res = cli("run", _recipe(tmp_path, body), "--out-dir", tmp_path / "o", "--dry-run")
+    assert res.code == 0, res.stderr
+    assert f"--output {tmp_path / 'o' / 'x.onnx'} " in res.stdout and f"--output {tmp_path / 'o' / 'xq.onnx'} " in res.stdout
+    for stage in ("x", "xq"):  # an explicit output that is not .onnx: refused at the plan, naming the line
+        bad = body.replace(f"  - name: {stage}\n", f"  - name: {stage}\n            output: {stage}.safetensors\n")
+        res = cli("run", _recipe(tmp_path, bad), "--out-dir", tmp_path / "o")
+        assert_one_line_error(res, "line", f"{stage}.safetensors must end in .onnx")
+        assert not (tmp_path / "o").exists()
+
+
 def test_demo_shows_its_recipe(cli):
     res = cli("demo", "--show-recipe")
     assert res.code == 0 and "stages:" in res.stdout and "baseline-adv" in res.stdout

@@ -19,7 +19,7 @@ A recipe::
         inputs: [base, "pruned-*"]       # several inputs; * matches stage names; {best: [a, b], by: bench}
                                          # is the one stage bench (format: json) found more robust
         options: {attack: "fgsm,pgd", eps: "{eps}", format: json}
-        output: bench.json               # default: <name>.safetensors in the output folder
+        output: bench.json               # default: <name>.safetensors (.onnx if it writes ONNX) in the output folder
 
 Options are the command's option names, validated by the stage's own declarations (the same as the
 command line's) into a typed config, and the stage is called directly. Everything is checked before
@@ -247,7 +247,11 @@ class Recipe:
         iw = self.where("stages", i, "inputs" if "inputs" in raw else "input")
         ins = [Choice.parse(_subst(x, env, w), iw) if isinstance(x, dict) else str(_subst(x, env, w))
                for x in (ins if isinstance(ins, list) else [ins])]
-        out = str(_subst(raw.get("output", f"{name}.safetensors"), env, w))
+        from rcomp.quant.catalog import ONNXRUNTIME
+
+        # a stage that writes ONNX (export, quantize --backend onnxruntime) defaults to NAME.onnx
+        writes_onnx = raw["command"] == "export" or (raw["command"] == "quantize" and options.get("backend") == ONNXRUNTIME)
+        out = str(_subst(raw.get("output", f"{name}.onnx" if writes_onnx else f"{name}.safetensors"), env, w))
         return Stage(name=name, command=str(raw["command"]), options=options, wild=wild, inputs=ins, output=out,
                      line=self.lines.get(("stages", i), 0), index=i)
 

@@ -61,6 +61,15 @@ class Config:
     arch: str | None = C.arch_opt()
     trust_factory: bool = O.trust_opt()
 
+    def check(self) -> None:
+        check_onnx_output(self.output)
+
+
+def check_onnx_output(output: Path | None) -> None:
+    """A given output of a command that writes ONNX ends in .onnx (said before any work, also in a recipe)."""
+    if output is not None and not Path(output).name.lower().endswith(".onnx"):
+        raise RcompError(f"output {printable(str(output))} must end in .onnx (this command writes an ONNX file)")
+
 
 def onnx_output(output: Path | None, inp: Path | None, suffix: str, force: bool, model: Any = None) -> Path:
     """The ``.onnx`` output: given, or ``model[.suffix].onnx`` beside the input; checked before any work
@@ -75,8 +84,7 @@ def onnx_output(output: Path | None, inp: Path | None, suffix: str, force: bool,
             name[: -len(".onnx")] if name.lower().endswith(".onnx") else inp.stem
         output = inp.with_name(f"{stem}{'.' + suffix if suffix else ''}.onnx")
     output = Path(output)
-    if not output.name.lower().endswith(".onnx"):
-        raise RcompError(f"output {printable(str(output))} must end in .onnx (this command writes an ONNX file)")
+    check_onnx_output(output)
     return check_output_path(output, C.input_files(inp, model), force=force)
 
 

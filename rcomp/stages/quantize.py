@@ -70,6 +70,10 @@ class Config:
                 raise RcompError("--backend pt2e makes real int8 models only; drop --simulate, or simulate with "
                                  "--backend x86")
             qc.require_pt2e()
+        if self.backend == qc.ONNXRUNTIME:
+            from rcomp.stages.export import check_onnx_output
+
+            check_onnx_output(self.output)
         C.check_data(self.data, self.data_dir)
 
     @property
