@@ -69,20 +69,20 @@ def pick(choice: Choice, where: str, log) -> str:
 
     out = Path(choice.by_output)
     try:
-        data = json.loads(read_bounded(out, BENCH_MAX_BYTES, what=f"stage {choice.by!r}'s output"))
+        data = json.loads(read_bounded(out, BENCH_MAX_BYTES, what=f"stage {choice.by}'s output"))
         rows = {Path(m["path"]).resolve(): m for m in data["models"] if isinstance(m, dict) and m.get("path")}
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise RcompError(f"{where}: stage {choice.by!r}'s output {printable(out.name, 80)} is not a bench JSON "
+        raise RcompError(f"{where}: stage {choice.by}'s output {printable(out.name, 80)} is not a bench JSON "
                          f"({type(exc).__name__}); delete it and rerun the recipe") from None
     scores: list[tuple[str, str, float]] = []
     for name, path in zip(choice.names, choice.paths, strict=True):
         row = rows.get(Path(path).resolve())
         score = row.get("worst_case_acc") if row else None
         if row is None or not isinstance(score, (int, float)) or isinstance(score, bool):
-            raise RcompError(f"{where}: stage {choice.by!r}'s output has no figure for {name!r}; "
+            raise RcompError(f"{where}: stage {choice.by}'s output has no figure for {name!r}; "
                              f"delete {printable(out.name, 80)} and rerun the recipe")
         if row.get("sha256") and row["sha256"] != sha256_file(path):
-            raise RcompError(f"{where}: stage {choice.by!r}'s figure for {name!r} is of an older version of "
+            raise RcompError(f"{where}: stage {choice.by}'s figure for {name!r} is of an older version of "
                              f"its file; delete {printable(out.name, 80)} and rerun the recipe")
         scores.append((name, path, float(score)))
     best = max(scores, key=lambda s: s[2])  # max keeps the first of equal scores
