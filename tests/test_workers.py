@@ -87,6 +87,17 @@ def test_two_workers_write_the_files_of_one_process_and_a_rerun_skips(cli, tmp_p
     assert low.stderr.count("rcomp: error:") == 1 and "Traceback" not in low.stderr
     monkeypatch.chdir(tmp_path / "w1")
     assert [s["status"] for s in _stages(cli("run", recipe, "--out-dir", "out", "--json"))] == ["skipped"] * 5
+    # a choice rank 0 cannot make (its bench's JSON broken, though stamped as done) stops every worker, said once
+    from rcomp.io.header import sha256_file
+
+    (two / "bench.json").write_text("{not json")
+    stamp = two / ".rcomp-run" / "bench.json"
+    stamp.write_text(json.dumps({**json.loads(stamp.read_text()), "output_sha256": sha256_file(two / "bench.json")}))
+    monkeypatch.chdir(tmp_path / "w2")
+    broken = cli("run", recipe, "--out-dir", "out", "--workers", 2)
+    errors = [ln for ln in broken.stderr.splitlines() if ln.startswith("rcomp: error:")]
+    assert broken.code == 2 and "Traceback" not in broken.stderr, broken.stderr[-2000:]
+    assert len(errors) == 1 and "stage judge (line" in errors[0] and "is not a bench JSON" in errors[0], errors
 
 
 @pytest.mark.slow
