@@ -14,37 +14,30 @@ ratio and its spread, and checks that the adversarial examples are identical. Mo
 
 from __future__ import annotations
 
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.bench_layout import _cpu  # noqa: E402
-from benchmarks.common import main, row, setup_threads, train_classifier  # noqa: E402
+from benchmarks.common import main, row, setup_threads, speed_rows, train_classifier  # noqa: E402
 
 
-def _pair(model, attack, x, y, rounds: int):
+def _timing(model, attack, x, y, rounds: int):
     import torch
 
+    from benchmarks.common import interleaved
     from rcomp.quant.frozen import frozen_quantizers
 
-    plain, frozen, same, ref = [], [], True, None
-    for _ in range(rounds):
-        for once in (False, True):
+    def call(once: bool):
+        def go():
             if hasattr(attack, "reset"):  # the same random start in both (PGD draws per call)
                 attack.reset()
-            t0 = time.perf_counter()
             with frozen_quantizers(model, model.gradient_model()) if once else torch.enable_grad():
-                adv = attack(model, x, y)
-            (frozen if once else plain).append(time.perf_counter() - t0)
-            if once:
-                same = same and torch.equal(adv, ref)
-            else:
-                ref = adv
-    ratios = [p / f for p, f in zip(plain, frozen, strict=True)]
-    return statistics.median(plain), statistics.median(frozen), statistics.median(ratios), min(ratios), max(ratios), same
+                return attack(model, x, y)
+        return go
+
+    return interleaved(call(False), call(True), rounds, torch.equal)
 
 
 def run(quick: bool = False) -> list[dict]:
@@ -69,12 +62,8 @@ def run(quick: bool = False) -> list[dict]:
         for aname, attack in [("pgd-10", make_attack("pgd", eps=0.1, steps=10, seed=0)),
                               ("apgd-t x3", make_attack("apgd-t", eps=0.1, steps=20 if quick else 50, restarts=3,
                                                         seed=0))]:
-            p, f, med, lo, hi, same = _pair(model, attack, x, y, rounds)
-            rows.append(row(f"{name}, {aname} on {len(y)} points: plain / rounded once s", f"{p:.3f} / {f:.3f}",
-                            command=cmd))
-            rows.append(row(f"{name}, {aname}: speed-up (median [min, max] of {rounds})",
-                            f"{med:.2f}x [{lo:.2f}, {hi:.2f}]", ">= 1.0x", lo >= 1.0 or med >= 1.05, cmd))
-            rows.append(row(f"{name}, {aname}: identical adversarial examples", same, "same", same, cmd))
+            rows += speed_rows(f"{name}, {aname} on {len(y)} points ({rounds} rounds)", "plain / rounded once",
+                               _timing(model, attack, x, y, rounds), "identical adversarial examples", cmd)
     return rows
 
 

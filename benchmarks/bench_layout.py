@@ -15,14 +15,12 @@ two-thread torch on a shared machine is skewed by OpenMP busy-waiting (docs/benc
 from __future__ import annotations
 
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import main, row, setup_threads, train_classifier  # noqa: E402
+from benchmarks.common import main, row, setup_threads, speed_rows, train_classifier  # noqa: E402
 
 
 def _cpu() -> str:
@@ -35,32 +33,25 @@ def _cpu() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def _pair(model, attack, x, y, rounds: int):
+def _timing(model, attack, x, y, rounds: int):
     import torch
 
+    from benchmarks.common import interleaved
     from rcomp.models.layout import fast_layout
 
     grad = model.gradient_model() if hasattr(model, "gradient_model") else model
-    plain, fast, same, ref = [], [], True, None
-    for _ in range(rounds):
-        for layout in (False, True):
+
+    def call(layout: bool):
+        def go():
             if hasattr(attack, "reset"):
                 attack.reset()
-            t0 = time.perf_counter()
-            if layout:
-                with fast_layout(model, grad):
-                    adv = attack(model, x, y)
-            else:
+            with fast_layout(model, grad) if layout else torch.enable_grad():
                 adv = attack(model, x, y)
-            (fast if layout else plain).append(time.perf_counter() - t0)
             with torch.no_grad():
-                acc = (model(adv).argmax(1) == y).float().mean().item()
-            if layout:
-                same = same and acc == ref
-            else:
-                ref = acc
-    ratios = [p / f for p, f in zip(plain, fast, strict=True)]
-    return statistics.median(plain), statistics.median(fast), statistics.median(ratios), min(ratios), max(ratios), same
+                return (model(adv).argmax(1) == y).float().mean().item()
+        return go
+
+    return interleaved(call(False), call(True), rounds, lambda a, b: a == b)
 
 
 def run(quick: bool = False) -> list[dict]:
@@ -91,12 +82,8 @@ def run(quick: bool = False) -> list[dict]:
         if model is digits:
             attacks.append(("apgd-t", make_attack("apgd-t", eps=0.1, steps=20 if quick else 50, seed=0)))
         for aname, attack in attacks:
-            p, f, med, lo, hi, same = _pair(model, attack, xs, ys, rounds)
-            rows.append(row(f"{name}, {aname} on {len(ys)} points: plain / channels-last s", f"{p:.3f} / {f:.3f}",
-                            command=cmd))
-            rows.append(row(f"{name}, {aname}: speed-up (median [min, max] of {rounds})",
-                            f"{med:.2f}x [{lo:.2f}, {hi:.2f}]", ">= 1.0x", lo >= 1.0 or med >= 1.05, cmd))
-            rows.append(row(f"{name}, {aname}: same adversarial accuracy", same, "same", same, cmd))
+            rows += speed_rows(f"{name}, {aname} on {len(ys)} points ({rounds} rounds)", "plain / channels-last",
+                               _timing(model, attack, xs, ys, rounds), "same adversarial accuracy", cmd)
     return rows
 
 

@@ -56,6 +56,36 @@ def median_time(fn: Callable[[], object], reps: int = 10, warmup: int = 2) -> fl
     return statistics.median(times)
 
 
+def interleaved(plain: Callable[[], object], fast: Callable[[], object], rounds: int,
+                same: Callable[[object, object], bool]) -> tuple[float, float, float, float, float, bool]:
+    """Time ``plain`` and ``fast`` alternately (A, B, A, B ...) ``rounds`` times each: ``(median plain s, median
+    fast s, median ratio, min ratio, max ratio, every round's results equal by same(plain's, fast's))``."""
+    import statistics
+    import time
+
+    times: dict[bool, list[float]] = {False: [], True: []}
+    equal = True
+    for _ in range(rounds):
+        out = {}
+        for is_fast, fn in ((False, plain), (True, fast)):
+            t0 = time.perf_counter()
+            out[is_fast] = fn()
+            times[is_fast].append(time.perf_counter() - t0)
+        equal = equal and same(out[False], out[True])
+    ratios = [p / f for p, f in zip(times[False], times[True], strict=True)]
+    return (statistics.median(times[False]), statistics.median(times[True]), statistics.median(ratios), min(ratios),
+            max(ratios), equal)
+
+
+def speed_rows(what: str, labels: str, timing: tuple, same_label: str, command: str) -> list[dict]:
+    """The three rows of an :func:`interleaved` comparison: times, speed-up (median [min, max]), equal results."""
+    p, f, med, lo, hi, same = timing
+    return [row(f"{what}: {labels} s", f"{p:.3f} / {f:.3f}", command=command),
+            row(f"{what}: speed-up (median [min, max])", f"{med:.2f}x [{lo:.2f}, {hi:.2f}]", ">= 1.0x",
+                lo >= 1.0 or med >= 1.05, command),
+            row(f"{what}: {same_label}", same, "same", same, command)]
+
+
 def row(figure: str, value, target: str | None = None, met: bool | None = None, command: str = "") -> dict:
     return {"figure": figure, "value": value, "target": target, "met": met, "command": command}
 
