@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import main, row, setup_threads, speed_rows, train_classifier  # noqa: E402
+from benchmarks.common import ab_setup, digits_and_batch, main, row, speed_rows  # noqa: E402
 
 
 def _cpu() -> str:
@@ -58,18 +58,11 @@ def run(quick: bool = False) -> list[dict]:
     import torch
 
     from rcomp.attacks import make_attack
-    from rcomp.data.registry import get_dataset
-    from rcomp.evaluation.accuracy import fetch
     from rcomp.models.registry import build_model
     from rcomp.quant.ptq import quantize
 
-    setup_threads(1)
-    rounds = 3 if quick else 7
-    n = 64 if quick else 128
-    cmd = "python benchmarks/bench_layout.py" + (" --quick" if quick else "")
-    digits = train_classifier("convnet8", "digits", (1, 8, 8), 3)
-    ds = get_dataset("digits", "test", digits.meta.input)
-    x, y = fetch(ds, range(n))
+    rounds, n, cmd = ab_setup("bench_layout.py", quick)
+    digits, x, y = digits_and_batch(n)
     int8 = quantize(digits, [x], bits=8)
     torch.manual_seed(0)
     resnet = build_model("resnet18-cifar", 10, (3, 32, 32)).eval()

@@ -38,6 +38,23 @@ def train_classifier(arch: str, data: str, shape, epochs: int, data_dir=None):
     return model.eval()
 
 
+def digits_and_batch(n: int, epochs: int = 3):
+    """The demo's convnet8 trained ``epochs`` on digits, and the first ``n`` test images and labels."""
+    from rcomp.data.registry import get_dataset
+    from rcomp.evaluation.accuracy import fetch
+
+    model = train_classifier("convnet8", "digits", (1, 8, 8), epochs)
+    x, y = fetch(get_dataset("digits", "test", model.meta.input), range(n))
+    return model, x, y
+
+
+def ab_setup(script: str, quick: bool) -> tuple[int, int, str]:
+    """An interleaved A/B script's one torch thread, ``(rounds, points, command)``: 7 rounds of 128 points, or
+    3 of 64 with ``--quick``."""
+    setup_threads(1)
+    return (3, 64, f"python benchmarks/{script} --quick") if quick else (7, 128, f"python benchmarks/{script}")
+
+
 def setup_threads(n: int = 2) -> None:
     import torch
 
