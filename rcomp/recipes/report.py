@@ -305,8 +305,8 @@ def build_report(bench: dict[str, Any], records: list[dict], out_dir: Path, *, r
            f"{bench.get('threads')} torch thread{'' if bench.get('threads') == 1 else 's'} a process.",
            f"Attacks: {attack_desc}.", ""]
     if judged:
-        md += [f"Every checkpoint is benched with {', '.join(judged['all'])}; the checkpoints in *judged by* "
-               f"with {', '.join(judged['selected'])} are judged again with it on {judged['selected_n']} images "
+        md += [f"Every checkpoint is benched with {', '.join(judged['all'])}; those whose *judged by* lists "
+               f"{', '.join(judged['selected'])} were judged again with these attacks on {judged['selected_n']} images "
                "(the demo: the baselines and, of each path's two fine-tuning methods at its 50% point, the one the "
                "first bench found more robust). A point judged by fewer attacks than the baseline is an upper "
                "bound and cannot reach the target.", ""]
