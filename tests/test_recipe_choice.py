@@ -51,6 +51,8 @@ def test_the_more_robust_candidate_is_judged_and_the_choice_is_said(tmp_path, ca
     assert bench["good"] > bench["bad"]
     judged = [Path(m["path"]).stem for m in json.loads((out / "judge.json").read_text())["models"]]
     assert judged == ["good"]
+    record = {s["stage"]: s for s in json.loads(res.stdout)["stages"]}["judge"]  # the run records the choice
+    assert record["choices"] == [{"by": "bench", "chosen": "good", "figures": {"bad": bench["bad"], "good": bench["good"]}}]
     assert f"judge: best of bad {bench['bad']:.4f}, good {bench['good']:.4f} by stage bench's worst case (fgsm): good" \
         in res.stderr
     # a rerun skips it (the same choice); bench figures that flip the choice rerun it on the other model
@@ -123,7 +125,8 @@ def _bench_json(tmp_path: Path, scores: dict[str, float | None], **extra) -> tup
 def test_pick_takes_the_highest_and_the_first_of_equals(tmp_path):
     said = []
     ch, files = _bench_json(tmp_path, {"a": 0.5, "b": 0.7, "c": 0.7})
-    assert pick(ch, "here", said.append) == str(files[1])
+    assert pick(ch, "here", said.append) == (str(files[1]), {"by": "b", "chosen": "b",
+                                                             "figures": {"a": 0.5, "b": 0.7, "c": 0.7}})
     assert said == ["best of a 0.5000, b 0.7000, c 0.7000 by stage b's worst case (pgd): b"]
 
 

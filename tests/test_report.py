@@ -12,6 +12,7 @@ from rcomp.recipes.report import (
     conclude,
     effective_size,
     path_of,
+    unsettled_choices,
 )
 
 
@@ -207,3 +208,26 @@ def test_points_judged_by_fewer_attacks_cannot_reach():
     # own accounting: pruned-adv's 50% own point reaches (0.8 >= 0.76); in total it costs 150%
     assert f[("pruned-adv-ft-pgd", "own")]["reached"] and not f[("pruned-adv-ft-pgd", "total")]["reached"]
     assert "Own accounting" in c["text"]
+
+
+@pytest.mark.parametrize("other_worst,other_attacks,unsettled", [
+    (0.625, ("pgd",), True),          # judged by fewer attacks and reads at least as robust: unknown which is better
+    (0.622, ("pgd",), True),          # a tie counts: the left-out one's lower figure is unknown
+    (0.600, ("pgd",), False),         # its upper bound is already below the chosen one's figure
+    (0.700, ("pgd", "apgd"), False),  # judged by the same attacks: the figures compare
+])
+def test_a_choice_the_first_bench_could_not_settle_is_said(tmp_path, other_worst, other_attacks, unsettled):
+    chosen = _row("int4-ft-nfgsm-s270", 0.622)
+    other = {**_row("int4-ft-pgd-s67", other_worst), "robust_acc": {a: other_worst for a in other_attacks}}
+    rows, costs = _table({})
+    rows += [chosen, other]
+    records = [{"stage": "bench-auto", "choices": [{"by": "bench", "chosen": "int4-ft-nfgsm-s270",
+                                                    "figures": {"int4-ft-pgd-s67": 0.63, "int4-ft-nfgsm-s270": 0.77}}]}]
+    found = unsettled_choices(rows, records)
+    assert [(u["other"], u["chosen"]) for u in found] == ([("int4-ft-pgd-s67", "int4-ft-nfgsm-s270")] if unsettled else [])
+    bench = {"data": "digits", "n": 360, "attacks": {"pgd": {}, "apgd": {}}, "models": rows}
+    report = build_report(bench, records, tmp_path, plot=False, costs=costs, own_costs=costs)
+    said = "Choices the first bench could not settle" in report["conclusion"]
+    assert said is unsettled and report["unsettled_choices"] == found
+    if unsettled:
+        assert f"int4-ft-pgd-s67 (pgd only: {other_worst:.4f}, an upper bound)" in report["markdown"]

@@ -60,10 +60,11 @@ class Choice:
         return [*self.best, self.by]
 
 
-def pick(choice: Choice, where: str, log) -> str:
+def pick(choice: Choice, where: str, log) -> tuple[str, dict[str, Any]]:
     """The path of the candidate with the highest worst case in the ``by`` stage's bench JSON (first
-    listed on a tie); says which on ``log``. A bench output without a candidate's row, or with a row for
-    another version of its file, is refused: the bench stage must run again."""
+    listed on a tie), and what the run records of the choice (``by``, ``chosen``, ``figures``: name -> worst
+    case); says which on ``log``. A bench output without a candidate's row, or with a row for another
+    version of its file, is refused: the bench stage must run again."""
     from rcomp.io.bounded import read_bounded
     from rcomp.io.header import sha256_file
 
@@ -89,4 +90,4 @@ def pick(choice: Choice, where: str, log) -> str:
     attacks = ",".join(data.get("attacks") or {}) or "clean accuracy"
     log(f"best of {', '.join(f'{n} {s:.4f}' for n, _, s in scores)} by stage {choice.by}'s worst case "
         f"({attacks}): {best[0]}")
-    return best[1]
+    return best[1], {"by": choice.by, "chosen": best[0], "figures": {n: sc for n, _, sc in scores}}

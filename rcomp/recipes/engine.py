@@ -84,6 +84,7 @@ class Stage:
     choices: list[tuple[int, Any]] = field(default_factory=list)  # (position in the inputs, choice.Choice)
     fixed_paths: list[str] = field(default_factory=list)  # input_paths without the chosen ones
     chosen: bool = False  # input_paths has the run-time choices made (_choose)
+    picked: list[dict] = field(default_factory=list)  # what each choice chose, for the run's records
 
 
 def _line_map(root) -> dict[tuple, int]:
@@ -539,9 +540,10 @@ def _choose(st: Stage, log) -> list[str]:
 
     if not st.choices:
         return st.input_paths
-    paths = list(st.fixed_paths)
+    paths, st.picked = list(st.fixed_paths), []
     for pos, ch in reversed(st.choices):  # from the back, so earlier positions stay valid
-        chosen = pick(ch, f"stage {st.name} (line {st.line})", lambda msg: log(f"{st.name}: {msg}"))
+        chosen, record = pick(ch, f"stage {st.name} (line {st.line})", lambda msg: log(f"{st.name}: {msg}"))
+        st.picked.insert(0, record)
         if chosen not in paths:
             paths.insert(pos, chosen)
     st.input_paths, st.chosen = paths, True
@@ -792,8 +794,9 @@ def _run_all(order: list[Stage], out_dir: Path, log) -> list[dict]:
     records = []
     for i, st in enumerate(order, 1):
         out = out_dir / st.output
-        base = {"stage": st.name, "output": str(out), "command": st.command}
         _choose(st, log)
+        base = {"stage": st.name, "output": str(out), "command": st.command,
+                **({"choices": st.picked} if st.picked else {})}
         fp = _fingerprint(st)
         prev = _up_to_date(out, out_dir / STAMP_DIR / f"{st.name}.json", fp, log, [out_dir / rel for rel in st.extras])
         if prev is not None:
@@ -1007,5 +1010,5 @@ def _run_waves(order: list[Stage], out_dir: Path, log, own_log, dist) -> list[di
                 _drop_records(out_dir, st.name)  # this stage's records made for the processes (this run's or older)
             done[st.name] = {"status": "ran", "seconds": seconds,
                              **({"result": res.report} if st.command == "bench" and main else {})}
-    return [{"stage": st.name, "output": str(out_dir / st.output), "command": st.command, **done[st.name]}
-            for st in order]
+    return [{"stage": st.name, "output": str(out_dir / st.output), "command": st.command,
+             **({"choices": st.picked} if st.picked else {}), **done[st.name]} for st in order]

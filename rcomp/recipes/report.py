@@ -238,6 +238,38 @@ def conclude(rows: list[dict], costs: dict[str, float] | None = None, *, smoke: 
     return {"text": "\n".join(text), "findings": findings}
 
 
+def unsettled_choices(rows: list[dict], records: list[dict]) -> list[dict]:
+    """Run-time choices (a recipe's ``{best: [...], by: BENCH}``, e.g. the demo's: which of a path's two methods
+    ``auto`` judges) that the first bench could not settle: a candidate left out is judged by fewer attacks
+    than the chosen one and still reads at least as robust, so its lower figure is unknown. One dict each:
+    ``stage``, ``by``, ``chosen``, ``chosen_worst``, ``chosen_judged``, ``other``, ``other_worst``,
+    ``other_judged``."""
+    by = {r["stage"]: r for r in rows}
+    out = []
+    for rec in records:
+        for c in rec.get("choices") or []:
+            chosen = by.get(c.get("chosen"))
+            if chosen is None:
+                continue
+            for name in c.get("figures") or {}:
+                other = by.get(name)
+                if other is None or name == c["chosen"]:
+                    continue
+                if set(judged_by(other)) < set(judged_by(chosen)) and other["worst_case_acc"] >= chosen["worst_case_acc"]:
+                    out.append({"stage": rec["stage"], "by": c.get("by"), "chosen": c["chosen"],
+                                "chosen_worst": chosen["worst_case_acc"], "chosen_judged": judged_by(chosen),
+                                "other": name, "other_worst": other["worst_case_acc"],
+                                "other_judged": judged_by(other)})
+    return out
+
+
+def _unsettled_lines(found: list[dict]) -> list[str]:
+    return [f"- {u['other']} ({'+'.join(u['other_judged'])} only: {u['other_worst']:.4f}, an upper bound) reads at "
+            f"least as robust as {u['chosen']} ({u['chosen_worst']:.4f} by {'+'.join(u['chosen_judged'])}), which "
+            f"stage {u['stage']} chose by stage {u['by']}: this run does not tell which of the two is more robust "
+            "(judge both with the same attacks to know)." for u in found]
+
+
 # ----------------------------------------------------------------------------- the report
 
 
@@ -288,10 +320,13 @@ def build_report(bench: dict[str, Any], records: list[dict], out_dir: Path, *, r
     own = dict(own_costs) if own_costs is not None else checkpoint_costs(rows, last_only=True)
     ref_cost = costs.get(REFERENCE)
     conclusion = conclude(rows, costs, smoke=smoke, own_costs=own or None)
+    unsettled = [] if smoke else unsettled_choices(rows, records)
+    if unsettled:
+        conclusion["text"] += ("\n\nChoices the first bench could not settle:\n" + "\n".join(_unsettled_lines(unsettled)))
     report = {"recipe": recipe_name, "data": bench["data"], "n": bench["n"], "attacks": bench["attacks"],
               "device": bench.get("device"), "threads": bench.get("threads"), "models": rows, "smoke": smoke,
               "costs": costs, "own_costs": own, "conclusion": conclusion["text"],
-              "findings": conclusion["findings"], "judged": bench.get("judged")}
+              "findings": conclusion["findings"], "judged": bench.get("judged"), "unsettled_choices": unsettled}
     report["plot"] = make_plot(rows, costs, out_dir / "tradeoff.png", own) if plot else "plot skipped (--no-plot)"
     attacks = list(dict.fromkeys(a for r in rows for a in judged_by(r)))
     headers, table = _table(rows, attacks, costs, ref_cost, own)
