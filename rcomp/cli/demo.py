@@ -117,9 +117,9 @@ def skip_onnx_stages(recipe, log) -> list[str]:
     whatever reads their files) and say so on stderr, naming the extra; returns the stages dropped."""
     from rcomp.errors import RcompError
     from rcomp.onnx.deps import require
+    from rcomp.recipes.engine import writes_onnx
 
-    needs = [st.name for st in recipe.stages
-             if st.command == "export" or (st.command == "quantize" and st.options.get("backend") == "onnxruntime")]
+    needs = [st.name for st in recipe.stages if writes_onnx(st.command, st.options)]
     if not needs:
         return []
     try:

@@ -12,8 +12,8 @@ bench, training's validation) no weight changes, so inside :func:`frozen_quantiz
 and the modules are put back after. Outputs and input gradients are bit-identical (the same ops on the
 same values; tests/test_frozen_quant.py). On a digits convnet8 (``python benchmarks/bench_frozen_quant.py``,
 AMD EPYC AVX2, 1 thread, median of 7): PGD-10 1.13x (int8) / 1.23x (simulated int4) faster, APGD-T with 3
-restarts 1.38x / 1.39x (it runs ever smaller batches as points fall, where per-call overhead weighs more). Quantizers still observing (calibration, quantization-aware training in train
-mode) are left alone.
+restarts 1.38x / 1.39x (it runs ever smaller batches as points fall, where per-call overhead weighs more).
+Quantizers still observing (calibration, quantization-aware training in train mode) are left alone.
 """
 
 from __future__ import annotations
@@ -95,8 +95,8 @@ def frozen_quantizers(*modules: nn.Module | None) -> Iterator[None]:
                 for name, child in list(parent._modules.items()):
                     if not isinstance(child, FakeQuantizeBase) or not _frozen(child):
                         continue
-                    weight = getattr(parent, "weight", None)
-                    if name == "weight_fake_quant" and isinstance(weight, torch.Tensor):
+                    weight = getattr(parent, "weight", None) if name == "weight_fake_quant" else None
+                    if isinstance(weight, torch.Tensor):
                         with torch.no_grad():
                             stand_in: nn.Module = _Rounded(child, child(weight).detach())
                     elif type(child) is FakeQuantize and child.qscheme in (torch.per_tensor_affine,

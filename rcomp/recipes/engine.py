@@ -248,13 +248,18 @@ class Recipe:
         iw = self.where("stages", i, "inputs" if "inputs" in raw else "input")
         ins = [Choice.parse(_subst(x, env, w), iw) if isinstance(x, dict) else str(_subst(x, env, w))
                for x in (ins if isinstance(ins, list) else [ins])]
-        from rcomp.quant.catalog import ONNXRUNTIME
-
-        # a stage that writes ONNX (export, quantize --backend onnxruntime) defaults to NAME.onnx
-        writes_onnx = raw["command"] == "export" or (raw["command"] == "quantize" and options.get("backend") == ONNXRUNTIME)
-        out = str(_subst(raw.get("output", f"{name}.onnx" if writes_onnx else f"{name}.safetensors"), env, w))
+        default = f"{name}.onnx" if writes_onnx(str(raw["command"]), options) else f"{name}.safetensors"
+        out = str(_subst(raw.get("output", default), env, w))
         return Stage(name=name, command=str(raw["command"]), options=options, wild=wild, inputs=ins, output=out,
                      line=self.lines.get(("stages", i), 0), index=i)
+
+
+def writes_onnx(command: str, options: dict[str, Any]) -> bool:
+    """Whether a stage writes an ONNX file (export, quantize --backend onnxruntime): its output defaults to
+    NAME.onnx, and it needs the ONNX extra."""
+    from rcomp.quant.catalog import ONNXRUNTIME
+
+    return command == "export" or (command == "quantize" and options.get("backend") == ONNXRUNTIME)
 
 
 def _refs(st: Stage) -> list[str]:
