@@ -6,8 +6,8 @@ time on every call. While rcomp evaluates a model (``rcomp.evaluation.robustness
 bench, training's validation) no weight changes, so inside :func:`frozen_quantizers`
 
 * each weight quantizer whose observer is off is replaced by its output, computed once;
-* each per-tensor activation ``FakeQuantize`` whose observer is off calls
-  ``torch.fake_quantize_per_tensor_affine`` directly with its scale and zero point,
+* each per-tensor activation ``FakeQuantize`` whose observer is off calls the rounding
+  (:func:`rcomp.quant.fakequant.fake_quantize`, torch's op bit for bit) directly with its scale and zero point,
 
 and the modules are put back after. Outputs and input gradients are bit-identical (the same ops on the
 same values; tests/test_frozen_quant.py). On a digits convnet8 (``python benchmarks/bench_frozen_quant.py``,
@@ -23,6 +23,8 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
+
+from rcomp.quant.fakequant import FastFakeQuantize, fake_quantize
 
 
 class _StandIn(nn.Module):
@@ -65,10 +67,14 @@ class _PerTensor(_StandIn):
 
     def __init__(self, fq: nn.Module):
         super().__init__(fq)
-        self.qparams = (float(fq.scale), int(fq.zero_point), int(fq.quant_min), int(fq.quant_max))
+        self.qparams = (fq.scale.detach().clone(), fq.zero_point.detach().clone(), int(fq.quant_min),
+                        int(fq.quant_max))
 
     def frozen_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.fake_quantize_per_tensor_affine(x, *self.qparams)
+        if x.dtype != torch.float32:
+            return torch.fake_quantize_per_tensor_affine(x, float(self.qparams[0]), int(self.qparams[1]),
+                                                         *self.qparams[2:])
+        return fake_quantize(x, *self.qparams)
 
 
 def _frozen(fq: nn.Module) -> bool:
@@ -99,7 +105,7 @@ def frozen_quantizers(*modules: nn.Module | None) -> Iterator[None]:
                     if isinstance(weight, torch.Tensor):
                         with torch.no_grad():
                             stand_in: nn.Module = _Rounded(child, child(weight).detach())
-                    elif type(child) is FakeQuantize and child.qscheme in (torch.per_tensor_affine,
+                    elif type(child) in (FakeQuantize, FastFakeQuantize) and child.qscheme in (torch.per_tensor_affine,
                                                                            torch.per_tensor_symmetric) \
                             and child.scale.numel() == 1:
                         stand_in = _PerTensor(child)
