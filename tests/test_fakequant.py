@@ -132,3 +132,19 @@ def test_rcomp_twins_use_it():
     fq = qb.prepare(net, torch.rand(2, 1, 6, 6), 8, "x86", True)
     kinds = {type(m) for m in fq.modules() if type(m).__name__.endswith("FakeQuantize")}
     assert kinds == {FastFakeQuantize}
+
+
+@pytest.mark.parametrize("axis", [None, 0])
+def test_outputs_keep_the_inputs_strides(axis):
+    """torch's op keeps its input's strides, and a convolution picks its memory format (so its rounding) by its
+    weight's: a (C, 1, 3, 3) weight strided (9, 1, 3, 1) or (9, 9, 3, 1), a channels-last activation."""
+    for x in (torch.randn(4, 9, 3, 3).transpose(0, 1).contiguous().transpose(0, 1)[:, :1].contiguous(),
+              torch.randn(4, 3, 3, 1).permute(0, 3, 1, 2), torch.randn(2, 8, 8, 4).permute(0, 3, 1, 2)):
+        x = x.clone(memory_format=torch.preserve_format).requires_grad_(True)
+        c = x.shape[0]
+        s, z = torch.full((c,), 0.1), torch.zeros(c, dtype=torch.int32)
+        ref = (torch.fake_quantize_per_channel_affine(x, s, z, 0, -127, 127) if axis == 0
+               else torch.fake_quantize_per_tensor_affine(x, 0.1, 0, -127, 127))
+        out = fake_quantize(x, s if axis == 0 else s[:1], z if axis == 0 else z[:1], -127, 127, axis=axis)
+        assert out.stride() == ref.stride() == x.stride()
+        assert torch.equal(out, ref)
