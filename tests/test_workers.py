@@ -167,34 +167,69 @@ def test_threads_per_worker():
     assert threads_per_worker(10**6, {}) == "1"
 
 
-# ----- the schedule: waves of independent stages, each to one process --------------------------------
+# ----- the schedule: levels; a level's alone stages taken as they become ready, then its benches -------
 
-def _stage(name, deps, command="finetune", budget=None):
+def _stage(name, deps, command="finetune", budget=None, adv="pgd", inputs=()):
     from types import SimpleNamespace
 
     from rcomp.recipes.engine import Stage
 
     st = Stage(name=name, command=command, options={}, inputs=list(deps), output=f"{name}.safetensors", line=0)
     st.deps = list(deps)
-    st.config = SimpleNamespace(batch_size=32, steps_budget=budget, epochs=1, adv="pgd", steps=7, grad_align=0.0)
+    st.input_paths = [str(p) for p in inputs]
+    st.config = SimpleNamespace(batch_size=32, steps_budget=budget, epochs=1, adv=adv, steps=7, grad_align=0.0)
     return st
 
 
-@settings(max_examples=60, deadline=None)
-@given(hs.lists(hs.lists(hs.integers(0, 30), max_size=3), min_size=1, max_size=12))
-def test_waves_put_every_stage_after_what_it_reads(raw):
-    from rcomp.recipes.engine import _waves
+@settings(max_examples=80, deadline=None)
+@given(hs.lists(hs.tuples(hs.lists(hs.integers(0, 30), max_size=3), hs.booleans()), min_size=1, max_size=12))
+def test_levels_put_every_stage_after_what_it_reads(raw):
+    """Alone stages read lower levels or alone stages of their own; a bench reads lower levels or alone
+    stages of its own; every stage once, recipe order inside each group."""
+    from rcomp.recipes.engine import _levels, together
 
     order = []
-    for i, ds in enumerate(raw):  # stage i reads earlier stages only: a topological order
-        order.append(_stage(f"s{i}", sorted({f"s{d % i}" for d in ds}) if i else []))
-    waves = _waves(order)
-    assert sorted(st.name for w in waves for st in w) == sorted(st.name for st in order)
-    where = {st.name: k for k, w in enumerate(waves) for st in w}
+    for i, (ds, bench) in enumerate(raw):  # stage i reads earlier stages only: a topological order
+        order.append(_stage(f"s{i}", sorted({f"s{d % i}" for d in ds}) if i else [],
+                            command="bench" if bench else "finetune"))
+    levels = _levels(order)
+    flat = [st.name for alone, tog in levels for st in alone + tog]
+    assert sorted(flat) == sorted(st.name for st in order) and len(flat) == len(set(flat))
+    where = {st.name: (k, together(st)) for k, (alone, tog) in enumerate(levels) for st in alone + tog}
     for st in order:
-        assert all(where[d] < where[st.name] for d in st.deps)
-    for w in waves:  # recipe order inside a wave
-        assert [order.index(st) for st in w] == sorted(order.index(st) for st in w)
+        k, tog = where[st.name]
+        for d in st.deps:
+            dk, dtog = where[d]
+            assert dk < k or (dk == k and not dtog), (st.name, d)  # never a bench of its own level
+    for alone, tog in levels:
+        assert all(not together(st) for st in alone) and all(together(st) for st in tog)
+        for group in (alone, tog):
+            assert [order.index(st) for st in group] == sorted(order.index(st) for st in group)
+    # a chain without benches is one level: its stages start as soon as what they read is done, not in waves
+    chain = [_stage("a", []), _stage("b", ["a"]), _stage("c", ["b"]), _stage("d", [])]
+    assert [[st.name for st in alone] for alone, _ in _levels(chain)] == [["a", "b", "c", "d"]]
+
+
+def test_costs_read_the_input_and_the_longest_chain_goes_first(cli, tmp_path, trained_digits):
+    """A fine-tuning run of a pruned model costs less than one of its dense model at the same passes; a
+    single-step run pays for its guard's checks; a stage's priority is its cost plus its longest chain after."""
+    from rcomp.recipes.engine import PARAMS_UNKNOWN, _priorities, expected_cost
+
+    pruned = tmp_path / "pruned.safetensors"
+    assert cli("prune", trained_digits, "--ratio", "0.5", "--data", "digits", "-o", pruned).code == 0
+    a = _stage("dense-ft", [], budget=90, inputs=[trained_digits])
+    b = _stage("pruned-ft", [], budget=90, inputs=[pruned])
+    missing = _stage("later-ft", [], budget=90, inputs=[tmp_path / "not-yet.safetensors"])
+    assert expected_cost(b) < expected_cost(a)
+    assert expected_cost(missing) == 90 * 32 * 8 * PARAMS_UNKNOWN
+    single = _stage("fgsm-ft", [], budget=360, adv="n-fgsm", inputs=[tmp_path / "not-yet.safetensors"])
+    assert expected_cost(single) > 360 * 32 * 2 * PARAMS_UNKNOWN  # the guard's checks are counted
+    assert expected_cost(_stage("p", [], command="prune")) == 1.0
+    # priorities: base -> long child beats a lone stage costlier than base alone
+    base, child = _stage("base", [], budget=10), _stage("child", ["base"], budget=100)
+    lone = _stage("lone", [], budget=50)
+    prio = _priorities([base, child, lone])
+    assert prio["base"] == expected_cost(base) + expected_cost(child) > prio["lone"] == expected_cost(lone)
 
 
 def test_assign_balances_longest_first_and_pins_bench_to_rank_0():

@@ -745,7 +745,7 @@ def _run_sharded(recipe: Recipe, out_dir: Path, log, allow_factories: frozenset[
         made = [p for p in (out_dir, out_dir / STAMP_DIR) if not os.path.lexists(p)]
         D.barrier(dist)  # every process has looked at the folder before rank 0 makes it
         try:
-            return _run_waves(order, out_dir, log, own_log, dist)
+            return _run_levels(order, out_dir, log, own_log, dist)
         except BaseException:
             if dist.is_main:
                 for p in reversed(made):
@@ -820,34 +820,93 @@ def _run_all(order: list[Stage], out_dir: Path, log) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------
-# several processes (torchrun, or rcomp run --workers N): stages in waves
+# several processes (torchrun, or rcomp run --workers N): stages in levels, taken as they become ready
 # ------------------------------------------------------------------------------------------
 
-def _waves(order: list[Stage]) -> list[list[Stage]]:
-    """The stages grouped by depth (a stage's wave comes after those of everything it reads), each wave
-    in recipe order: the stages of one wave are independent of each other."""
+def together(st: Stage) -> bool:
+    """Whether a stage runs with every process of the group (attack and bench: split over them when
+    they can be, :func:`_shardable`), not alone in one."""
+    return st.command in ("attack", "bench")
+
+
+def _levels(order: list[Stage]) -> list[tuple[list[Stage], list[Stage]]]:
+    """The stages as ``(alone, together)`` per level, each in recipe order. A stage's level is the number of
+    attack/bench stages (:func:`together`) on the longest chain of what it reads: the alone stages of a level
+    read only stages of lower levels and alone stages of their own, the together ones nothing of their own
+    level that is also together. A level's alone stages run first, each in one process as soon as what it
+    reads is done (:func:`_run_claimed`); then its together stages, with every process."""
     level: dict[str, int] = {}
-    groups: dict[int, list[Stage]] = {}
+    names = {st.name: st for st in order}
     for st in order:  # topological: every dependency has its level already
-        level[st.name] = 1 + max((level[d] for d in st.deps), default=-1)
-        groups.setdefault(level[st.name], []).append(st)
-    return [groups[k] for k in sorted(groups)]
+        level[st.name] = max((level[d] + together(names[d]) for d in st.deps), default=0)
+    top = max(level.values(), default=-1)
+    return [([st for st in order if level[st.name] == k and not together(st)],
+             [st for st in order if level[st.name] == k and together(st)]) for k in range(top + 1)]
+
+
+#: the parameter count a fine-tuning cost assumes when its input does not exist yet (or has none recorded)
+PARAMS_UNKNOWN = 100_000
+#: how much more a pass of a quantized model's fake-quant twin costs than one of its float model (measured on
+#: the demo's convnet8: 1.2-1.6x)
+QUANTIZED_FACTOR = 1.4
+
+
+def _input_size(st: Stage) -> tuple[float, bool]:
+    """(parameters, quantized) of the model a stage reads, from its checkpoint's header; (PARAMS_UNKNOWN,
+    False) while it does not exist yet or says nothing."""
+    paths = st.input_paths or st.fixed_paths
+    if not paths:
+        return float(PARAMS_UNKNOWN), False
+    try:
+        from rcomp.io.header import read_header
+
+        meta = read_header(Path(paths[0])).metadata
+        params = json.loads(meta.get("rcomp.stats", "{}")).get("params")
+        quantized = bool(json.loads(meta.get("rcomp.compression", "{}") or "{}").get("quantization"))
+        return (float(params) if isinstance(params, (int, float)) and params > 0 else float(PARAMS_UNKNOWN),
+                quantized)
+    except (RcompError, OSError, ValueError, AttributeError, TypeError):
+        return float(PARAMS_UNKNOWN), False
 
 
 def expected_cost(st: Stage) -> float:
-    """A rough relative cost of running a stage alone, to balance the processes: a fine-tuning run's
-    passes times its batch (the epochs over digits' size when no steps budget is set); 1 for the rest."""
+    """A rough relative cost of running a stage alone, to order and balance the processes: a fine-tuning
+    run's passes (with its overfitting guard's checks) times its batch times the parameters of the model it
+    reads (:func:`_input_size`; :data:`QUANTIZED_FACTOR` more for a quantized one); 1 for the rest."""
     cfg = st.config
     if st.command != "finetune" or cfg is None:
         return 1.0
     try:
         from rcomp.train.budget import DEFAULT_TRAIN_SIZE, passes_per_step
+        from rcomp.train.catalog import SINGLE_STEP
+        from rcomp.train.guards import CO_BATCH, CO_STEPS
 
         batch = int(cfg.batch_size)
-        steps = cfg.steps_budget or cfg.epochs * math.ceil(DEFAULT_TRAIN_SIZE / batch)
-        return float(steps * batch * passes_per_step(cfg.adv, cfg.steps, getattr(cfg, "grad_align", 0.0) or 0.0))
+        per_epoch = math.ceil(DEFAULT_TRAIN_SIZE / batch)
+        steps = cfg.steps_budget or cfg.epochs * per_epoch
+        passes = steps * batch * passes_per_step(cfg.adv, cfg.steps, getattr(cfg, "grad_align", 0.0) or 0.0)
+        if cfg.adv in SINGLE_STEP:  # the guard: PGD and the training adversary on a batch after every epoch
+            passes += math.ceil(steps / per_epoch) * CO_BATCH * (CO_STEPS + 4)
+        params, quantized = _input_size(st)
+        return float(passes) * params * (QUANTIZED_FACTOR if quantized else 1.0)
     except (AttributeError, TypeError, ValueError, RcompError):
-        return 100.0
+        return 100.0 * PARAMS_UNKNOWN
+
+
+def _priorities(stages: list[Stage]) -> dict[str, float]:
+    """Each stage's expected cost plus the longest chain of costs after it among ``stages`` (its critical
+    path): the order in which the processes take ready stages, so the longest chain starts first."""
+    names = {st.name for st in stages}
+    after: dict[str, list[str]] = {st.name: [] for st in stages}
+    for st in stages:
+        for d in st.deps:
+            if d in names:
+                after[d].append(st.name)
+    cost = {st.name: expected_cost(st) for st in stages}
+    prio: dict[str, float] = {}
+    for st in reversed(stages):  # recipe order is topological: successors come later
+        prio[st.name] = cost[st.name] + max((prio[n] for n in after[st.name]), default=0.0)
+    return prio
 
 
 def assign(stages: list[Stage], world: int) -> dict[str, int]:
@@ -906,114 +965,224 @@ def _write_stamp(st: Stage, out_dir: Path, fp: str, seconds: float) -> None:
                                   **({"extra_sha256": extra} if st.extras else {})}))
 
 
-def _run_waves(order: list[Stage], out_dir: Path, log, own_log, dist) -> list[dict]:
-    """The stages over the processes of ``dist``, wave by wave (:func:`_waves`): the wave's stages that
-    run in one process go to the processes at once (:func:`assign`), each writing its output and stamp;
-    then its attack and bench stages that can be split run one after the other over all processes, rank 0
-    merging their records. Every stage runs with the config, seed and inputs of a one-process run, so its
-    files are those of one. A failure stops the run at the end of its wave, said once (by the process of
-    the first failing stage in recipe order). Returns rank 0's records, in recipe order."""
-    from rcomp.train import distributed as D
+#: how often a process with nothing ready looks again (seconds)
+POLL_S = 0.1
 
+
+def _run_levels(order: list[Stage], out_dir: Path, log, own_log, dist) -> list[dict]:
+    """The stages over the processes of ``dist``, level by level (:func:`_levels`): first the level's alone
+    stages, each taken by the first process free when what it reads is done (:func:`_run_claimed`), then its
+    attack and bench stages with every process (:func:`_run_together`). Every stage runs with the config,
+    seed and inputs of a one-process run, so its files are those of one. A failure stops the run once the
+    level's running stages end, said once (by the process of the first failing stage in recipe order).
+    Returns rank 0's records, in recipe order."""
     main = dist.is_main
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / STAMP_DIR).mkdir(exist_ok=True)
     number = {st.name: i for i, st in enumerate(order, 1)}
-    total = len(order)
     done: dict[str, dict] = {}
-    for wave in _waves(order):
-        plans = None
-        refused = None
-        if main:  # rank 0 alone reads stamps and outputs, and says what every process does
-            plans = {}
-            try:
-                for st in wave:
-                    _choose(st, log)
-                    fp = _fingerprint(st)
-                    prev = _up_to_date(out_dir / st.output, out_dir / STAMP_DIR / f"{st.name}.json", fp, log,
-                                       [out_dir / rel for rel in st.extras])
-                    shard, why = _shardable(st) if prev is None else (False, "")
-                    plans[st.name] = {"skip": prev is not None, "seconds": (prev or {}).get("seconds", 0.0),
-                                      "shard": shard, "fp": fp, "why": why, "inputs": st.input_paths}
-            except RcompError as exc:  # e.g. a run-time choice that cannot be made: every process stops
-                refused, plans = exc, {"!refused": [str(exc), exc.exit_code]}  # no stage is named so
-        plans = D.broadcast(plans, dist)
-        if "!refused" in plans:
-            if refused is not None:
-                raise refused
-            raise AlreadyReported("rank 0 stopped the run", exit_code=plans["!refused"][1])
-        for st in wave:  # every process runs a stage on the inputs rank 0 chose
-            st.input_paths, st.chosen = list(plans[st.name]["inputs"]), True
-        for st in wave:
-            if plans[st.name]["skip"]:
-                log(f"[{number[st.name]}/{total}] {st.name}: up to date, skipped")
-                done[st.name] = {"status": "skipped", "seconds": plans[st.name]["seconds"]}
-        alone = [st for st in wave if not plans[st.name]["skip"] and not plans[st.name]["shard"]]
-        owner = assign(alone, dist.world)
-        side = len(alone) > 1  # stages run side by side: their lines carry their names
-        ran: dict[str, float] = {}
-        failed = error = None
-        for st in (st for st in alone if owner[st.name] == dist.rank):
-            own_log(f"[{number[st.name]}/{total}] {st.name}: {command_line(st)}")
-            if plans[st.name]["why"]:
-                own_log(f"{st.name}: runs in rank {dist.rank} alone: {plans[st.name]['why']}")
-            t0 = time.perf_counter()
-            try:
-                with contextlib.redirect_stderr(_Prefixed(sys.stderr, f"[{st.name}] ")) if side else \
-                        contextlib.nullcontext():
-                    res = _run_stage(st, own_log, dist=D.DistInfo())
-            except RcompError as exc:
-                failed, error = [number[st.name], str(exc), exc.exit_code], exc
-                break  # this process's other stages of the wave do not start
-            except Exception:  # an internal error: this process says it and stops; the others stop silently
-                D.first_to_fail()
-                raise
-            seconds = time.perf_counter() - t0
-            _write_stamp(st, out_dir, plans[st.name]["fp"], seconds)
-            _drop_records(out_dir, st.name)
-            ran[st.name] = seconds
-            done[st.name] = {"status": "ran", "seconds": seconds,
-                             **({"result": res.report} if st.command == "bench" and main else {})}
+    for alone, together_ in _levels(order):
+        if alone:
+            _run_claimed(alone, out_dir, own_log, dist, number, len(order), done)
+        if together_:
+            _run_together(together_, out_dir, log, own_log, dist, number, len(order), done)
+    return [{"stage": st.name, "output": str(out_dir / st.output), "command": st.command,
+             **({"choices": st.picked} if st.picked else {}), **done[st.name]} for st in order]
+
+
+def _run_one(st: Stage, out_dir: Path, own_log, number: int, total: int, side: bool) -> tuple[str, float]:
+    """Run (or skip, when up to date) one stage in this process alone: ``(status, seconds)``."""
+    from rcomp.train import distributed as D
+
+    _choose(st, own_log)
+    fp = _fingerprint(st)
+    prev = _up_to_date(out_dir / st.output, out_dir / STAMP_DIR / f"{st.name}.json", fp, own_log,
+                       [out_dir / rel for rel in st.extras])
+    if prev is not None:
+        own_log(f"[{number}/{total}] {st.name}: up to date, skipped")
+        return "skipped", float(prev.get("seconds", 0.0))
+    own_log(f"[{number}/{total}] {st.name}: {command_line(st)}")
+    t0 = time.perf_counter()
+    with contextlib.redirect_stderr(_Prefixed(sys.stderr, f"[{st.name}] ")) if side else contextlib.nullcontext():
+        _run_stage(st, own_log, dist=D.DistInfo())
+    seconds = time.perf_counter() - t0
+    _write_stamp(st, out_dir, fp, seconds)
+    _drop_records(out_dir, st.name)
+    return "ran", seconds
+
+
+def _run_claimed(alone: list[Stage], out_dir: Path, own_log, dist, number: dict[str, int], total: int,
+                 done: dict[str, dict]) -> None:
+    """Run a level's alone stages over the processes: each process takes, whenever it is free, the ready
+    stage (all it reads done) with the longest expected chain after it (:func:`_priorities`), claimed in the
+    group's store so that exactly one process runs it; with nothing ready it waits for the stages the others
+    run. After a failure no process takes another stage. Then the processes exchange what ran, was skipped,
+    chose or failed; rank 0 records it in ``done``."""
+    from rcomp.train import distributed as D
+
+    names = {st.name for st in alone}
+    prio: dict[str, float] = {}
+    known = -1  # how many stages were known done when prio was computed (costs read the inputs' headers)
+    side = dist.world > 1 and len(alone) > 1  # stages may run side by side: their lines carry their names
+    taken: set[str] = set()  # by this process or another
+    finished: set[str] = set()  # known to be done
+    mine: dict[str, dict] = {}
+    failed = error = None
+
+    def is_done(name: str) -> bool:
+        if name not in names or name in finished:
+            return True
+        if D.marked(f"done/{name}", dist):
+            finished.add(name)
+            return True
+        return False
+
+    while not (D.marked("stage-failed", dist) or D.another_failed()):
+        ready = [st for st in alone if st.name not in taken and all(is_done(d) for d in st.deps)]
+        if ready and known != len(finished):
+            prio, known = _priorities(alone), len(finished)
+        ready.sort(key=lambda st: (-prio[st.name], number[st.name]))
+        got = None
+        for st in ready:
+            taken.add(st.name)
+            if D.claim(f"stage/{st.name}", dist):
+                got = st
+                break
+        if got is None:
+            if len(taken) == len(alone):
+                break  # every stage is run (or was) by some process
+            time.sleep(POLL_S)
+            continue
         try:
-            reports = D.all_gather_json({"ran": ran, "failed": failed}, dist)
+            status, seconds = _run_one(got, out_dir, own_log, number[got.name], total, side)
+        except RcompError as exc:
+            failed, error = [number[got.name], str(exc), exc.exit_code], exc
+            D.mark("stage-failed", dist)
+            break
+        except Exception:  # an internal error: this process says it and stops; the others stop silently
+            D.first_to_fail()
+            raise
+        mine[got.name] = {"status": status, "seconds": seconds, "picked": got.picked}
+        finished.add(got.name)
+        D.mark(f"done/{got.name}", dist)
+    try:
+        reports = D.all_gather_json({"done": mine, "failed": failed}, dist)
+    except Exception:
+        if D.another_failed():  # a process that failed left the group: it said why
+            raise AlreadyReported("another process failed", exit_code=1) from None
+        raise
+    stages = {st.name: st for st in alone}
+    for rep in reports:
+        for name, rec in rep["done"].items():
+            if rec["picked"]:
+                stages[name].picked = rec["picked"]
+            done[name] = {"status": rec["status"], "seconds": rec["seconds"]}
+    fails = sorted((rep["failed"], r) for r, rep in enumerate(reports) if rep["failed"] is not None)
+    if fails:
+        (_, _, code), r = fails[0]
+        if r == dist.rank:
+            raise error
+        raise AlreadyReported(f"a stage failed in process {r}", exit_code=code)
+
+
+def _run_together(wave: list[Stage], out_dir: Path, log, own_log, dist, number: dict[str, int], total: int,
+                  done: dict[str, dict]) -> None:
+    """A level's attack and bench stages: rank 0 decides for each (up to date, split over the processes or
+    not) and tells the others; those that cannot be split run alone (:func:`assign`: bench in rank 0), then
+    those that can run one after the other over every process, rank 0 merging their records."""
+    from rcomp.train import distributed as D
+
+    main = dist.is_main
+    plans = None
+    refused = None
+    if main:  # rank 0 alone reads stamps and outputs, and says what every process does
+        plans = {}
+        try:
+            for st in wave:
+                _choose(st, log)
+                fp = _fingerprint(st)
+                prev = _up_to_date(out_dir / st.output, out_dir / STAMP_DIR / f"{st.name}.json", fp, log,
+                                   [out_dir / rel for rel in st.extras])
+                shard, why = _shardable(st) if prev is None else (False, "")
+                plans[st.name] = {"skip": prev is not None, "seconds": (prev or {}).get("seconds", 0.0),
+                                  "shard": shard, "fp": fp, "why": why, "inputs": st.input_paths}
+        except RcompError as exc:  # e.g. a run-time choice that cannot be made: every process stops
+            refused, plans = exc, {"!refused": [str(exc), exc.exit_code]}  # no stage is named so
+    plans = D.broadcast(plans, dist)
+    if "!refused" in plans:
+        if refused is not None:
+            raise refused
+        raise AlreadyReported("rank 0 stopped the run", exit_code=plans["!refused"][1])
+    for st in wave:  # every process runs a stage on the inputs rank 0 chose
+        st.input_paths, st.chosen = list(plans[st.name]["inputs"]), True
+    for st in wave:
+        if plans[st.name]["skip"]:
+            log(f"[{number[st.name]}/{total}] {st.name}: up to date, skipped")
+            done[st.name] = {"status": "skipped", "seconds": plans[st.name]["seconds"]}
+    alone = [st for st in wave if not plans[st.name]["skip"] and not plans[st.name]["shard"]]
+    owner = assign(alone, dist.world)
+    side = len(alone) > 1  # stages run side by side: their lines carry their names
+    ran: dict[str, float] = {}
+    failed = error = None
+    for st in (st for st in alone if owner[st.name] == dist.rank):
+        own_log(f"[{number[st.name]}/{total}] {st.name}: {command_line(st)}")
+        if plans[st.name]["why"]:
+            own_log(f"{st.name}: runs in rank {dist.rank} alone: {plans[st.name]['why']}")
+        t0 = time.perf_counter()
+        try:
+            with contextlib.redirect_stderr(_Prefixed(sys.stderr, f"[{st.name}] ")) if side else \
+                    contextlib.nullcontext():
+                res = _run_stage(st, own_log, dist=D.DistInfo())
+        except RcompError as exc:
+            failed, error = [number[st.name], str(exc), exc.exit_code], exc
+            break  # this process's other stages of the level do not start
+        except Exception:  # an internal error: this process says it and stops; the others stop silently
+            D.first_to_fail()
+            raise
+        seconds = time.perf_counter() - t0
+        _write_stamp(st, out_dir, plans[st.name]["fp"], seconds)
+        _drop_records(out_dir, st.name)
+        ran[st.name] = seconds
+        done[st.name] = {"status": "ran", "seconds": seconds,
+                         **({"result": res.report} if st.command == "bench" and main else {})}
+    try:
+        reports = D.all_gather_json({"ran": ran, "failed": failed}, dist)
+    except Exception:
+        if D.another_failed():  # a process that failed left the group: it said why
+            raise AlreadyReported("another process failed", exit_code=1) from None
+        raise
+    for rep in reports:
+        for name, seconds in rep["ran"].items():
+            done.setdefault(name, {"status": "ran", "seconds": seconds})
+    fails = sorted((rep["failed"], r) for r, rep in enumerate(reports) if rep["failed"] is not None)
+    if fails:
+        (_, _, code), r = fails[0]
+        if r == dist.rank:
+            raise error
+        raise AlreadyReported(f"a stage failed in process {r}", exit_code=code)
+    for st in (st for st in wave if plans[st.name]["shard"]):
+        log(f"[{number[st.name]}/{total}] {st.name}: {command_line(st)}")
+        log(f"{st.name}: split over {dist.world} processes")
+        cfg = st.config
+        if cfg.records is None:  # the processes hand their records to rank 0 through this folder
+            folder = out_dir / RECORDS_DIR / f"{st.name}-{plans[st.name]['fp'][:16]}"
+            cfg = dataclasses.replace(cfg, records=folder, resume=True)
+        t0 = time.perf_counter()
+        try:
+            res = _run_stage(st, log, dist=dist, config=cfg)
+            seconds = time.perf_counter() - t0
+            D.barrier(dist)  # every process is done with the stage (and its records)
+        except RcompError as exc:  # said by the first process to fail, once
+            if D.first_to_fail():
+                raise
+            raise AlreadyReported(str(exc), exit_code=exc.exit_code) from None
         except Exception:
             if D.another_failed():  # a process that failed left the group: it said why
                 raise AlreadyReported("another process failed", exit_code=1) from None
             raise
-        for rep in reports:
-            for name, seconds in rep["ran"].items():
-                done.setdefault(name, {"status": "ran", "seconds": seconds})
-        fails = sorted((rep["failed"], r) for r, rep in enumerate(reports) if rep["failed"] is not None)
-        if fails:
-            (_, _, code), r = fails[0]
-            if r == dist.rank:
-                raise error
-            raise AlreadyReported(f"a stage failed in process {r}", exit_code=code)
-        for st in (st for st in wave if plans[st.name]["shard"]):
-            log(f"[{number[st.name]}/{total}] {st.name}: {command_line(st)}")
-            log(f"{st.name}: split over {dist.world} processes")
-            cfg = st.config
-            if cfg.records is None:  # the processes hand their records to rank 0 through this folder
-                folder = out_dir / RECORDS_DIR / f"{st.name}-{plans[st.name]['fp'][:16]}"
-                cfg = dataclasses.replace(cfg, records=folder, resume=True)
-            t0 = time.perf_counter()
-            try:
-                res = _run_stage(st, log, dist=dist, config=cfg)
-                seconds = time.perf_counter() - t0
-                D.barrier(dist)  # every process is done with the stage (and its records)
-            except RcompError as exc:  # said by the first process to fail, once
-                if D.first_to_fail():
-                    raise
-                raise AlreadyReported(str(exc), exit_code=exc.exit_code) from None
-            except Exception:
-                if D.another_failed():  # a process that failed left the group: it said why
-                    raise AlreadyReported("another process failed", exit_code=1) from None
-                raise
-            if main:
-                _write_stamp(st, out_dir, plans[st.name]["fp"], seconds)
-                _drop_records(out_dir, st.name)  # this stage's records made for the processes (this run's or older)
-            done[st.name] = {"status": "ran", "seconds": seconds,
-                             **({"result": res.report} if st.command == "bench" and main else {})}
-    return [{"stage": st.name, "output": str(out_dir / st.output), "command": st.command,
-             **({"choices": st.picked} if st.picked else {}), **done[st.name]} for st in order]
+        if main:
+            _write_stamp(st, out_dir, plans[st.name]["fp"], seconds)
+            _drop_records(out_dir, st.name)  # this stage's records made for the processes (this run's or older)
+        done[st.name] = {"status": "ran", "seconds": seconds,
+                         **({"result": res.report} if st.command == "bench" and main else {})}

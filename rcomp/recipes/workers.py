@@ -5,7 +5,7 @@ torchrun would give them (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT
 now), so the engine's torchrun path (:func:`rcomp.recipes.engine._run_sharded`) is what runs. Each worker
 gets ``OMP_NUM_THREADS`` = max(1, cores // N) unless the environment sets it. The workers' output comes
 back through pipes, line by line (rank 0's stdout is the command's), so lines never mix. When a worker
-fails, the others are given a moment to stop on their own (they learn of it at the end of the wave) and are
+fails, the others are given a moment to stop on their own (they take no new stage and stop once theirs ends) and are
 then terminated; their output after the failure is dropped, so the failure is said once. Ctrl-C or SIGTERM
 terminates every worker (they remove their temporary files) and then kills any left, so none outlives the
 command. Pure Python: torch is loaded by the workers only.
@@ -152,7 +152,7 @@ def launch(args: list[str], n: int, log) -> int:
             failed = next((i for i, p in enumerate(procs) if p.poll() not in (None, 0)), None)
             if failed is not None:
                 code = _code(procs[failed].returncode)
-                deadline = time.monotonic() + GRACE_S  # the others learn of it at the end of their wave
+                deadline = time.monotonic() + GRACE_S  # the others stop once their running stage ends
                 while time.monotonic() < deadline and any(p.poll() is None for p in procs):
                     time.sleep(0.05)
                 for i, rs in enumerate(by_proc):  # the failure was said once, by the worker that failed

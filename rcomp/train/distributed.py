@@ -201,6 +201,35 @@ def another_failed() -> bool:
         return True
 
 
+def _store(info: DistInfo):
+    """The group's key-value store (torchrun's TCPStore), or None when not distributed."""
+    if not info.enabled:
+        return None
+    import torch.distributed as dist
+
+    return dist.distributed_c10d._get_default_store()
+
+
+def claim(key: str, info: DistInfo) -> bool:
+    """True in exactly one process of the group that asks for ``key`` (the first; atomic in the group's
+    store), False in the others; always True when not distributed."""
+    store = _store(info)
+    return True if store is None else int(store.add(f"rcomp/claim/{key}", 1)) == 1
+
+
+def mark(key: str, info: DistInfo) -> None:
+    """Set flag ``key`` for every process of the group (see :func:`marked`)."""
+    store = _store(info)
+    if store is not None:
+        store.set(f"rcomp/mark/{key}", "1")
+
+
+def marked(key: str, info: DistInfo) -> bool:
+    """Whether a process of the group has set flag ``key`` (:func:`mark`); never blocks."""
+    store = _store(info)
+    return store is not None and bool(store.check([f"rcomp/mark/{key}"]))
+
+
 def all_ok(ok: bool, info: DistInfo) -> bool:
     """True in every process when ``ok`` is true in every process (identity when not distributed)."""
     if not info.enabled:
