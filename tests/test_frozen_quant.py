@@ -108,3 +108,41 @@ def test_a_trainable_twin_switches_mode_inside_the_block_and_its_flags_land_on_t
     assert trainable.training and all(bool(m.observer_enabled[0]) for m in originals.values())
     assert {n: m for n, m in trainable.named_modules() if n.endswith("weight_fake_quant")} == originals
     assert 0.0 <= res.robust_acc["pgd"] <= res.clean_acc
+
+
+def test_quantization_aware_adversarial_training_rounds_once_per_attack_with_the_same_weights(quantized, batch,
+                                                                                              monkeypatch):
+    """Training's PGD examples come from Attack.__call__, which rounds the (fixed during the attack) weights once:
+    the trained weights are those of rounding on every step, bit for bit, and the attack did swap them."""
+    import rcomp.quant.frozen as frozen
+    from rcomp.quant.qat import to_trainable
+
+    x, y = batch
+    attack = make_attack("pgd", 0.1, steps=4, seed=0)
+    seen = []
+    real = frozen.frozen_quantizers
+
+    @contextlib.contextmanager
+    def spy(*modules):
+        with real(*modules):
+            seen.append(sum(type(m).__name__ == "_Rounded" for root in modules for m in root.modules()))
+            yield
+
+    def train(patch):
+        monkeypatch.setattr(frozen, "frozen_quantizers", patch)
+        net = to_trainable(quantized).train()
+        opt = torch.optim.SGD(net.parameters(), lr=0.05)
+        for i in range(3):
+            x_adv = attack(net, x[i * 32:(i + 1) * 32], y[i * 32:(i + 1) * 32])
+            net.train()
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(net(x_adv), y[i * 32:(i + 1) * 32]).backward()
+            opt.step()
+        return torch.cat([p.detach().flatten() for p in net.parameters()])
+
+    attack.reset()
+    once = train(spy)
+    attack.reset()
+    every = train(lambda *m: contextlib.nullcontext())
+    assert torch.equal(once, every)
+    assert len(seen) == 3 and min(seen) >= 8  # each attack rounded convnet8's 8 weights once

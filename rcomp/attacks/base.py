@@ -210,7 +210,12 @@ class Attack:
             if x0.shape[0] == 0 or self.eps == 0:
                 return x0
             self._calls += 1
-            with eval_mode(model, grad_model):
+            # eval mode, and a fake-quant network's weights rounded once for the whole attack, not on every
+            # step (bit-identical, rcomp.quant.frozen; also inside training, where the weights move only between
+            # attacks)
+            from rcomp.quant.frozen import frozen_quantizers
+
+            with eval_mode(model, grad_model), frozen_quantizers(model, grad_model):
                 if self.targeted:
                     target = self._targets(grad_model, x0, y) if target is None else target.detach().clone().long()
                 else:
