@@ -18,7 +18,7 @@ from rcomp.options import json_opt, opt
 #: costs are the real ones), on batches of 16 instead of 128; auto runs 5 steps, 100 queries and 1 restart
 #: (not 3 on the quantized models). The shipped-file stages export with the legacy exporter there (seconds
 #: instead of tens) and query 100 times; the single restart pays for them.
-QUICK = {"epochs_base": "2", "epochs_ft": "1", "n": "64", "n_auto": "16", "*-ft-*.batch-size": "16",
+QUICK = {"epochs_base": "2", "epochs_ft": "1", "n": "64", "bench-auto.n": "16", "*-ft-*.batch-size": "16",
          "bench-auto.steps": "5", "bench-auto.queries": "100", "bench-auto.restarts": "1", "exporter": "legacy",
          "ship_queries": "100"}
 #: what the shipped-file stages need: the ONNX extra
@@ -26,9 +26,10 @@ ONNX_MODULES = ("onnx", "onnxruntime", "onnxscript")
 
 SUMMARY = "Run the study of Thorsteinsson et al. (arXiv 2403.09441) end to end on digits, offline."
 DOC = """Trains a standard and a PGD-adversarially trained convnet8; prunes and quantizes them; fine-tunes
-each compressed model with PGD-7 and with N-FGSM at matched pass budgets (5/20/37.5/50% of the
-adversarial baseline's training passes; one run per path and method writes every budget on the way,
-finetune --save-at) and a standard control; benches every checkpoint with PGD and judges with auto the
+each compressed model with PGD-7 and with N-FGSM at matched pass budgets (5/20/37.5% of the
+adversarial baseline's training passes, 50% total with the standard model's training; 5/20/37.5/50% from
+the adversarial model; one run per path and method writes every budget on the way, finetune --save-at)
+and a standard control; benches every checkpoint with PGD on 180 test images and judges with auto the
 baselines and the better method of each path (by PGD); exports the study's path to ONNX, makes it int8
 with ONNX Runtime and benches the .onnx files beside their checkpoint (skipped, and said,
 without the ONNX extra: pip install 'rcomp[onnx]'); writes report.md, report.json and
