@@ -82,7 +82,9 @@ def ranges(bits: int, backend: str, real: bool) -> dict[str, int]:
 def _qconfig(bits: int, backend: str, real: bool):
     from torch.ao.quantization import MinMaxObserver, PerChannelMinMaxObserver, QConfig
 
-    from rcomp.quant.fakequant import FastFakeQuantize as FakeQuantize  # torch's FakeQuantize, faster rounding
+    from rcomp.quant.fakequant import (
+        FastFakeQuantize as FakeQuantize,  # torch's FakeQuantize, faster rounding
+    )
 
     r = ranges(bits, backend, real)
     adt, wdt = (torch.quint8, torch.qint8) if bits <= 8 else (torch.qint32, torch.qint32)

@@ -976,10 +976,12 @@ def _run_levels(order: list[Stage], out_dir: Path, log, own_log, dist) -> list[d
     seed and inputs of a one-process run, so its files are those of one. A failure stops the run once the
     level's running stages end, said once (by the process of the first failing stage in recipe order).
     Returns rank 0's records, in recipe order."""
-    main = dist.is_main
-    if main:
+    from rcomp.train import distributed as D
+
+    if dist.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / STAMP_DIR).mkdir(exist_ok=True)
+    D.barrier(dist)  # the folders exist before any process runs a stage that writes there
     number = {st.name: i for i, st in enumerate(order, 1)}
     done: dict[str, dict] = {}
     for alone, together_ in _levels(order):
