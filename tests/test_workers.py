@@ -125,6 +125,33 @@ def test_a_stage_failing_in_a_worker_is_said_once(cli, tmp_path):
     assert alone.code == 1 and [ln for ln in alone.stderr.splitlines() if ln.startswith("rcomp:")] == errors
 
 
+@pytest.mark.slow
+def test_a_stage_starts_when_what_it_reads_is_done_not_after_its_wave(cli, tmp_path):
+    """Two workers: a long run and a short chain (quick -> child). The child starts while the long run still
+    trains (waves would have held it until the long run ended), and the files are those of one process."""
+    new = {"arch": "convnet8", "input-shape": "1,8,8"}
+    doc = {"name": "chain", "defaults": {"data": "digits", "seed": 0, "batch-size": 64, "eval-n": 0}, "stages": [
+        {"name": "slow", "command": "finetune", "options": {**new, "epochs": 5, "steps-budget": 50, "adv": "pgd",
+                                                             "eps": 0.1, "steps": 3}},
+        {"name": "quick", "command": "finetune", "options": {**new, "epochs": 1, "steps-budget": 2}},
+        {"name": "child", "command": "finetune", "input": "quick", "options": {"epochs": 1, "steps-budget": 2}},
+    ]}
+    recipe = _write(tmp_path / "chain.yaml", doc)
+    res = cli("run", recipe, "--out-dir", tmp_path / "two", "--workers", 2)
+    assert res.code == 0, res.stderr[-3000:]
+    lines = res.stderr.splitlines()
+    child_starts = next(i for i, ln in enumerate(lines) if "] child: rcomp finetune" in ln)
+    slow_ends = next(i for i, ln in enumerate(lines) if ln.startswith("[slow] wrote"))
+    assert child_starts < slow_ends, res.stderr[-3000:]
+    one = cli("run", recipe, "--out-dir", tmp_path / "one", "--workers", 1)
+    assert one.code == 0, one.stderr[-2000:]
+    from safetensors.torch import load_file
+
+    for name in ("slow", "quick", "child"):  # the same weights (the files record their folders' paths)
+        a, b = (load_file(str(tmp_path / d / f"{name}.safetensors")) for d in ("one", "two"))
+        assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a), name
+
+
 @pytest.mark.parametrize("value,needle", [("0", "--workers"), ("-1", "--workers"), ("two", "--workers"),
                                           ("1.5", "--workers")])
 @pytest.mark.parametrize("command", ["run", "demo"])

@@ -117,11 +117,11 @@ def skip_onnx_stages(recipe, log) -> list[str]:
     """Without the ONNX extra, drop the stages that need it (export, ``quantize --backend onnxruntime`` and
     whatever reads their files) and say so on stderr, naming the extra; returns the stages dropped."""
     from rcomp.errors import RcompError
-    from rcomp.onnx.deps import require
+    from rcomp.onnx.deps import installed, require
     from rcomp.recipes.engine import writes_onnx
 
     needs = [st.name for st in recipe.stages if writes_onnx(st.command, st.options)]
-    if not needs:
+    if not needs or installed(ONNX_MODULES):  # looked up, not imported: the stages import them when they run
         return []
     try:
         require("the demo's shipped-file stages", ONNX_MODULES)

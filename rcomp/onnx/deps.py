@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 
 from rcomp.errors import RcompError
 
@@ -23,3 +24,12 @@ def require(what: str, modules: tuple[str, ...] = ("onnx", "onnxruntime")):
     if missing:
         raise RcompError(f"{what} needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not "
                          f"installed; install the ONNX extra: {EXTRA}")
+
+
+def installed(modules: tuple[str, ...]) -> bool:
+    """Whether every module of ``modules`` is installed, without importing them (onnxscript alone takes 1.5 s
+    to import): for deciding whether to plan stages that need them; those stages still :func:`require` them."""
+    try:
+        return all(importlib.util.find_spec(name) is not None for name in modules)
+    except (ImportError, ValueError):
+        return False
