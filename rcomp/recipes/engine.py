@@ -1014,6 +1014,30 @@ def _run_one(st: Stage, out_dir: Path, own_log, number: int, total: int, side: b
     return "ran", seconds
 
 
+def _exchange(report: dict, dist) -> list[dict]:
+    """Every process's ``report`` (what it ran and whether a stage failed), in rank order; a process that
+    failed and left the group has said why, so the others stop without a word."""
+    from rcomp.train import distributed as D
+
+    try:
+        return D.all_gather_json(report, dist)
+    except Exception:
+        if D.another_failed():  # a process that failed left the group: it said why
+            raise AlreadyReported("another process failed", exit_code=1) from None
+        raise
+
+
+def _raise_first_failure(reports: list[dict], dist, error: RcompError | None) -> None:
+    """After :func:`_exchange`: the first failing stage in recipe order is said by its process (``error``
+    there), the others stop with its exit code without a word."""
+    fails = sorted((rep["failed"], r) for r, rep in enumerate(reports) if rep["failed"] is not None)
+    if fails:
+        (_, _, code), r = fails[0]
+        if r == dist.rank and error is not None:
+            raise error
+        raise AlreadyReported(f"a stage failed in process {r}", exit_code=code)
+
+
 def _run_claimed(alone: list[Stage], out_dir: Path, own_log, dist, number: dict[str, int], total: int,
                  done: dict[str, dict]) -> None:
     """Run a level's alone stages over the processes: each process takes, whenever it is free, the ready
@@ -1068,24 +1092,14 @@ def _run_claimed(alone: list[Stage], out_dir: Path, own_log, dist, number: dict[
         mine[got.name] = {"status": status, "seconds": seconds, "picked": got.picked}
         finished.add(got.name)
         D.mark(f"done/{got.name}", dist)
-    try:
-        reports = D.all_gather_json({"done": mine, "failed": failed}, dist)
-    except Exception:
-        if D.another_failed():  # a process that failed left the group: it said why
-            raise AlreadyReported("another process failed", exit_code=1) from None
-        raise
+    reports = _exchange({"done": mine, "failed": failed}, dist)
     stages = {st.name: st for st in alone}
     for rep in reports:
         for name, rec in rep["done"].items():
             if rec["picked"]:
                 stages[name].picked = rec["picked"]
             done[name] = {"status": rec["status"], "seconds": rec["seconds"]}
-    fails = sorted((rep["failed"], r) for r, rep in enumerate(reports) if rep["failed"] is not None)
-    if fails:
-        (_, _, code), r = fails[0]
-        if r == dist.rank:
-            raise error
-        raise AlreadyReported(f"a stage failed in process {r}", exit_code=code)
+    _raise_first_failure(reports, dist, error)
 
 
 def _run_together(wave: list[Stage], out_dir: Path, log, own_log, dist, number: dict[str, int], total: int,
@@ -1148,21 +1162,11 @@ def _run_together(wave: list[Stage], out_dir: Path, log, own_log, dist, number: 
         ran[st.name] = seconds
         done[st.name] = {"status": "ran", "seconds": seconds,
                          **({"result": res.report} if st.command == "bench" and main else {})}
-    try:
-        reports = D.all_gather_json({"ran": ran, "failed": failed}, dist)
-    except Exception:
-        if D.another_failed():  # a process that failed left the group: it said why
-            raise AlreadyReported("another process failed", exit_code=1) from None
-        raise
+    reports = _exchange({"ran": ran, "failed": failed}, dist)
     for rep in reports:
         for name, seconds in rep["ran"].items():
             done.setdefault(name, {"status": "ran", "seconds": seconds})
-    fails = sorted((rep["failed"], r) for r, rep in enumerate(reports) if rep["failed"] is not None)
-    if fails:
-        (_, _, code), r = fails[0]
-        if r == dist.rank:
-            raise error
-        raise AlreadyReported(f"a stage failed in process {r}", exit_code=code)
+    _raise_first_failure(reports, dist, error)
     for st in (st for st in wave if plans[st.name]["shard"]):
         log(f"[{number[st.name]}/{total}] {st.name}: {command_line(st)}")
         log(f"{st.name}: split over {dist.world} processes")
