@@ -893,16 +893,26 @@ def expected_cost(st: Stage) -> float:
         return 100.0 * PARAMS_UNKNOWN
 
 
-def _priorities(stages: list[Stage]) -> dict[str, float]:
+def _priorities(stages: list[Stage], known: dict[str, float] | None = None) -> dict[str, float]:
     """Each stage's expected cost plus the longest chain of costs after it among ``stages`` (its critical
-    path): the order in which the processes take ready stages, so the longest chain starts first."""
+    path): the order in which the processes take ready stages, so the longest chain starts first. ``known``:
+    costs already final (their inputs were written), kept across calls; filled here."""
     names = {st.name for st in stages}
     after: dict[str, list[str]] = {st.name: [] for st in stages}
     for st in stages:
         for d in st.deps:
             if d in names:
                 after[d].append(st.name)
-    cost = {st.name: expected_cost(st) for st in stages}
+    known = {} if known is None else known
+    cost = {}
+    for st in stages:
+        if st.name not in known:
+            value = expected_cost(st)
+            if not any(d in names for d in st.deps) or all(Path(p).exists() for p in st.input_paths):
+                known[st.name] = value  # its input exists (or it reads none of this level): final
+            cost[st.name] = value
+        else:
+            cost[st.name] = known[st.name]
     prio: dict[str, float] = {}
     for st in reversed(stages):  # recipe order is topological: successors come later
         prio[st.name] = cost[st.name] + max((prio[n] for n in after[st.name]), default=0.0)
@@ -1049,6 +1059,7 @@ def _run_claimed(alone: list[Stage], out_dir: Path, own_log, dist, number: dict[
 
     names = {st.name for st in alone}
     prio: dict[str, float] = {}
+    final: dict[str, float] = {}  # costs read from inputs that exist (they do not change)
     known = -1  # how many stages were known done when prio was computed (costs read the inputs' headers)
     side = dist.world > 1 and len(alone) > 1  # stages may run side by side: their lines carry their names
     taken: set[str] = set()  # by this process or another
@@ -1067,7 +1078,7 @@ def _run_claimed(alone: list[Stage], out_dir: Path, own_log, dist, number: dict[
     while not (D.marked("stage-failed", dist) or D.another_failed()):
         ready = [st for st in alone if st.name not in taken and all(is_done(d) for d in st.deps)]
         if ready and known != len(finished):
-            prio, known = _priorities(alone), len(finished)
+            prio, known = _priorities(alone, final), len(finished)
         ready.sort(key=lambda st: (-prio[st.name], number[st.name]))
         got = None
         for st in ready:
