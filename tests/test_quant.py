@@ -261,3 +261,22 @@ def test_a_network_fx_cannot_trace_is_refused_before_the_calibration_data_loads(
         with pytest.raises(rcomp.RcompError, match="cannot trace this network with torch.fx"):
             rcomp.quantize(model, simulate=simulate, bits=4 if simulate else 8, log=lambda _m: None)
     assert reads == []
+
+
+def test_loading_a_quantized_checkpoint_records_no_stack_traces(int8_digits, tmp_path):
+    """torch.ao's tracer would record a stack trace per node, whose first symbolisation imports torch._dynamo
+    (3.3 s, once per process); rcomp turns that off while it prepares a twin, and puts torch's flag back."""
+    import subprocess
+    import sys
+
+    import torch.fx.config as fx_config
+
+    path = tmp_path / "int8.safetensors"
+    save(int8_digits[1], path)
+    code = ("import sys, torch.fx.config as c; from rcomp.models.loading import load; m = load(sys.argv[1]); "
+            "m(m.example_input() if hasattr(m, 'example_input') else __import__('torch').rand(2, 1, 8, 8)); "
+            "print('torch._dynamo' in sys.modules, c.do_not_emit_stack_traces)")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[:2] == ["False", "False"], out.stdout
+    assert fx_config.do_not_emit_stack_traces is False

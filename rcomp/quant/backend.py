@@ -125,6 +125,20 @@ def fold_batchnorm(net: nn.Module) -> nn.Module:
                          f"{str(exc).splitlines()[0][:160]}); quantize a traceable architecture") from None
 
 
+@contextlib.contextmanager
+def _no_stack_traces():
+    """torch.ao's tracer records a Python stack trace on every node (debugging metadata rcomp never reads), and
+    symbolising the first one imports torch._dynamo: 3.3 s on the first quantized model a process loads."""
+    import torch.fx.config as fx_config
+
+    saved = fx_config.do_not_emit_stack_traces
+    fx_config.do_not_emit_stack_traces = True
+    try:
+        yield
+    finally:
+        fx_config.do_not_emit_stack_traces = saved
+
+
 def prepare(net: nn.Module, example: torch.Tensor, bits: int, backend: str, real: bool,
             folded: nn.Module | None = None) -> nn.Module:
     """The fake-quant twin of ``net`` (BatchNorm folded), observers on and fake-quant off, eval mode.
@@ -134,7 +148,7 @@ def prepare(net: nn.Module, example: torch.Tensor, bits: int, backend: str, real
 
     folded = fold_batchnorm(net) if folded is None else folded
     folded.train()
-    with silenced():
+    with silenced(), _no_stack_traces():
         try:
             fq = prepare_qat_fx(folded, QConfigMapping().set_global(_qconfig(bits, backend, real)), (example,),
                                 backend_config=_backend_config(bits, backend))
