@@ -858,13 +858,13 @@ def _input_size(st: Stage) -> tuple[float, bool]:
     if not paths:
         return float(PARAMS_UNKNOWN), False
     try:
+        from rcomp.io.format import CheckpointMeta
         from rcomp.io.header import read_header
 
-        meta = read_header(Path(paths[0])).metadata
-        params = json.loads(meta.get("rcomp.stats", "{}")).get("params")
-        quantized = bool(json.loads(meta.get("rcomp.compression", "{}") or "{}").get("quantization"))
+        meta = CheckpointMeta.from_metadata(read_header(Path(paths[0])).metadata, paths[0])
+        params = meta.stats.get("params")
         return (float(params) if isinstance(params, (int, float)) and params > 0 else float(PARAMS_UNKNOWN),
-                quantized)
+                bool(meta.compression.get("quantization")))
     except (RcompError, OSError, ValueError, AttributeError, TypeError):
         return float(PARAMS_UNKNOWN), False
 
