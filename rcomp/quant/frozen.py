@@ -71,9 +71,8 @@ class _PerTensor(_StandIn):
                         int(fq.quant_max))
 
     def frozen_forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != torch.float32:
-            return torch.fake_quantize_per_tensor_affine(x, float(self.qparams[0]), int(self.qparams[1]),
-                                                         *self.qparams[2:])
+        if x.dtype != torch.float32:  # the original's own fallback to torch's op
+            return self._original(x)
         return fake_quantize(x, *self.qparams)
 
 
