@@ -1,11 +1,12 @@
 """Is the pt2e int8 runtime at least as fast as torch.ao's int8, and does it compute the same model?
 
 One run, 1 torch thread, OMP_WAIT_POLICY=PASSIVE (set before torch loads), batch 64, on convnet8 trained
-on digits (1x8x8) and a seeded resnet18-cifar (3x32x32):
+on digits (1x8x8), a seeded resnet18-cifar and a seeded torchvision mobilenet_v2 (3x32x32):
 
-* eager fp32; torch.ao int8 (``--backend x86``, today's default); pt2e int8 (``--backend pt2e``: rcomp's
-  int8 twin lowered by torchao to oneDNN kernels, run eagerly; and the same graph lowered with the batch
-  pinned to 64, as torchao's ``lower_pt2e_quantized_to_x86`` does); the same pt2e graph under
+* eager fp32; torch.ao int8 (``--backend x86``); pt2e int8 (``--backend pt2e``: rcomp's int8 twin on
+  oneDNN's int8 kernels, the graph built by rcomp, run eagerly); the twin's pt2e QDQ graph exported and
+  lowered by torchao's ``lower_pt2e_quantized_to_x86`` (batch pinned to 64: what ``--backend pt2e`` ran
+  before rcomp built the graph itself; its outputs must equal rcomp's bit for bit); rcomp's pt2e graph under
   ``torch.compile`` (inductor, freezing); and torchao's own flow (``prepare_pt2e`` / ``convert_pt2e`` with
   ``X86InductorQuantizer``, its own calibration on the same images, lowered the same way) for reference.
 * latency: CPU-time medians of interleaved rounds (every variant once per round) with the spread
@@ -77,6 +78,21 @@ def _resnet18_cifar():
     return model, torch.rand(128, 3, 32, 32), torch.rand(256, 3, 32, 32), None
 
 
+def _mobilenet_v2():
+    import torch
+
+    from rcomp.models.registry import build_model
+
+    torch.manual_seed(0)
+    model = build_model("mobilenet_v2", 10, (3, 32, 32)).eval()
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():  # trained-like BatchNorm statistics: real biases, no dead channels
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1, generator=g)
+            m.running_var.uniform_(0.5, 1.5, generator=g)
+    return model, torch.rand(128, 3, 32, 32), torch.rand(256, 3, 32, 32), None
+
+
 def _official_pt2e(model, calib):
     """torchao's own flow: export, prepare_pt2e(X86InductorQuantizer), calibrate, convert_pt2e, lower."""
     import torch
@@ -96,7 +112,8 @@ def _official_pt2e(model, calib):
 
 
 def _pinned(p2, xb):
-    """The same pt2e graph lowered by torchao's own function, which pins the batch size (for comparison)."""
+    """The twin's pt2e QDQ graph exported and lowered by torchao's own function (pins the batch size): the graph
+    rcomp's lowering must equal."""
     import torch
     from torchao.quantization.pt2e.lowering import lower_pt2e_quantized_to_x86
 
@@ -122,10 +139,16 @@ def _one(name: str, model, calib, x, y, rounds: int, compile_: bool) -> list[dic
     t_p2 = time.perf_counter() - t0
     assert fused_ops(p2.net), "pt2e lowering did not fuse any int8 op"
     xb = model.normalize(x[:BATCH])
+    t0 = time.perf_counter()
     pinned = _pinned(p2, xb)
+    t_pin = time.perf_counter() - t0
+    with torch.no_grad():
+        same = torch.equal(pinned(xb), p2.net(xb))
+    rows.append(row(f"{tag}: rcomp's pt2e graph equals torchao's lowering of the same twin, bit for bit", same,
+                    True, same, CMD))
     variants = {"eager fp32": lambda: model.net(xb), "torch.ao int8": lambda: ao.net(xb),
-                "pt2e int8 (lowered, eager)": lambda: p2.net(xb),
-                "pt2e int8 (lowered, eager, batch pinned to 64)": lambda: pinned(xb)}
+                "pt2e int8 (rcomp's graph, eager)": lambda: p2.net(xb),
+                "pt2e QDQ graph lowered by torchao (export, batch pinned to 64)": lambda: pinned(xb)}
     t_comp = None
     if compile_:
         t0 = time.perf_counter()
@@ -145,7 +168,7 @@ def _one(name: str, model, calib, x, y, rounds: int, compile_: bool) -> list[dic
     step = float(fqs[-1].scale)  # the logits' quantization step (torch.ao quantizes the output too)
     with torch.no_grad():
         ref = ao(x)
-        outs = {"pt2e int8 (lowered, eager)": p2(x), "eager fp32": model(x)}
+        outs = {"pt2e int8 (rcomp's graph, eager)": p2(x), "eager fp32": model(x)}
         if compile_:
             outs["pt2e int8 + torch.compile"] = torch.cat([fast(model.normalize(x[i:i + BATCH]))
                                                            for i in range(0, len(x) - len(x) % BATCH, BATCH)])
@@ -156,7 +179,7 @@ def _one(name: str, model, calib, x, y, rounds: int, compile_: bool) -> list[dic
         r = ref[: len(out)]
         agree = (out.argmax(1) == r.argmax(1)).float().mean().item()
         rows.append(row(f"{tag}: {k} top-1 agreement with torch.ao int8 ({len(out)} images)", round(agree, 4),
-                        ">= 0.99" if k.startswith("pt2e") else None, agree >= 0.99 if k.startswith("pt2e") else None,
+                        ">= 0.99" if k.startswith("pt2e int8") else None, agree >= 0.99 if k.startswith("pt2e int8") else None,
                         CMD))
         diff = (out - r).abs().max().item()
         rows.append(row(f"{tag}: {k} max abs logit diff to torch.ao int8 (in output steps of {step:.3g})",
@@ -183,12 +206,13 @@ def _one(name: str, model, calib, x, y, rounds: int, compile_: bool) -> list[dic
         rows.append(row(f"{tag}: {k} CPU ms, median [min, max] of {rounds}",
                         f"{med * 1e3:.2f} [{min(v) * 1e3:.2f}, {max(v) * 1e3:.2f}]", None, None, CMD))
         if k != "eager fp32":
-            target = k.startswith("pt2e")
+            target = k.startswith("pt2e int8")
             rows.append(row(f"{tag}: {k} speed-up vs eager fp32 (torch.ao int8: {base / ao_med:.2f}x)",
                             round(base / med, 2), ">= torch.ao int8" if target else None,
                             (base / med >= base / ao_med) if target else None, CMD))
-    rows.append(row(f"{name}: quantize seconds (wall) torch.ao / pt2e (includes lowering) / torchao own flow",
-                    f"{t_ao:.1f} / {t_p2:.1f} / {t_off:.1f}", None, None, CMD))
+    rows.append(row(f"{name}: seconds (wall) to quantize: torch.ao / pt2e (rcomp's graph) / torchao own flow; "
+                    "torchao's export + lowering of the twin", f"{t_ao:.1f} / {t_p2:.1f} / {t_off:.1f}; {t_pin:.1f}",
+                    None, None, CMD))
     if t_comp is not None:
         rows.append(row(f"{name}: torch.compile seconds (wall, first call at batch {BATCH})", round(t_comp, 1),
                         None, None, CMD))
@@ -206,6 +230,7 @@ def run(quick: bool = False) -> list[dict]:
     rows += _one("convnet8 digits 1x8x8", *_digits_convnet8(2 if quick else 6), rounds=rounds, compile_=True)
     if not quick:
         rows += _one("resnet18-cifar 3x32x32", *_resnet18_cifar(), rounds=9, compile_=True)
+        rows += _one("mobilenet_v2 3x32x32", *_mobilenet_v2(), rounds=15, compile_=False)
     rows.append(row("CPU load average after the run", f"{os.getloadavg()[0]:.2f}", None, None, CMD))
     return rows
 

@@ -1,4 +1,5 @@
-"""The pt2e int8 backend: the stored int8 twin lowered by torchao, parity with torch.ao int8, round trips, refusals."""
+"""The pt2e int8 backend: the stored int8 twin on oneDNN int8 kernels (bit for bit torchao's lowering), parity with
+torch.ao int8, round trips, refusals."""
 
 from __future__ import annotations
 
@@ -14,8 +15,6 @@ from rcomp.quant.assemble import with_backend
 from rcomp.quant.ptq import quantize
 
 from conftest import assert_one_line_error
-
-pytest.importorskip("torchao")
 
 
 def _digits(model, split: str = "test", n: int | None = None):
@@ -135,23 +134,32 @@ def test_cli_pt2e_quantize_then_attack(cli, trained_digits, tmp_path):
 def test_cli_pt2e_refusals(cli, tiny_ckpt, monkeypatch):
     assert_one_line_error(cli("quantize", tiny_ckpt, "--backend", "pt2e", "--simulate", "--bits", "8"),
                           "--backend pt2e", "drop --simulate")
-    import importlib.util
-
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else real(name, *a))
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)  # a torch build without oneDNN
     assert_one_line_error(cli("quantize", tiny_ckpt, "--backend", "pt2e", "--data", "digits"),
-                          "needs torchao", "rcomp[pt2e]")
+                          "oneDNN", "use --backend x86")
 
 
-def test_pt2e_file_without_torchao_is_refused_in_one_line(pair, cli, monkeypatch):
+def test_pt2e_runs_without_torchao(pair, cli, monkeypatch):
+    """The runtime is torch's own oneDNN ops: a pt2e file loads, runs and benches with torchao not importable."""
+    import sys
+
+    _, _, pt2e, x, _, d = pair
+    path = d / "no-torchao.safetensors"
+    save(pt2e, path, force=True)
+    monkeypatch.setitem(sys.modules, "torchao", None)  # `import torchao` now raises ImportError
+    with torch.no_grad():
+        assert torch.equal(load(path)(x[:32]), pt2e(x[:32]))
+    res = cli("bench", path, "--data", "digits", "-n", "8")
+    assert res.code == 0, res.stderr
+
+
+def test_pt2e_file_on_a_torch_without_onednn_is_refused_in_one_line(pair, cli, monkeypatch):
     _, _, pt2e, _, _, d = pair
-    path = d / "needs-torchao.safetensors"
-    save(pt2e, path)
-    import importlib.util
-
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else real(name, *a))
-    assert_one_line_error(cli("bench", path, "--data", "digits", "-n", "8"), "pt2e backend", "rcomp[pt2e]")
+    path = d / "needs-onednn.safetensors"
+    save(pt2e, path, force=True)
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    assert_one_line_error(cli("bench", path, "--data", "digits", "-n", "8"), "pt2e backend", "oneDNN",
+                          "--backend qnnpack")
 
 
 def test_bench_compile_refuses_other_models(cli, tiny_ckpt):
@@ -258,16 +266,15 @@ def test_pt2e_quantization_aware_finetune_keeps_backend(pair):
 
 @pytest.mark.slow
 def test_pt2e_leaves_the_callers_inductor_settings_alone(pair):
-    """torchao's import sets inductor's pre-grad pass process-wide, and compiling needs freezing: neither may
-    stay set after rcomp's calls (a notebook user's own torch.compile, e.g. of a training model, would freeze
-    its parameters); the settings hold inside the compiled calls only."""
+    """Compiling the pt2e graph needs inductor's freezing (its packed weights must be graph constants); it may not
+    stay set after rcomp's calls (a notebook user's own torch.compile, e.g. of a training model, would freeze its
+    parameters): the setting holds inside the compiled calls only."""
     import torch._inductor.config as inductor_config
 
-    from rcomp.quant.pt2e import _COMPILE_SETTINGS, compiled, load_torchao
+    from rcomp.quant.pt2e import compiled
 
     _, _, pt2e, x, _, _ = pair
-    before = (inductor_config.freezing, inductor_config.pre_grad_custom_pass)
-    load_torchao()
+    before = inductor_config.freezing
     fast = compiled(pt2e.net)
     seen = {}
 
@@ -277,14 +284,13 @@ def test_pt2e_leaves_the_callers_inductor_settings_alone(pair):
             self.inner = inner
 
         def forward(self, t):
-            seen["inside"] = (inductor_config.freezing, inductor_config.pre_grad_custom_pass)
+            seen["inside"] = inductor_config.freezing
             return self.inner(t)
 
     fast.gm = Spy(fast.gm)
     fast(pt2e.normalize(x[:4]))
-    assert (inductor_config.freezing, inductor_config.pre_grad_custom_pass) == before == (False, None)
-    assert seen["inside"] == (True, _COMPILE_SETTINGS["pre_grad_custom_pass"])
-    assert _COMPILE_SETTINGS["pre_grad_custom_pass"] is not None  # torchao's pass, kept for the compiled calls
+    assert inductor_config.freezing == before is False
+    assert seen["inside"] is True
 
 
 def test_export_refuses_a_pt2e_file_for_its_own_reason(pair, cli):
@@ -329,3 +335,101 @@ def rcomp_quantize(model):
     import rcomp
 
     return rcomp.quantize(model, backend="pt2e", eval_n=0, log=lambda _m: None).model
+
+
+def _torchao_lowering(fq, shape):
+    """torchao's x86 lowering of the twin's QDQ graph (its lower_pt2e_quantized_to_x86, with a dynamic batch size):
+    export, CIA decompositions, aten.t -> permute, freezing passes, constant folding. The reference that
+    rcomp.quant.pt2e.lower must equal bit for bit (rcomp's own lowering skips export: milliseconds, not seconds)."""
+    pytest.importorskip("torchao")
+    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401  (registers the x86 fusions)
+    from torch._inductor.constant_folding import constant_fold
+    from torch._inductor.fx_passes.freezing_patterns import freezing_passes
+
+    from rcomp.quant.pt2e import qdq_graph
+
+    table = torch.export.default_decompositions()
+    for op in list(table):
+        if not torch._export.utils._is_cia_op(op):
+            del table[op]
+    example = (torch.zeros(2, *shape),)
+    batch = torch.export.Dim("batch", min=1, max=2**20)
+    gm = torch.export.export(qdq_graph(fq), example, dynamic_shapes=({0: batch},), strict=False) \
+        .run_decompositions(table).module()
+    for node in list(gm.graph.nodes):
+        if node.target == torch.ops.aten.t.default:
+            with gm.graph.inserting_before(node):
+                perm = gm.graph.call_function(torch.ops.aten.permute.default, (node.args[0], [1, 0]))
+            node.replace_all_uses_with(perm)
+            gm.graph.erase_node(node)
+    gm.recompile()
+    with torch.no_grad():
+        freezing_passes(gm, example)
+        constant_fold(gm)
+    return gm
+
+
+def _residual_twin(seed: int, net=None):
+    """A frozen int8 twin of a width-8 CIFAR ResNet (or ``net``) on 1x8x8 inputs, BatchNorm statistics randomised
+    (so every convolution has a real bias and the residual adds carry zero points)."""
+    from rcomp.models.builtin import ResNetCifar
+    from rcomp.quant import backend as qb
+
+    g = torch.Generator().manual_seed(seed)
+    net = ResNetCifar(1, 10, width=8) if net is None else net
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2, generator=g)
+            m.running_var.uniform_(0.5, 1.5, generator=g)
+            m.weight.data.uniform_(0.5, 1.5, generator=g)
+            m.bias.data.uniform_(-0.2, 0.2, generator=g)
+    net.eval()
+    calib = torch.rand(32, 1, 8, 8, generator=g)
+    fq = qb.prepare(net, calib[:1], 8, "pt2e", real=True)
+    qb.calibrate(fq, [calib])
+    qb.freeze(fq)
+    qb.set_int_weights(fq, qb.int_weights(fq))
+    return fq, torch.rand(40, 1, 8, 8, generator=g) * 1.5 - 0.2
+
+
+@pytest.mark.slow
+def test_lowering_equals_torchaos_bit_for_bit(pair):
+    """rcomp builds the oneDNN int8 graph itself: the same outputs, bit for bit, as torchao's lowering of the same
+    twin, on the trained convnet8 (fused conv+relu chains, linears, float logits), on a residual network
+    (element-wise adds of two quantized values, done in place) and on a network whose ReLU6, max-pool, ReLU and
+    flatten rcomp runs on the integers (torchao dequantizes around them), at batch sizes the export never saw."""
+    from torch import nn
+
+    from rcomp.quant.pt2e import Int8Layer, clamp_int, lower
+
+    _, _, pt2e, x, _, _ = pair
+    plain = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU6(), nn.MaxPool2d(2),
+                          nn.Conv2d(6, 8, 3, padding=1), nn.Hardtanh(-0.5, 0.3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 10))  # (a flatten of a 4x4 map makes torchao's lowered graph fail in view)
+    cases = [(pt2e.gradient_model().fq, pt2e.normalize(x[:50]), (1, 8, 8)), (*_residual_twin(0), (1, 8, 8)),
+             (*_residual_twin(2, plain), (1, 8, 8))]
+    for fq, inp, shape in cases:
+        ref = _torchao_lowering(fq, shape)
+        ours = lower(fq)
+        assert any(isinstance(m, Int8Layer) for m in ours.gm.modules())
+        if len(cases) == 3 and fq is cases[2][0]:
+            assert sum(n.target is clamp_int for n in ours.gm.graph.nodes) >= 3  # relu6, max-pool, hardtanh
+        with torch.no_grad():
+            for n in (1, 7, len(inp)):
+                a, b = ref(inp[:n]), ours(inp[:n])
+                assert torch.equal(a, b), (n, (a - b).abs().max().item())
+
+
+def test_lowering_takes_milliseconds_not_an_export():
+    """No torch.export on the load path: lowering a residual twin never enters torch.export (which took 6-76 s)."""
+    from unittest import mock
+
+    from rcomp.quant.pt2e import lower
+
+    fq, x = _residual_twin(1)
+    with mock.patch.object(torch.export, "export", side_effect=AssertionError("export called")):
+        net = lower(fq)
+    with torch.no_grad():
+        out = net(x)
+    assert out.shape == (40, 10) and torch.isfinite(out).all()
+    assert (out.argmax(1) == fq(x).argmax(1)).float().mean() >= 0.9

@@ -60,9 +60,9 @@ def check_backend(backend: str) -> str:
     if backend not in BACKENDS:
         raise RcompError(f"--backend {backend!r} is not supported; choose one of {', '.join(BACKENDS)}")
     if runtime(backend) == PT2E:
-        from rcomp.quant.pt2e import require
+        from rcomp.quant.pt2e import require_onednn
 
-        require()
+        require_onednn()
         return backend
     if backend not in torch.backends.quantized.supported_engines:
         raise RcompError(f"--backend {backend}: this torch build has no {backend} engine; "
@@ -226,8 +226,8 @@ def set_engine(backend: str) -> None:
 
 def convert(fq: nn.Module, backend: str, example_shape: tuple[int, ...] | None = None) -> nn.Module:
     """A real int8 module from a frozen 8-bit fake-quant twin (``fq`` itself is left untouched): torch.ao's
-    ``convert_fx`` (deprecated runtime) or, for the pt2e backend, the twin's QDQ graph lowered by torchao
-    (``example_shape``: one input's shape, for tracing)."""
+    ``convert_fx`` (deprecated runtime) or, for the pt2e backend, the twin on oneDNN int8 kernels (rcomp.quant.pt2e)
+    (``example_shape``: unused, kept for callers)."""
     if runtime(backend) == PT2E:
         from rcomp.quant.pt2e import lower
 

@@ -11,12 +11,11 @@ from __future__ import annotations
 from typing import Any
 
 from rcomp.catalog import Catalogue, Entry
-from rcomp.errors import RcompError
 
 #: the int8 backends: backend -> (torch.ao's backend config, which also shapes the fake-quant twin; activations
 #: in [0, 127] (reduce_range, against int16 overflow on CPUs without VNNI) for real int8; the runtime that
 #: runs the int8 model: torch.ao's quantized engines (deprecated, kept to load the files they wrote) or
-#: torchao's pt2e lowering to oneDNN kernels (rcomp.quant.pt2e; same twin and file layout as x86))
+#: the pt2e runtime on oneDNN's int8 kernels (rcomp.quant.pt2e; same twin and file layout as x86))
 BACKEND_INFO = {
     "x86": ("torch.ao.quantization.backend_config.x86:get_x86_backend_config", True, "torch.ao"),
     "fbgemm": ("torch.ao.quantization.backend_config:get_fbgemm_backend_config", True, "torch.ao"),
@@ -26,9 +25,6 @@ BACKEND_INFO = {
 BACKENDS = tuple(BACKEND_INFO)
 #: the runtime names (third field above)
 TORCH_AO, PT2E = "torch.ao", "pt2e"
-#: the extra that installs torchao for the pt2e backend, and the release it is tested with (pyproject pins it)
-PT2E_EXTRA = "pip install 'rcomp[pt2e]'"
-TORCHAO_VERSION = "0.18.0"
 #: the quantize stage's --backend: torch.ao's engines, plus ONNX Runtime (static QDQ int8 of an ONNX file,
 #: written as .onnx; rcomp.stages.export)
 ONNXRUNTIME = "onnxruntime"
@@ -37,8 +33,8 @@ QUANTIZE_BACKENDS = (*BACKENDS, ONNXRUNTIME)
 MODES = Catalogue("quantization mode", [
     Entry("int8", "rcomp.quant.backend:convert",
           "real int8: static post-training quantization (fake-quant twin calibrated with torch.ao FX), run on "
-          "CPU int8 kernels: torch.ao's engines (x86, fbgemm, qnnpack) or torchao pt2e's oneDNN lowering "
-          "(pt2e); gradients from the fake-quant twin", "Jacob et al., CVPR 2018",
+          "CPU int8 kernels: torch.ao's engines (x86, fbgemm, qnnpack) or the pt2e runtime on oneDNN's int8 "
+          "kernels (pt2e); gradients from the fake-quant twin", "Jacob et al., CVPR 2018",
           takes=("bits", "backend", "calib_n"),
           extra={"real": True, "bits": (8,), "suffix": "int8", "label": "int{bits} {backend}", "what": "int8",
                  "gradient": "fake-quant twin of int8", "select": "--bits 8"}),
@@ -64,11 +60,10 @@ def runtime(backend: str) -> str:
 
 
 def require_pt2e() -> None:
-    """Refuse in one line when torchao (the pt2e runtime) is not installed; imports nothing heavy."""
-    import importlib.util
+    """Refuse in one line where this torch build has no oneDNN int8 kernels (the pt2e runtime)."""
+    from rcomp.quant.pt2e import require_onednn
 
-    if importlib.util.find_spec("torchao") is None:
-        raise RcompError(f"--backend pt2e needs torchao {TORCHAO_VERSION}: {PT2E_EXTRA}; or use --backend x86")
+    require_onednn()
 
 
 def is_real(q: dict[str, Any] | str | None) -> bool:

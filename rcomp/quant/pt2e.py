@@ -1,20 +1,22 @@
-"""The pt2e int8 runtime: rcomp's fake-quant twin as a pt2e QDQ graph, lowered by torchao to oneDNN kernels.
+"""The pt2e int8 runtime: rcomp's fake-quant twin on oneDNN's int8 kernels, the ones torchao's pt2e x86 lowering targets.
 
 torch.ao's eager/FX int8 runtime (``convert_fx``: modules with packed quantized tensors) is deprecated.
 torchao's pt2e flow describes an int8 model as an exported graph of ``quantized_decomposed``
-quantize/dequantize ops around float convolutions and linears (a *QDQ* graph); its x86 inductor
-passes (registered by importing ``torchao.quantization.pt2e.quantizer.x86_inductor_quantizer``) fuse
-each ``dequantize -> conv/linear (+relu) -> quantize`` into a oneDNN int8 kernel with pre-packed weights.
+quantize/dequantize ops around float convolutions and linears (a *QDQ* graph) and lowers it for x86 by
+fusing each ``dequantize -> conv/linear (+relu) -> quantize`` into a oneDNN int8 kernel with pre-packed
+weights (``torch.ops.onednn.qconv_pointwise`` / ``qlinear_pointwise``, part of torch itself).
 
 rcomp's int8 file already is a QDQ description: the frozen fake-quant twin (:mod:`rcomp.quant.backend`)
 holds every activation's scale, zero point and integer range and every layer's integer weights and
 per-channel scales. :func:`qdq_graph` writes that twin as the pt2e graph, with exactly its ranges
 (activations [0, 127] where the twin has them), so the int8 model computes what the stored file means
-without a new calibration or a new file layout; :func:`lower` exports it with a dynamic batch size
-and runs torchao's lowering (the same steps as ``torchao.quantization.pt2e.lowering
-.lower_pt2e_quantized_to_x86``, which pins the batch size). The result runs eagerly (no code
-generation); :func:`compiled` adds ``torch.compile`` (inductor) for more speed at a compile cost per
-input shape. Gradients still come from the twin (a lowered graph has no autograd).
+without a new calibration or a new file layout. :func:`lower` builds the lowered graph straight from the
+twin: the same oneDNN calls with the same arguments that torchao's lowering of :func:`qdq_graph` makes
+(tests compare the two bit for bit where torchao is installed), in milliseconds instead of the 6-76 s of
+``torch.export``, decompositions and freezing passes, and with the element-wise work between kernels done
+in fewer passes. torchao is not needed to run it. The result runs eagerly; :func:`compiled` adds
+``torch.compile`` (inductor) at a compile cost per input shape. Gradients still come from the twin (the
+lowered graph has no autograd).
 
 Measured reason and figures: docs/quantization.md.
 """
@@ -23,49 +25,23 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import logging
-import warnings
+import operator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from rcomp.errors import RcompError
-from rcomp.quant.catalog import PT2E_EXTRA
-from rcomp.quant.catalog import require_pt2e as require
-
-_loaded = False
-#: the inductor settings torch.compile of a pt2e int8 graph needs; set only around its calls (see :func:`compiled`)
-_COMPILE_SETTINGS: dict = {}
 
 
-def load_torchao() -> None:
-    """Import torchao's pt2e x86 passes once (their import registers inductor's int8 fusions).
+class Pt2eUnsupported(RcompError):
+    """The pt2e int8 runtime cannot take this network (or this torch build has no oneDNN int8 kernels); where the
+    user did not name a backend, :func:`rcomp.quant.ptq.quantize` writes a torch.ao x86 file instead and says so."""
 
-    torchao's import also sets a process-wide inductor setting (``pre_grad_custom_pass``), which would change
-    how the caller's own ``torch.compile`` works; rcomp puts the caller's value back and applies torchao's only
-    around its own compiled calls. torchao logs a torch pytree notice at import (``register_constant()`` on an
-    Enum); it is torchao's, says nothing a user can act on, and is kept off the terminal here."""
-    global _loaded
-    if _loaded:
-        return
-    require()
-    import torch._inductor.config as inductor_config
 
-    before = inductor_config.pre_grad_custom_pass
-    log = logging.getLogger("torch.utils._pytree")
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401
-    except Exception as exc:  # a broken or mismatched torchao install
-        raise RcompError(f"torchao could not be imported for --backend pt2e ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0][:120]}); reinstall it: {PT2E_EXTRA}") from None
-    finally:
-        log.setLevel(level)
-        _COMPILE_SETTINGS.update(freezing=True, pre_grad_custom_pass=inductor_config.pre_grad_custom_pass)
-        inductor_config.pre_grad_custom_pass = before
-    _loaded = True
+#: the inductor settings torch.compile of a pt2e int8 graph needs (its packed weights must be graph constants);
+#: set only around its calls (see :func:`compiled`)
+_COMPILE_SETTINGS: dict = {"freezing": True}
 
 
 def _ops():
@@ -75,10 +51,11 @@ def _ops():
 
 
 class DequantLayer(nn.Module):
-    """A convolution or linear layer on integer weights: ``dequantize_per_channel`` then the float op.
+    """A convolution or linear layer on integer weights: ``dequantize_per_channel`` then the float op (the pt2e
+    QDQ form of a quantized layer; :func:`lower` uses it only for a layer with no activation quantizer in front).
 
     The weights, scales and zero points are plain attributes (not buffers), so ``torch.export`` makes them
-    graph constants, which is what the lowering's weight-packing patterns require."""
+    graph constants, which is what torchao's weight-packing patterns require."""
 
     def __init__(self, layer: nn.Module, weight_q: torch.Tensor, relu: bool):
         super().__init__()
@@ -147,15 +124,6 @@ def qdq_graph(fq: nn.Module) -> torch.fx.GraphModule:
     return gm.eval()
 
 
-def _decompositions():
-    """The decompositions torchao's lowering uses: only the composite-implicit ones (keeps prim ops)."""
-    table = torch.export.default_decompositions()
-    for op in list(table.keys()):
-        if not torch._export.utils._is_cia_op(op):
-            del table[op]
-    return table
-
-
 class Pt2eInt8(nn.Module):
     """The lowered int8 network (a GraphModule on oneDNN int8 kernels); runs without autograd.
     ``settings``: inductor settings applied around each call (compiled graphs only), never left set."""
@@ -189,48 +157,242 @@ class Pt2eInt8(nn.Module):
         return self
 
 
-def lower(fq: nn.Module, example_shape: tuple[int, ...] | None) -> Pt2eInt8:
-    """The twin's QDQ graph exported with a dynamic batch size and lowered to oneDNN int8 kernels by
-    torchao's x86 passes (freezing + constant folding), run eagerly."""
-    if not example_shape:
-        raise RcompError("--backend pt2e needs the model's input shape to trace it; the checkpoint records none")
-    load_torchao()
-    from torch._inductor.constant_folding import constant_fold
-    from torch._inductor.fx_passes.freezing_patterns import freezing_passes
+class Int8Layer(nn.Module):
+    """A quantized convolution or linear on oneDNN's int8 kernels (``onednn.qconv_pointwise`` /
+    ``qlinear_pointwise``, weights pre-packed once): uint8 activations in, uint8 out at the next activation's
+    scale and zero point (``out``), or float32 where no activation quantizer follows. ReLU is fused."""
 
-    graph = qdq_graph(fq)
-    example = (torch.zeros(2, *example_shape),)
-    batch = torch.export.Dim("batch", min=1, max=2**20)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\._(export|dynamo|inductor).*")
-        try:
-            gm = torch.export.export(graph, example, dynamic_shapes=({0: batch},), strict=False) \
-                .run_decompositions(_decompositions()).module()
-            for node in list(gm.graph.nodes):  # as torchao's lowering: aten.t -> permute (the linear patterns)
-                if node.target == torch.ops.aten.t.default:
-                    with gm.graph.inserting_before(node):
-                        perm = gm.graph.call_function(torch.ops.aten.permute.default, (node.args[0], [1, 0]))
-                    node.replace_all_uses_with(perm)
-                    gm.graph.erase_node(node)
-            gm.graph.lint()
-            gm.recompile()
-            with torch.no_grad():
-                freezing_passes(gm, example)
-                constant_fold(gm)
-        except RcompError:
-            raise
-        except Exception as exc:
-            raise RcompError(f"--backend pt2e could not lower this network ({type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0][:160]}); use --backend x86") from None
-    return Pt2eInt8(gm, fq).eval()
+    def __init__(self, layer: nn.Module, weight_q: torch.Tensor, relu: bool, x_qparams: tuple[float, int],
+                 out_qparams: tuple[float, int] | None):
+        super().__init__()
+        wfq = layer.weight_fake_quant
+        self.is_conv = isinstance(layer, nn.Conv2d)
+        self.x_scale, self.x_zp = x_qparams
+        self.w_scale = wfq.scale.detach().float().clone()
+        self.w_zp = wfq.zero_point.detach().to(torch.int64).clone()
+        self.bias = None if layer.bias is None else layer.bias.detach().float().clone()
+        self.out = out_qparams
+        self.attr = "relu" if relu else "none"
+        wq = weight_q.to(torch.int8).contiguous()
+        if self.is_conv:
+            self.conv_args = (list(layer.stride), list(layer.padding), list(layer.dilation), int(layer.groups))
+            self.packed = torch.ops.onednn.qconv_prepack(wq, self.w_scale, self.x_scale, self.x_zp,
+                                                         *self.conv_args, None)
+        else:
+            self.conv_args = None
+            self.packed = torch.ops.onednn.qlinear_prepack(wq, None)
+
+    def forward(self, qx: torch.Tensor) -> torch.Tensor:
+        scale, zp, dtype = (*self.out, torch.uint8) if self.out else (1.0, 0, torch.float32)
+        if self.is_conv:
+            return torch.ops.onednn.qconv_pointwise.default(
+                qx, self.x_scale, self.x_zp, self.packed, self.w_scale, self.w_zp, self.bias, *self.conv_args,
+                scale, zp, dtype, self.attr, [], "")
+        return torch.ops.onednn.qlinear_pointwise.default(
+            qx, self.x_scale, self.x_zp, self.packed, self.w_scale, self.w_zp, self.bias, scale, zp, dtype,
+            self.attr, [], "")
+
+
+def dequantize(q: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+    """``(q - zero_point) * scale`` in float32: ``quantized_decomposed.dequantize_per_tensor``'s arithmetic,
+    in one new tensor instead of three."""
+    t = q.to(torch.float32)
+    if zero_point:
+        t.sub_(zero_point)
+    return t.mul_(scale)
+
+
+def quantize(x: torch.Tensor, scale: float, zero_point: int, quant_min: int, quant_max: int) -> torch.Tensor:
+    """``clamp(round(x / scale) + zero_point)`` as uint8: ``quantize_per_tensor``'s arithmetic (the same float
+    operations in the same order, so the same bits), in one new float tensor instead of four."""
+    t = x * (1.0 / scale)
+    t.round_()
+    if zero_point:
+        t.add_(zero_point)
+    return t.clamp_(quant_min, quant_max).to(torch.uint8)
+
+
+def quantize_into(x: torch.Tensor, scale: float, zero_point: int, quant_min: int, quant_max: int) -> torch.Tensor:
+    """:func:`quantize` computed in ``x`` itself: used only where ``x`` is a float temporary nothing else reads."""
+    x.mul_(1.0 / scale).round_()
+    if zero_point:
+        x.add_(zero_point)
+    return x.clamp_(quant_min, quant_max).to(torch.uint8)
+
+
+def add_into(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a + b`` written into ``a``: used only where ``a`` is a dequantized temporary nothing else reads."""
+    return a.add_(b)
+
+
+def _bounds(node: torch.fx.Node, mods: dict) -> tuple[float | None, float | None] | None:
+    """``(low, high)`` when ``node`` is a clamp-like op (relu, relu6, hardtanh), else None."""
+    F_ = torch.nn.functional
+    if node.op == "call_module":
+        m = mods.get(node.target)
+        if type(m) is nn.ReLU:
+            return (0.0, None)
+        if type(m) in (nn.ReLU6, nn.Hardtanh):
+            return (float(m.min_val), float(m.max_val))
+        return None
+    if node.op == "call_function" and not node.kwargs and len(node.args) == 1:
+        if node.target in (F_.relu, torch.relu):
+            return (0.0, None)
+        if node.target is F_.relu6:
+            return (0.0, 6.0)
+    return None
+
+
+def _moves(node: torch.fx.Node, mods: dict) -> bool:
+    """Ops that only move, drop or take the largest of values: exact on the integers too."""
+    if node.op == "call_module":
+        m = mods.get(node.target)
+        return type(m) in (nn.Flatten, nn.Identity) or (type(m) is nn.Dropout and not m.training) or \
+            (type(m) is nn.MaxPool2d and not m.return_indices)
+    if node.op == "call_function":
+        return node.target is torch.flatten
+    return node.op == "call_method" and node.target in ("flatten", "view", "reshape")
+
+
+def clamp_int(q: torch.Tensor, low: int, high: int) -> torch.Tensor:
+    return q.clamp(low, high)
+
+
+def _integer_domain(g: torch.fx.Graph, mods: dict) -> None:
+    """``quantize(f(dequantize(q)))`` at one scale and zero point, for f a clamp (relu, relu6, hardtanh) or a
+    move (flatten, view, max-pool, identity), is f on the integers: quantization is monotone and gives back
+    every integer it dequantizes (|(q - z) * s / s - (q - z)| < 1e-4 in float32 for |q - z| <= 255), so it
+    commutes with clamps and max, and the clamp to the quantizer's range is the only other step. One uint8
+    pass instead of four float ones (mobilenet's ReLU6 after every convolution)."""
+    for deq in list(g.nodes):
+        if deq.target is not dequantize or len(deq.users) != 1:
+            continue
+        f = next(iter(deq.users))
+        if len(f.users) != 1 or f.args[0] is not deq or any(a is deq for a in list(f.args[1:]) + list(f.kwargs.values())):
+            continue
+        quant = next(iter(f.users))
+        if quant.target is not quantize or quant.args[1:3] != deq.args[1:3]:
+            continue
+        scale, zp, qmin, qmax = quant.args[1:5]
+        bounds = _bounds(f, mods)
+        if bounds is not None:
+            lo, hi = (qmin if v is None else int(quantize(torch.tensor([v]), scale, zp, qmin, qmax)) for v in bounds)
+            with g.inserting_before(quant):
+                new = g.call_function(clamp_int, (deq.args[0], lo, hi))
+        elif _moves(f, mods):
+            f.replace_input_with(deq, deq.args[0])
+            with g.inserting_before(quant):
+                new = g.call_function(clamp_int, (f, qmin, qmax)) if (qmin, qmax) != (0, 255) else f
+        else:
+            continue
+        quant.replace_all_uses_with(new)
+        g.erase_node(quant)
+        if bounds is not None:
+            g.erase_node(f)
+        g.erase_node(deq)
+
+
+def require_onednn() -> None:
+    """Refuse in one line where this torch build has no oneDNN int8 kernels (the pt2e runtime)."""
+    ok = torch.backends.mkldnn.is_available()
+    try:
+        ok = ok and hasattr(torch.ops.onednn, "qconv_pointwise") and hasattr(torch.ops.onednn, "qlinear_pointwise")
+    except (AttributeError, RuntimeError):
+        ok = False
+    if not ok:
+        raise Pt2eUnsupported("--backend pt2e runs on oneDNN's int8 kernels, which this torch build lacks; "
+                              "use --backend x86 (or qnnpack on ARM)")
+
+
+def lower(fq: nn.Module, example_shape: tuple[int, ...] | None = None) -> Pt2eInt8:
+    """The frozen twin ``fq`` on oneDNN int8 kernels, built straight from its FX graph (no export, no torchao):
+    every quantized layer whose input is an activation quantizer becomes an :class:`Int8Layer` taking that
+    activation as uint8 and, where exactly one activation quantizer reads its output, writing uint8 at that
+    quantizer's scale; every other activation quantizer becomes :func:`quantize`, and a float op reading a
+    quantized value gets :func:`dequantize`. This is the graph torchao's x86 lowering makes of
+    :func:`qdq_graph` (same kernels, same arguments; tests compare the outputs bit for bit), made in
+    milliseconds instead of the 6-76 s of ``torch.export`` + decompositions + freezing passes, and without
+    torchao's per-call input guards. Any batch size; ``example_shape`` is not needed (kept for callers)."""
+    from torch.ao.quantization import FakeQuantizeBase
+
+    from rcomp.quant import backend as qb
+
+    require_onednn()
+    ints = qb.int_weights(fq)
+    mods = dict(fq.named_modules(remove_duplicate=False))  # one observer may sit at two places
+    root = copy.deepcopy(fq)
+    g = torch.fx.Graph()
+    flt: dict = {}    # twin node -> new node holding its float value
+    qval: dict = {}   # activation-quantizer node -> (new node holding its uint8 value, its qparams)
+    fused: dict = {}  # quantized layer node -> new node already holding its output quantizer's uint8 value
+
+    def is_fq(n) -> bool:
+        return isinstance(n, torch.fx.Node) and n.op == "call_module" and \
+            isinstance(mods.get(n.target), FakeQuantizeBase)
+
+    def qparams(n) -> tuple[float, int, int, int]:
+        m = mods[n.target]
+        s = m.scale.detach()
+        if s.numel() != 1 or m.qscheme not in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+            raise Pt2eUnsupported("--backend pt2e: this network quantizes an activation per channel, which the pt2e "
+                                  "int8 runtime does not take; use --backend x86")
+        return float(s), int(m.zero_point), int(m.quant_min), int(m.quant_max)
+
+    def as_float(n):
+        if not isinstance(n, torch.fx.Node) or n in flt:
+            return flt.get(n, n)
+        q, (s, z, _, _) = qval[n]
+        flt[n] = g.call_function(dequantize, (q, s, z))
+        return flt[n]
+
+    for node in fq.graph.nodes:
+        if is_fq(node):
+            p, src = qparams(node), node.args[0]
+            qval[node] = (fused[src] if src in fused else g.call_function(quantize, (as_float(src), *p)), p)
+            continue
+        mod = mods.get(node.target) if node.op == "call_module" else None
+        if mod is not None and hasattr(mod, "weight_fake_quant"):
+            kind = type(mod).__name__
+            if kind not in _LAYERS or (kind.startswith("Conv") and not isinstance(mod, nn.Conv2d)):
+                raise Pt2eUnsupported(f"--backend pt2e: layer {node.target} ({kind}) is not one the pt2e int8 "
+                                      "runtime takes (2-d convolutions and linears); use --backend x86")
+            src, users = node.args[0], list(node.users)
+            if is_fq(src):
+                out = users[0] if len(users) == 1 and is_fq(users[0]) else None
+                root.add_submodule(node.target, Int8Layer(mod, ints[node.target], _LAYERS[kind], qparams(src)[:2],
+                                                          qparams(out)[:2] if out is not None else None))
+                new = g.call_module(node.target, (qval[src][0],))
+                (fused if out is not None else flt)[node] = new
+            else:  # no quantizer in front (torch.ao always puts one): the float op on the integer weights
+                root.add_submodule(node.target, DequantLayer(mod, ints[node.target], _LAYERS[kind]))
+                flt[node] = g.call_module(node.target, (as_float(src),))
+            continue
+        flt[node] = g.node_copy(node, as_float)
+    _integer_domain(g, dict(root.named_modules(remove_duplicate=False)))
+    for n in g.nodes:  # a sum whose first term is a dequantized temporary read once: add in place
+        a = n.args[0] if n.op == "call_function" and len(n.args) == 2 and not n.kwargs else None
+        if n.target in (operator.add, torch.add) and isinstance(a, torch.fx.Node) and a.target is dequantize \
+                and len(a.users) == 1 and a is not n.args[1]:
+            n.target = add_into
+    temps: set = set()  # float tensors the graph made for one reader: a dequantized value, a sum, an in-place ReLU
+    mods = dict(root.named_modules(remove_duplicate=False))
+    for n in g.nodes:
+        src = n.args[0] if n.args and isinstance(n.args[0], torch.fx.Node) else None
+        if n.target in (dequantize, add_into):
+            temps.add(n)
+        elif n.op == "call_module" and type(mods.get(n.target)) in (nn.ReLU, nn.ReLU6, nn.Hardtanh) \
+                and getattr(mods[n.target], "inplace", False) and src in temps and len(src.users) == 1:
+            temps.add(n)
+        elif n.target is quantize and src in temps and len(src.users) == 1:
+            n.target = quantize_into  # a quantize of such a temporary: in place
+    g.lint()
+    return Pt2eInt8(torch.fx.GraphModule(root, g).eval(), fq).eval()
 
 
 def compiled(net: nn.Module) -> nn.Module:
     """``torch.compile`` (inductor, freezing on) of a pt2e int8 network: faster, at a compile cost per input
     shape (see docs/quantization.md); the uncompiled net is the reference it must agree with. The inductor
-    settings it needs (freezing, torchao's pre-grad pass) hold only during its calls: the caller's own
-    ``torch.compile`` is not changed."""
-    load_torchao()
+    setting it needs (freezing) holds only during its calls: the caller's own ``torch.compile`` is not changed."""
     if isinstance(net, Pt2eInt8):
         return Pt2eInt8(torch.compile(net.gm, dynamic=False), net.cost_net(), _COMPILE_SETTINGS)
     return Pt2eInt8(torch.compile(net, dynamic=False), None, _COMPILE_SETTINGS)
@@ -239,4 +401,10 @@ def compiled(net: nn.Module) -> nn.Module:
 def fused_ops(net: nn.Module) -> list[str]:
     """Names of the oneDNN int8 ops in a lowered graph (the evidence that lowering took place)."""
     gm = net.gm if isinstance(net, Pt2eInt8) else net
-    return sorted({str(n.target) for n in gm.graph.nodes if n.op == "call_function" and "onednn" in str(n.target)})
+    gm = getattr(gm, "_orig_mod", gm)
+    names = {str(n.target) for n in gm.graph.nodes if n.op == "call_function" and "onednn" in str(n.target)}
+    for n in gm.graph.nodes:
+        mod = gm.get_submodule(n.target) if n.op == "call_module" else None
+        if isinstance(mod, Int8Layer):
+            names.add(f"onednn.{'qconv' if mod.is_conv else 'qlinear'}_pointwise.default")
+    return sorted(names)

@@ -97,8 +97,9 @@ def restore(model, tensors: dict[str, torch.Tensor], where: str = "checkpoint"):
         try:
             qc.require_pt2e()
         except RcompError:
-            raise RcompError(f"{where}: this int8 file runs on the pt2e backend, which needs torchao "
-                             f"{qc.TORCHAO_VERSION}: {qc.PT2E_EXTRA}") from None
+            raise RcompError(f"{where}: this int8 file runs on the pt2e backend (oneDNN int8 kernels), which this "
+                             "torch build lacks; on such a machine re-quantize the float checkpoint with "
+                             "--backend qnnpack") from None
     qb.check_backend(q["backend"])
     _resize(model.net, q.get("float_shapes", {}), where)
     try:
