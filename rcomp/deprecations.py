@@ -26,13 +26,13 @@ class Allowed:
         return re.search(self.pattern, text, flags=re.S) is not None
 
 
-_TORCH_AO = ("torch.ao int8: the default int8 runtime (x86/fbgemm/qnnpack), the loader of every int8 file written so "
-             "far, and the fake-quant twin (prepare_qat_fx, FakeQuantize) of every quantized model; removal plan: "
-             "`--backend pt2e` (torchao, issue 24) runs the same files on oneDNN int8 kernels (`rcomp quantize OLD "
-             "--backend pt2e` moves a file there) and becomes the default "
-             "once its lowering cost per load is paid once (docs/quantization.md); then torch.ao stays only to load "
-             "old int8 files and for the twin until the twin moves to torchao's prepare_qat_pt2e (a new tensor "
-             "layout); drop it when torch removes torch.ao.quantization (announced for 2.10, still in 2.14.1)")
+_TORCH_AO = ("torch.ao int8: the runtime of `--backend x86|fbgemm|qnnpack` (named explicitly, or the fallback where "
+             "the default pt2e runtime cannot take a network), the loader of every torch.ao int8 file written so far, "
+             "and the fake-quant twin (prepare_qat_fx, FakeQuantize) of every quantized model; removal plan: pt2e "
+             "(oneDNN's int8 kernels, issue 24) is the default runtime and runs the same files (`rcomp quantize OLD "
+             "--backend pt2e` moves one there); torch.ao stays to load old int8 files and for the twin until the twin "
+             "moves to torchao's prepare_qat_pt2e (a new tensor layout, docs/quantization.md); drop it when torch "
+             "removes torch.ao.quantization (announced for 2.10, still in 2.14.1)")
 _LEGACY_ONNX = ("torch.onnx legacy (TorchScript) exporter: kept as `rcomp export --exporter legacy` because it exports "
                 "5-15x faster here (the default is dynamo); removal plan: drop the option when torch removes the "
                 "TorchScript exporter")

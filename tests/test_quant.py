@@ -18,8 +18,8 @@ from rcomp.quant.ptq import quantize
 from conftest import assert_one_line_error, make_checkpoint
 
 
-def _quantize_roundtrip(model, x, tmp_path, bits, simulate, tag, calib_n=8):
-    qm = quantize(model, [x[:calib_n]], bits=bits, simulate=simulate)
+def _quantize_roundtrip(model, x, tmp_path, bits, simulate, tag, calib_n=8, backend=None):
+    qm = quantize(model, [x[:calib_n]], bits=bits, simulate=simulate, backend=backend)
     import uuid
 
     path = tmp_path / f"{tag}-{uuid.uuid4().hex[:8]}.safetensors"
@@ -56,8 +56,8 @@ def test_save_load_identical_outputs(arch, shape, kwargs, tmp_path):
     else:
         model = build_model(arch, 10, shape, kwargs=kwargs).eval()
     x = torch.rand(12, *shape)
-    for bits, simulate in ((8, False), (4, True)):
-        qm, back, a, b, path = _quantize_roundtrip(model, x, tmp_path, bits, simulate, f"{arch}{bits}")
+    for bits, simulate, backend in ((8, False, None), (8, False, "x86"), (4, True, None)):
+        qm, back, a, b, path = _quantize_roundtrip(model, x, tmp_path, bits, simulate, f"{arch}{bits}", backend=backend)
         assert torch.equal(a, b), (arch, bits, (a - b).abs().max())
         q = back.meta.compression["quantization"]
         assert (q["mode"], q["bits"]) == (("simulated", 4) if simulate else ("int8", 8))
@@ -67,9 +67,17 @@ def test_save_load_identical_outputs(arch, shape, kwargs, tmp_path):
             assert back.gradient_source == "straight-through (fake-quant rounding)"
         else:
             assert back.gradient_source == "fake-quant twin of int8"
-            # real int8 kernels: quantized weights, no autograd through the int8 forward pass
-            assert any(getattr(m, "weight", None) is not None and callable(m.weight) and m.weight().is_quantized
-                       for m in back.net.modules() if hasattr(m, "_packed_params"))
+            # real int8 kernels: pt2e (the default: oneDNN's int8 convolutions and linears) or torch.ao's modules
+            # holding quantized weights; no autograd through the int8 forward pass
+            from rcomp.quant.pt2e import Pt2eInt8, fused_ops
+
+            assert q["backend"] == (backend or "pt2e")
+            if backend is None:
+                assert isinstance(back.net, Pt2eInt8)
+                assert {"onednn.qconv_pointwise.default", "onednn.qlinear_pointwise.default"} & set(fused_ops(back.net))
+            else:
+                assert any(getattr(m, "weight", None) is not None and callable(m.weight) and m.weight().is_quantized
+                           for m in back.net.modules() if hasattr(m, "_packed_params"))
         from safetensors import safe_open
 
         with safe_open(str(path), "pt") as f:  # plain tensors only; weights stored as integers
@@ -201,7 +209,7 @@ def test_cli_int8_smaller_same_accuracy(cli, trained_digits, tmp_path):
     assert abs(rep["accuracy"] - rep["accuracy_float"]) <= 0.02
     info = cli("info", out, "--json")
     q = json.loads(info.stdout)["quantization"]
-    assert (q["mode"], q["bits"], q["backend"]) == ("int8", 8, "x86")
+    assert (q["mode"], q["bits"], q["backend"]) == ("int8", 8, "pt2e")  # the default runtime
     assert "per-channel" in q["weight_scheme"] and "per-tensor" in q["activation_scheme"]
     hist = json.loads(info.stdout)["history"][-1]
     assert hist["command"] == "quantize" and hist["input_sha256"]

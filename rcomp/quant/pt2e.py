@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import operator
 
 import torch
@@ -124,6 +125,17 @@ def qdq_graph(fq: nn.Module) -> torch.fx.GraphModule:
     return gm.eval()
 
 
+@contextlib.contextmanager
+def _quiet_logger(name: str):
+    log = logging.getLogger(name)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 class Pt2eInt8(nn.Module):
     """The lowered int8 network (a GraphModule on oneDNN int8 kernels); runs without autograd.
     ``settings``: inductor settings applied around each call (compiled graphs only), never left set."""
@@ -144,12 +156,17 @@ class Pt2eInt8(nn.Module):
             return self.gm(x)
 
     def _compile_settings(self):
-        """Compiled graphs: inductor compiles (per new shape) inside the call, under the settings it needs."""
+        """Compiled graphs: inductor compiles (per new shape) inside the call, under the settings it needs, and
+        without torch's 'No CUDA runtime is found, using CUDA_HOME=...' log line (inductor looks for a CUDA
+        toolkit even for a CPU graph; nothing a user of a CPU model can act on)."""
         if not self._settings:
             return contextlib.nullcontext()
         import torch._inductor.config as inductor_config
 
-        return inductor_config.patch(self._settings)
+        stack = contextlib.ExitStack()
+        stack.enter_context(inductor_config.patch(self._settings))
+        stack.enter_context(_quiet_logger("torch.utils.cpp_extension"))
+        return stack
 
     def train(self, mode: bool = True):
         """An inference graph: there is no training mode to switch (the exported graph refuses it)."""
@@ -173,14 +190,26 @@ class Int8Layer(nn.Module):
         self.bias = None if layer.bias is None else layer.bias.detach().float().clone()
         self.out = out_qparams
         self.attr = "relu" if relu else "none"
-        wq = weight_q.to(torch.int8).contiguous()
+        self.weight_q = weight_q.to(torch.int8).contiguous()
+        self.conv_args = (list(layer.stride), list(layer.padding), list(layer.dilation), int(layer.groups)) \
+            if self.is_conv else None
+        self.packed = self._pack()
+
+    def _pack(self) -> torch.Tensor:
+        """oneDNN's packed weights (an opaque tensor: it cannot be copied, so a copy packs again)."""
         if self.is_conv:
-            self.conv_args = (list(layer.stride), list(layer.padding), list(layer.dilation), int(layer.groups))
-            self.packed = torch.ops.onednn.qconv_prepack(wq, self.w_scale, self.x_scale, self.x_zp,
-                                                         *self.conv_args, None)
-        else:
-            self.conv_args = None
-            self.packed = torch.ops.onednn.qlinear_prepack(wq, None)
+            return torch.ops.onednn.qconv_prepack(self.weight_q, self.w_scale, self.x_scale, self.x_zp,
+                                                  *self.conv_args, None)
+        return torch.ops.onednn.qlinear_prepack(self.weight_q, None)
+
+    def __deepcopy__(self, memo):
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for k, v in self.__dict__.items():
+            if k != "packed":
+                new.__dict__[k] = copy.deepcopy(v, memo)
+        new.packed = new._pack()
+        return new
 
     def forward(self, qx: torch.Tensor) -> torch.Tensor:
         scale, zp, dtype = (*self.out, torch.uint8) if self.out else (1.0, 0, torch.float32)
@@ -244,11 +273,12 @@ def _bounds(node: torch.fx.Node, mods: dict) -> tuple[float | None, float | None
 
 
 def _moves(node: torch.fx.Node, mods: dict) -> bool:
-    """Ops that only move, drop or take the largest of values: exact on the integers too."""
+    """Ops that only move or drop values: exact on the integers too. (Not max-pool, though it would be exact:
+    torch's uint8 max_pool2d refuses planes of more than 255 elements, 'Expected input_depth * input_height *
+    input_width <= std::numeric_limits<integer_t>::max()', as timm's resnet18 stem showed.)"""
     if node.op == "call_module":
         m = mods.get(node.target)
-        return type(m) in (nn.Flatten, nn.Identity) or (type(m) is nn.Dropout and not m.training) or \
-            (type(m) is nn.MaxPool2d and not m.return_indices)
+        return type(m) in (nn.Flatten, nn.Identity) or (type(m) is nn.Dropout and not m.training)
     if node.op == "call_function":
         return node.target is torch.flatten
     return node.op == "call_method" and node.target in ("flatten", "view", "reshape")
@@ -260,9 +290,9 @@ def clamp_int(q: torch.Tensor, low: int, high: int) -> torch.Tensor:
 
 def _integer_domain(g: torch.fx.Graph, mods: dict) -> None:
     """``quantize(f(dequantize(q)))`` at one scale and zero point, for f a clamp (relu, relu6, hardtanh) or a
-    move (flatten, view, max-pool, identity), is f on the integers: quantization is monotone and gives back
-    every integer it dequantizes (|(q - z) * s / s - (q - z)| < 1e-4 in float32 for |q - z| <= 255), so it
-    commutes with clamps and max, and the clamp to the quantizer's range is the only other step. One uint8
+    move (flatten, view, identity), is f on the integers: quantization is monotone and gives back every
+    integer it dequantizes (|(q - z) * s / s - (q - z)| < 1e-4 in float32 for |q - z| <= 255), so it
+    commutes with clamps, and the clamp to the quantizer's range is the only other step. One uint8
     pass instead of four float ones (mobilenet's ReLU6 after every convolution)."""
     for deq in list(g.nodes):
         if deq.target is not dequantize or len(deq.users) != 1:

@@ -54,20 +54,46 @@ def trace(model):
     return qb.fold_batchnorm(model.net).cpu()
 
 
+def default_backend(simulate: bool, log=None) -> str:
+    """The backend when none is named: pt2e (oneDNN's int8 kernels) for real int8, x86 for a simulated model (its
+    fake-quant twin follows x86's ranges; a simulated model has no int8 runtime). A torch build without oneDNN's
+    int8 kernels gets torch.ao's x86 engine (qnnpack where there is no x86 engine), said through ``log``."""
+    if simulate:
+        return "x86"
+    from rcomp.quant.pt2e import Pt2eUnsupported, require_onednn
+
+    try:
+        require_onednn()
+        return "pt2e"
+    except Pt2eUnsupported:
+        fallback = "x86" if "x86" in torch.backends.quantized.supported_engines else "qnnpack"
+        if log is not None:
+            log(f"this torch build has no oneDNN int8 kernels (the default pt2e runtime): writing a torch.ao "
+                f"{fallback} int8 file instead (deprecated runtime; docs/quantization.md)")
+        return fallback
+
+
 def quantize(model, calib: Iterable[torch.Tensor], *, bits: int = 8, simulate: bool = False,
-             backend: str = "x86", folded=None):
+             backend: str | None = None, folded=None, log=None):
     """Quantize ``model`` (a float Classifier); returns a new Classifier, ``model`` is unchanged.
 
     ``calib``: batches of [0, 1] images (labels not needed). ``bits=8`` without ``simulate``
     gives a real int8 model on ``backend``'s kernels (CPU), with its fake-quant twin attached as
     gradient surrogate; ``simulate=True`` gives a fake-quant model at ``bits`` (2..16).
+    ``backend=None``: :func:`default_backend` (pt2e for real int8); where the pt2e runtime cannot take the
+    network (a 1-d convolution, an activation quantized per channel), a torch.ao x86 model instead, said
+    through ``log`` (a callable taking one line) every time.
     ``folded``: :func:`trace` of ``model`` when the caller checked it already (it is used up).
     """
     from rcomp.models.structure import structure_diff
+    from rcomp.quant.pt2e import Pt2eUnsupported
 
     if model.is_quantized:
         raise RcompError("the model is already quantized; quantize the float checkpoint instead")
     bits = check_bits(bits, simulate)
+    defaulted = backend is None
+    if defaulted:
+        backend = default_backend(simulate, log)
     qb.check_backend(backend)
     if simulate and qc.runtime(backend) == qc.PT2E:
         raise RcompError("--backend pt2e makes real int8 models only; drop --simulate, or simulate with --backend x86")
@@ -86,4 +112,14 @@ def quantize(model, calib: Iterable[torch.Tensor], *, bits: int = 8, simulate: b
     q = quant_meta(mode, bits, backend, n)
     if structure:
         q["float_shapes"] = float_shapes(model, structure)
-    return assemble(model, finalize(fq, q), q)
+    try:
+        return assemble(model, finalize(fq, q), q)
+    except Pt2eUnsupported as exc:
+        if not defaulted:
+            raise
+        # the same twin (pt2e's follows x86's configuration), now converted by torch.ao
+        q["backend"] = "x86"
+        if log is not None:
+            log(f"{str(exc).removeprefix('--backend pt2e: ').split('; use')[0]}: writing a torch.ao x86 int8 file "
+                "instead (deprecated runtime; docs/quantization.md)")
+        return assemble(model, finalize(fq, q), q)

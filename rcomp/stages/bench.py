@@ -58,7 +58,7 @@ class Config(AttackOptions):
                               help="Import the user factories checkpoints name (only for files you trust).")
     force: bool = O.force_opt()
     compile: bool = O.opt(False, "--compile", kind="bool",
-                          help="Time pt2e int8 models (rcomp quantize --backend pt2e) under torch.compile "
+                          help="Time pt2e int8 models (rcomp quantize's default runtime) under torch.compile "
                                "(inductor): faster, but each batch size compiles once (seconds, untimed); other "
                                "models are refused.")
 

@@ -16,8 +16,8 @@ from rcomp.text import printable
 SUPPORTED = f"supported: {qc.supported()}"
 
 SUMMARY = "Quantize a checkpoint: real int8 (default) or a simulated low-bit fake-quant model."
-DOC = """Real int8 is static post-training quantization (torch.ao FX calibration, CPU kernels of --backend:
-torch.ao's engines, or torchao pt2e's oneDNN lowering with --backend pt2e):
+DOC = """Real int8 is static post-training quantization (torch.ao FX calibration; run on oneDNN's int8
+kernels by default (pt2e), or on torch.ao's deprecated engines with --backend x86|fbgemm|qnnpack):
 weights symmetric per output channel, activations affine per tensor, MinMax ranges from
 --calib-n training images, BatchNorm folded. The file is about 4x smaller and, at batch 64,
 several times faster. Attacks on an int8 model take gradients from its fake-quant twin
@@ -30,7 +30,7 @@ The output stores only plain tensors (integer weights, scales, zero points, rang
 reloads to identical outputs. Pruned checkpoints quantize too. Prints the output path."""
 EXAMPLES = """rcomp quantize model.safetensors --data digits -o model.int8.safetensors
 rcomp quantize model.safetensors --simulate --bits 4 --data digits
-rcomp quantize model.safetensors --backend pt2e --data digits -o model.pt2e.safetensors
+rcomp quantize old.int8.safetensors --backend pt2e -o model.pt2e.safetensors   # a torch.ao int8 file to pt2e
 rcomp prune model.safetensors --ratio 0.5 | rcomp quantize --data digits
 rcomp quantize model.onnx --backend onnxruntime --data digits -o model.int8.onnx"""
 
@@ -41,10 +41,11 @@ class Config:
                       help="Bits: 8 for real int8; 2..16 with --simulate.")
     simulate: bool = O.opt(False, "--simulate", kind="bool",
                          help="Fake-quant model (fp32 compute carrying the rounding of --bits) instead of real int8.")
-    backend: str = O.opt("x86", "--backend", kind="choice", choices=qc.QUANTIZE_BACKENDS,
-                       help="Quantized engine: x86, fbgemm or qnnpack (torch.ao, deprecated); pt2e: torchao's pt2e "
-                            "lowering to oneDNN int8 kernels (needs torchao: pip install 'rcomp[pt2e]'; same file "
-                            "layout, see docs/quantization.md); onnxruntime: static QDQ int8 of an ONNX file (a "
+    backend: str | None = O.opt(None, "--backend", kind="choice", choices=qc.QUANTIZE_BACKENDS,
+                       help="Int8 runtime. Default: pt2e, the pt2e int8 graph on oneDNN's int8 kernels (torch's "
+                            "own; x86 for --simulate, and where pt2e cannot take the network, said on stderr). "
+                            "x86, fbgemm or qnnpack: torch.ao's engines (deprecated upstream; same file layout, "
+                            "see docs/quantization.md); onnxruntime: static QDQ int8 of an ONNX file (a "
                             "checkpoint is exported first), written as .onnx.")
     data: str | None = O.opt(None, "--data", help="Calibration dataset (default: the dataset the checkpoint records; "
                                                 "required when it records none).")
@@ -118,7 +119,7 @@ def _move_to_pt2e(model, old: str, cfg: Config, log, source: str) -> C.StageResu
     from rcomp.quant.assemble import with_backend
 
     log(f"{printable(Path(source).name)} runs on torch.ao's {old} int8 engine (deprecated upstream): moving it to "
-        "pt2e (torchao's oneDNN int8 kernels) with the same integer weights and ranges; no calibration")
+        "pt2e (oneDNN's int8 kernels) with the same integer weights and ranges; no calibration")
     qmodel = with_backend(model, cfg.backend)
     metrics: dict[str, Any] = {}
     data_name = cfg.data or model.meta.dataset
@@ -201,10 +202,10 @@ def apply(model, cfg: Config, log=C.stderr_log, source: str = "model") -> C.Stag
     check_fits(train, model.meta.num_classes, data_name)
     calib = [x for x, _ in make_loader(train, cfg.batch_size, shuffle=True, seed=cfg.seed, n=cfg.calib_n)]
     log(f"calibrating on {sum(len(x) for x in calib)} {data_name} images ...")
-    qmodel = ptq(model, calib, bits=cfg.bits, simulate=cfg.simulate, backend=cfg.backend, folded=folded)
+    qmodel = ptq(model, calib, bits=cfg.bits, simulate=cfg.simulate, backend=cfg.backend, folded=folded, log=log)
     metrics = _accuracy(model, qmodel, cfg, data_name, log) if cfg.eval_n else {}
     q = qmodel.meta.compression["quantization"]
-    params = {"bits": cfg.bits, "simulate": cfg.simulate, "backend": cfg.backend, "data": data_name,
+    params = {"bits": cfg.bits, "simulate": cfg.simulate, "backend": q["backend"], "data": data_name,
               "calib_n": q["calib_n"], "seed": cfg.seed}
     entry = C.record(qmodel, "quantize", params, getattr(model, "source_sha256", None), metrics)
     return C.StageResult(model=C.derived(qmodel), report={"quantization": q, **metrics}, entry=entry)
