@@ -9,11 +9,12 @@ In one run (OMP_WAIT_POLICY=PASSIVE, set before torch loads; 1 thread for torch 
    folder (the digits images written as 16x16 PNGs in class folders, convnet8 trained on it).
    Target: within 0.5 points.
 3. speed at batch 64 against eager fp32 (resnet18-cifar dense): ORT fp32, ORT int8 (the activation type
-   rcomp picks for this CPU, and S8S8), torch.ao int8; interleaved rounds, medians and spread, CPU named.
+   rcomp picks for this CPU, and S8S8), torch.ao int8, pt2e int8 (the default); interleaved rounds, medians
+   and spread, CPU named.
    Target: ORT int8 >= 3.5x on AVX2.
 4. robustness at eps 0.1 of the exported int8 file (convnet8 digits): per-example worst of Square on the
    file and PGD/APGD transfer from the source checkpoint (`rcomp attack FILE --attack auto`, gradients
-   from the source checkpoint), against `rcomp attack --attack auto` on the torch.ao int8 checkpoint.
+   from the source checkpoint), against `rcomp attack --attack auto` on the int8 checkpoint (pt2e, the default).
    Target: within 1 point, or the difference explained.
 
 --quick: fewer images, rounds and queries. Speed figures from a loaded machine cannot be trusted.
@@ -177,7 +178,8 @@ def _speed(work: Path, quick: bool) -> list[dict]:
     variants = {"eager fp32": dense, "ORT fp32": OnnxClassifier(raw, dense.meta, {})}
     for act in dict.fromkeys((chosen, "s8s8")):
         variants[f"ORT int8 {act}"] = OnnxClassifier(Q.quantize_static(raw, calib, act), dense.meta, {})
-    variants["torch.ao int8 (x86)"] = quantize(dense, calib, bits=8)
+    variants["torch.ao int8 (x86)"] = quantize(dense, calib, bits=8, backend="x86")
+    variants["pt2e int8 (rcomp quantize's default)"] = quantize(dense, calib, bits=8)
     x = torch.rand(64, 3, 32, 32, generator=g)
     rounds = 5 if quick else 15
     times: dict[str, list[float]] = {k: [] for k in variants}
@@ -223,7 +225,7 @@ def _robustness(work: Path, ckpt: Path, quick: bool) -> list[dict]:
     assert code == 0, err
     got_sim = json.loads(out)
     diff_sim = 100 * (got_sim["worst_case_acc"] - ref["worst_case_acc"])
-    # the same attack on both: the torch.ao int8 checkpoint attacked the way the file is (gradients from the fp32
+    # the same attack on both: the int8 checkpoint (pt2e, the default) attacked the way the file is (gradients from the fp32
     # source checkpoint, Square on the int8 model); splits the difference into attack and model
     import rcomp
     from rcomp.models.loading import load
@@ -237,21 +239,21 @@ def _robustness(work: Path, ckpt: Path, quick: bool) -> list[dict]:
         row("ORT int8 file, gradients from --surrogate simulated int8 (fake-quant) checkpoint: worst case",
             got_sim["worst_case_acc"], None, None,
             f"rcomp attack {onnx_int8.name} --data digits --attack auto --eps 0.1 --surrogate {sim.name}"),
-        row("difference (file with fake-quant surrogate - torch.ao int8 checkpoint), points", round(diff_sim, 2),
+        row("difference (file with fake-quant surrogate - int8 checkpoint (pt2e, the default)), points", round(diff_sim, 2),
             "within 1 point", abs(round(diff_sim, 6)) <= 1.0),
-        row(f"torch.ao int8 checkpoint: rcomp attack --attack auto, eps 0.1, n={n} (clean {ref['clean_acc']:.3f})",
+        row(f"int8 checkpoint (pt2e, the default): rcomp attack --attack auto, eps 0.1, n={n} (clean {ref['clean_acc']:.3f})",
             ref["worst_case_acc"], None, None, f"rcomp attack {int8.name} --data digits --attack auto --eps 0.1"),
         row(f"ORT int8 file: worst of APGD transfer from the source checkpoint and Square on the file (clean "
             f"{got['clean_acc']:.3f}; {got['gradient_source']})", got["worst_case_acc"], None, None,
             f"rcomp attack {onnx_int8.name} --data digits --attack auto --eps 0.1"),
-        row("difference (file - torch.ao int8 checkpoint), points", round(diff, 2), "within 1 point",
+        row("difference (file - int8 checkpoint (pt2e, the default)), points", round(diff, 2), "within 1 point",
             abs(round(diff, 6)) <= 1.0),
-        row("torch.ao int8 checkpoint attacked like the file (APGD transfer from the source checkpoint, Square on "
+        row("int8 checkpoint (pt2e, the default) attacked like the file (APGD transfer from the source checkpoint, Square on "
             "the checkpoint): worst case", alike["worst_case_acc"], None, None,
             "rcomp.attack(int8 model with the source checkpoint as gradient model, attack='auto')"),
         row("  of which the attack (black-box transfer - white-box through the twin, same checkpoint), points",
             round(diff_attack, 2), None, None),
-        row("  of which the file (ORT int8 file - torch.ao int8 checkpoint, same attack), points",
+        row("  of which the file (ORT int8 file - int8 checkpoint (pt2e, the default), same attack), points",
             round(diff_model, 2), "within 1 point", abs(round(diff_model, 6)) <= 1.0),
     ]
 

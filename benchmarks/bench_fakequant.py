@@ -114,7 +114,7 @@ def run(quick: bool = False) -> list[dict]:
 
     rounds, n, cmd = ab_setup("bench_fakequant.py", quick)
     digits, x, y = digits_and_batch(n)
-    int8 = quantize(digits, [x], bits=8)
+    int8 = quantize(digits, [x], bits=8, backend="x86")  # torch.ao, as when its figures were recorded
     int4 = quantize(digits, [x], bits=4, simulate=True)
     label = "torch's op / rcomp's"
     rows = [row("CPU, threads", f"{_cpu()}, {torch.get_num_threads()}", command=cmd)]

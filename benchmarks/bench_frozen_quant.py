@@ -48,7 +48,7 @@ def run(quick: bool = False) -> list[dict]:
 
     rounds, n, cmd = ab_setup("bench_frozen_quant.py", quick)
     digits, x, y = digits_and_batch(n)
-    cases = [("convnet8 digits int8 (fake-quant twin)", quantize(digits, [x], bits=8)),
+    cases = [("convnet8 digits int8 (fake-quant twin)", quantize(digits, [x], bits=8, backend="x86")),
              ("convnet8 digits simulated int4", quantize(digits, [x], bits=4, simulate=True))]
     rows = [row("CPU, threads", f"{_cpu()}, {torch.get_num_threads()}", command=cmd)]
     for name, model in cases:

@@ -63,7 +63,7 @@ def run(quick: bool = False) -> list[dict]:
 
     rounds, n, cmd = ab_setup("bench_layout.py", quick)
     digits, x, y = digits_and_batch(n)
-    int8 = quantize(digits, [x], bits=8)
+    int8 = quantize(digits, [x], bits=8, backend="x86")  # torch.ao, as when its figures were recorded
     torch.manual_seed(0)
     resnet = build_model("resnet18-cifar", 10, (3, 32, 32)).eval()
     xr, yr = torch.rand(n // 4, 3, 32, 32), torch.randint(0, 10, (n // 4,))

@@ -112,9 +112,9 @@ def run(quick: bool = False) -> list[dict]:
             opt.step()
     model.eval()
     calib = [x for x, _ in make_loader(train, 64, shuffle=True, seed=1, n=256)]
-    qmodel = quantize(model, calib, bits=8)
+    qmodel = quantize(model, calib, bits=8, backend="x86")  # torch.ao, as its title says
     pruned, _ = prune(copy.deepcopy(model), 0.5, method="l1")  # prune() replaces model.net in place
-    pqmodel = quantize(pruned, calib, bits=8)
+    pqmodel = quantize(pruned, calib, bits=8, backend="x86")
 
     rows = []
     reps = 5 if quick else 20
