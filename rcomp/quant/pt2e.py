@@ -202,14 +202,15 @@ class Int8Layer(nn.Module):
                                                   *self.conv_args, None)
         return torch.ops.onednn.qlinear_prepack(self.weight_q, None)
 
-    def __deepcopy__(self, memo):
-        new = type(self).__new__(type(self))
-        memo[id(self)] = new
-        for k, v in self.__dict__.items():
-            if k != "packed":
-                new.__dict__[k] = copy.deepcopy(v, memo)
-        new.packed = new._pack()
-        return new
+    def __getstate__(self):
+        """A copy leaves the packed weights out (torch cannot copy an opaque tensor) and packs them again."""
+        state = self.__dict__.copy()
+        state.pop("packed", None)
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.packed = self._pack()
 
     def forward(self, qx: torch.Tensor) -> torch.Tensor:
         scale, zp, dtype = (*self.out, torch.uint8) if self.out else (1.0, 0, torch.float32)
