@@ -511,3 +511,58 @@ def test_a_pt2e_model_deep_copies(pair):
     layer = next(m for m in twin.net.gm.modules() if type(m).__name__ == "Int8Layer")
     orig = next(m for m in pt2e.net.gm.modules() if type(m).__name__ == "Int8Layer")
     assert layer.packed is not orig.packed and layer.weight_q is not orig.weight_q
+
+
+class _Viewing(torch.nn.Module):
+    """The common hand-written classifier head: ``y.view(y.size(0), -1)`` after the last convolution."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.r = torch.nn.ReLU()
+        self.fc = torch.nn.Linear(4 * 8 * 8, 10)
+
+    def forward(self, x):
+        y = self.r(self.bn(self.c(x)))
+        return self.fc(y.view(y.size(0), -1))
+
+
+def test_a_view_after_an_int8_convolution_runs():
+    """oneDNN's int8 convolutions write channels-last tensors, which `view(n, -1)` refuses ('view size is not
+    compatible with input tensor's size and stride'); the pt2e graph reshapes instead and computes the twin's
+    model (a logit step or two apart where the kernel and the twin round an activation differently)."""
+    from torch.ao.quantization import FakeQuantizeBase
+
+    from rcomp.quant.pt2e import lower
+
+    torch.manual_seed(0)
+    fq, _ = _residual_twin(3, _Viewing())
+    x = torch.rand(40, 1, 8, 8, generator=torch.Generator().manual_seed(4))  # the calibrated range: no saturation
+    net = lower(fq, (1, 8, 8))
+    with torch.no_grad():
+        a, b = net(x), fq(x)
+    step = float([m for n, m in fq.named_modules() if isinstance(m, FakeQuantizeBase)][-1].scale)  # the logits'
+    assert a.shape == (40, 10) and (a.argmax(1) == b.argmax(1)).float().mean() >= 0.95
+    assert (a - b).abs().max() <= 2 * step + 1e-6, ((a - b).abs().max() / step).item()
+
+
+def test_a_graph_that_fails_its_probe_falls_back_or_is_refused(monkeypatch):
+    """Whatever else a network's float ops refuse on the int8 graph is caught by a probe when the graph is built:
+    the default falls back to torch.ao x86 and says so; a named --backend pt2e is refused in one line."""
+    from rcomp.models.registry import build_model
+    from rcomp.quant.pt2e import Int8Layer, Pt2eUnsupported
+
+    model = build_model("convnet8", 10, (1, 8, 8)).eval()
+    calib = [torch.rand(16, 1, 8, 8)]
+
+    def broken(self, qx):
+        raise RuntimeError("some op refuses this layout")
+
+    monkeypatch.setattr(Int8Layer, "forward", broken)
+    said: list[str] = []
+    q = quantize(model, calib, log=said.append)
+    assert q.meta.compression["quantization"]["backend"] == "x86"
+    assert len(said) == 1 and "probe input" in said[0] and "some op refuses" in said[0], said
+    with pytest.raises(Pt2eUnsupported, match="probe input.*use --backend x86"):
+        quantize(model, calib, backend="pt2e")

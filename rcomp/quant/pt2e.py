@@ -398,7 +398,11 @@ def lower(fq: nn.Module, example_shape: tuple[int, ...] | None = None) -> Pt2eIn
                 root.add_submodule(node.target, DequantLayer(mod, ints[node.target], _LAYERS[kind]))
                 flt[node] = g.call_module(node.target, (as_float(src),))
             continue
-        flt[node] = g.node_copy(node, as_float)
+        flt[node] = new = g.node_copy(node, as_float)
+        if new.op == "call_method" and new.target == "view":
+            # oneDNN's int8 kernels write channels-last tensors, which `x.view(n, -1)` (common after the last
+            # convolution) refuses; reshape gives the same values (and views where it can)
+            new.target = "reshape"
     _integer_domain(g, dict(root.named_modules(remove_duplicate=False)))
     for n in g.nodes:  # a sum whose first term is a dequantized temporary read once: add in place
         a = n.args[0] if n.op == "call_function" and len(n.args) == 2 and not n.kwargs else None
@@ -417,7 +421,23 @@ def lower(fq: nn.Module, example_shape: tuple[int, ...] | None = None) -> Pt2eIn
         elif n.target is quantize and src in temps and len(src.users) == 1:
             n.target = quantize_into  # a quantize of such a temporary: in place
     g.lint()
-    return Pt2eInt8(torch.fx.GraphModule(root, g).eval(), fq).eval()
+    net = Pt2eInt8(torch.fx.GraphModule(root, g).eval(), fq).eval()
+    if example_shape:
+        _probe(net, example_shape)
+    return net
+
+
+def _probe(net: Pt2eInt8, shape: tuple[int, ...]) -> None:
+    """Run the int8 graph once on two zero images: a network whose float ops do not take what the int8 kernels
+    give them (a layout, a dtype) is refused here, in one line, not in the middle of a user's evaluation."""
+    try:
+        out = net(torch.zeros(2, *shape))
+    except Exception as exc:  # noqa: BLE001 - any failure of the network's own ops on the int8 graph
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+        raise Pt2eUnsupported(f"--backend pt2e: this network's int8 graph fails on a probe input "
+                              f"({type(exc).__name__}: {first}); use --backend x86") from None
+    if not isinstance(out, torch.Tensor):
+        raise Pt2eUnsupported("--backend pt2e: this network's int8 graph does not return a tensor; use --backend x86")
 
 
 def compiled(net: nn.Module) -> nn.Module:
