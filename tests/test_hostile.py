@@ -428,6 +428,12 @@ CASES += [
                                                    lambda t: torch.cat([t, t])), "quant"), LOAD, "zero_point"),
     ("quant-act-scale-two", tensors_edit(setitem("net.activation_post_process_1.scale",
                                                  lambda t: torch.cat([t, t])), "quant"), LOAD, "has shape"),
+    # issue 24: values the int8 kernels would have computed with silently
+    ("quant-act-zero-point-300", tensors_edit(setitem("net.activation_post_process_1.zero_point",
+                                                      lambda t: torch.full_like(t, 300)), "quant"), LOAD,
+     "outside its integer range"),
+    ("quant-weights-minus-128", tensors_edit(setitem("net.layers.1.weight_q", lambda t: torch.full_like(t, -128)),
+                                             "quant"), LOAD, "outside their range [-127, 127]"),
 ]
 
 

@@ -193,6 +193,26 @@ def weight_quantizers(fq: nn.Module) -> dict[str, nn.Module]:
     return {name: mod.weight_fake_quant for name, mod in fq.named_modules() if hasattr(mod, "weight_fake_quant")}
 
 
+def outside_range(fq: nn.Module, ints: dict[str, torch.Tensor]) -> str | None:
+    """What in a loaded twin lies outside its integer range (a zero point, integer weights), else None: the
+    int8 kernels would compute with it silently."""
+    from torch.ao.quantization import FakeQuantizeBase
+
+    for name, m in fq.named_modules():
+        if isinstance(m, FakeQuantizeBase) and m.zero_point.numel():
+            z = m.zero_point
+            if bool(((z < m.quant_min) | (z > m.quant_max)).any()):
+                return (f"quantization zero point {name} holds {int(z.min())}..{int(z.max())}, outside its integer "
+                        f"range [{m.quant_min}, {m.quant_max}]")
+    wq = weight_quantizers(fq)
+    for name, q in ints.items():
+        w = wq[name]
+        if q.numel() and bool(((q < w.quant_min) | (q > w.quant_max)).any()):
+            return (f"integer weights of {name} hold {int(q.min())}..{int(q.max())}, outside their range "
+                    f"[{w.quant_min}, {w.quant_max}]")
+    return None
+
+
 def int_weights(fq: nn.Module) -> dict[str, torch.Tensor]:
     """Integer weights exactly as ``fq``'s fake-quant rounds them (``{module name: int tensor}``)."""
     out = {}

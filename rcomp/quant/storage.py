@@ -130,6 +130,9 @@ def restore(model, tensors: dict[str, torch.Tensor], where: str = "checkpoint"):
         raise RcompError(f"{where}: the quantized tensors do not fit architecture {model.meta.arch.name}: {msg}") from None
     if set(ints) != set(qb.weight_quantizers(fq)):
         raise RcompError(f"{where}: integer weights are missing for some layers; the file is damaged")
+    bad = qb.outside_range(fq, ints)
+    if bad:
+        raise RcompError(f"{where}: {bad}; the file is damaged or edited: re-quantize the float checkpoint")
     qb.set_int_weights(fq, ints)
     qb.freeze(fq)
     return assemble(model, fq, q)
