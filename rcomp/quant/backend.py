@@ -247,7 +247,7 @@ def set_engine(backend: str) -> None:
 def convert(fq: nn.Module, backend: str, example_shape: tuple[int, ...] | None = None) -> nn.Module:
     """A real int8 module from a frozen 8-bit fake-quant twin (``fq`` itself is left untouched): torch.ao's
     ``convert_fx`` (deprecated runtime) or, for the pt2e backend, the twin on oneDNN int8 kernels (rcomp.quant.pt2e)
-    (``example_shape``: unused, kept for callers)."""
+    (``example_shape``: one input's shape, for pt2e's probe run)."""
     if runtime(backend) == PT2E:
         from rcomp.quant.pt2e import lower
 

@@ -59,13 +59,6 @@ def runtime(backend: str) -> str:
     return BACKEND_INFO[backend][2]
 
 
-def require_pt2e() -> None:
-    """Refuse in one line where this torch build has no oneDNN int8 kernels (the pt2e runtime)."""
-    from rcomp.quant.pt2e import require_onednn
-
-    require_onednn()
-
-
 def is_real(q: dict[str, Any] | str | None) -> bool:
     """Whether a quantization record (or mode name) runs on real integer kernels."""
     mode = q.get("mode") if isinstance(q, dict) else q

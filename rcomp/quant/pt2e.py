@@ -37,7 +37,30 @@ from rcomp.errors import RcompError
 
 class Pt2eUnsupported(RcompError):
     """The pt2e int8 runtime cannot take this network (or this torch build has no oneDNN int8 kernels); where the
-    user did not name a backend, :func:`rcomp.quant.ptq.quantize` writes a torch.ao x86 file instead and says so."""
+    user did not name a backend, :func:`rcomp.quant.ptq.quantize` writes a torch.ao x86 file instead and says so
+    (``reason``: why, without the ``--backend`` advice)."""
+
+    def __init__(self, reason: str, fix: str = "use --backend x86"):
+        self.reason = reason
+        super().__init__(f"--backend pt2e: {reason}; {fix}")
+
+
+def _act_qparams(m: nn.Module) -> tuple[float, int, int, int]:
+    """An activation quantizer's (scale, zero point, min, max); per-channel ones have no pt2e int8 form."""
+    s = m.scale.detach()
+    if s.numel() != 1 or m.qscheme not in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+        raise Pt2eUnsupported("this network quantizes an activation per channel, which the pt2e int8 runtime does "
+                              "not take")
+    return float(s), int(m.zero_point), int(m.quant_min), int(m.quant_max)
+
+
+def _layer_relu(name: str, mod: nn.Module) -> bool:
+    """Whether the quantized layer ``mod`` applies ReLU; layers other than 2-d convolutions and linears are refused."""
+    kind = type(mod).__name__
+    if kind not in _LAYERS or (kind.startswith("Conv") and not isinstance(mod, nn.Conv2d)):
+        raise Pt2eUnsupported(f"layer {name} ({kind}) is not one the pt2e int8 runtime takes (2-d convolutions and "
+                              "linears)")
+    return _LAYERS[kind]
 
 
 #: the inductor settings torch.compile of a pt2e int8 graph needs (its packed weights must be graph constants);
@@ -103,11 +126,7 @@ def qdq_graph(fq: nn.Module) -> torch.fx.GraphModule:
             continue
         mod = gm.get_submodule(node.target)
         if isinstance(mod, FakeQuantizeBase):
-            s, z = mod.scale.detach(), mod.zero_point.detach()
-            if s.numel() != 1 or mod.qscheme not in (torch.per_tensor_affine, torch.per_tensor_symmetric):
-                raise RcompError("--backend pt2e: this network quantizes an activation per channel, which the pt2e "
-                                 "int8 lowering does not take; use --backend x86")
-            args = (float(s), int(z), int(mod.quant_min), int(mod.quant_max), torch.uint8)
+            args = (*_act_qparams(mod), torch.uint8)
             with g.inserting_after(node):
                 q = g.call_function(ops.quantize_per_tensor.default, (node.args[0], *args))
             with g.inserting_after(q):
@@ -115,11 +134,7 @@ def qdq_graph(fq: nn.Module) -> torch.fx.GraphModule:
             node.replace_all_uses_with(dq)
             g.erase_node(node)
         elif hasattr(mod, "weight_fake_quant"):
-            kind = type(mod).__name__
-            if kind not in _LAYERS or (kind.startswith("Conv") and not isinstance(mod, nn.Conv2d)):
-                raise RcompError(f"--backend pt2e: layer {node.target} ({kind}) is not one the pt2e int8 graph "
-                                 "takes (2-d convolutions and linears); use --backend x86")
-            gm.add_submodule(node.target, DequantLayer(mod, ints[node.target], _LAYERS[kind]))
+            gm.add_submodule(node.target, DequantLayer(mod, ints[node.target], _layer_relu(node.target, mod)))
     g.lint()
     gm.recompile()
     return gm.eval()
@@ -331,7 +346,7 @@ def require_onednn() -> None:
     except (AttributeError, RuntimeError):
         ok = False
     if not ok:
-        raise Pt2eUnsupported("--backend pt2e runs on oneDNN's int8 kernels, which this torch build lacks; "
+        raise Pt2eUnsupported("it runs on oneDNN's int8 kernels, which this torch build lacks",
                               "use --backend x86 (or qnnpack on ARM)")
 
 
@@ -343,7 +358,8 @@ def lower(fq: nn.Module, example_shape: tuple[int, ...] | None = None) -> Pt2eIn
     quantized value gets :func:`dequantize`. This is the graph torchao's x86 lowering makes of
     :func:`qdq_graph` (same kernels, same arguments; tests compare the outputs bit for bit), made in
     milliseconds instead of the 6-76 s of ``torch.export`` + decompositions + freezing passes, and without
-    torchao's per-call input guards. Any batch size; ``example_shape`` is not needed (kept for callers)."""
+    torchao's per-call input guards. Any batch size; ``example_shape`` (one input's shape): run the graph once on
+    a probe input of that shape (:func:`_probe`)."""
     from torch.ao.quantization import FakeQuantizeBase
 
     from rcomp.quant import backend as qb
@@ -362,12 +378,7 @@ def lower(fq: nn.Module, example_shape: tuple[int, ...] | None = None) -> Pt2eIn
             isinstance(mods.get(n.target), FakeQuantizeBase)
 
     def qparams(n) -> tuple[float, int, int, int]:
-        m = mods[n.target]
-        s = m.scale.detach()
-        if s.numel() != 1 or m.qscheme not in (torch.per_tensor_affine, torch.per_tensor_symmetric):
-            raise Pt2eUnsupported("--backend pt2e: this network quantizes an activation per channel, which the pt2e "
-                                  "int8 runtime does not take; use --backend x86")
-        return float(s), int(m.zero_point), int(m.quant_min), int(m.quant_max)
+        return _act_qparams(mods[n.target])
 
     def as_float(n):
         if not isinstance(n, torch.fx.Node) or n in flt:
@@ -383,19 +394,16 @@ def lower(fq: nn.Module, example_shape: tuple[int, ...] | None = None) -> Pt2eIn
             continue
         mod = mods.get(node.target) if node.op == "call_module" else None
         if mod is not None and hasattr(mod, "weight_fake_quant"):
-            kind = type(mod).__name__
-            if kind not in _LAYERS or (kind.startswith("Conv") and not isinstance(mod, nn.Conv2d)):
-                raise Pt2eUnsupported(f"--backend pt2e: layer {node.target} ({kind}) is not one the pt2e int8 "
-                                      "runtime takes (2-d convolutions and linears); use --backend x86")
+            relu = _layer_relu(node.target, mod)
             src, users = node.args[0], list(node.users)
             if is_fq(src):
                 out = users[0] if len(users) == 1 and is_fq(users[0]) else None
-                root.add_submodule(node.target, Int8Layer(mod, ints[node.target], _LAYERS[kind], qparams(src)[:2],
+                root.add_submodule(node.target, Int8Layer(mod, ints[node.target], relu, qparams(src)[:2],
                                                           qparams(out)[:2] if out is not None else None))
                 new = g.call_module(node.target, (qval[src][0],))
                 (fused if out is not None else flt)[node] = new
             else:  # no quantizer in front (torch.ao always puts one): the float op on the integer weights
-                root.add_submodule(node.target, DequantLayer(mod, ints[node.target], _LAYERS[kind]))
+                root.add_submodule(node.target, DequantLayer(mod, ints[node.target], relu))
                 flt[node] = g.call_module(node.target, (as_float(src),))
             continue
         flt[node] = new = g.node_copy(node, as_float)
@@ -403,20 +411,20 @@ def lower(fq: nn.Module, example_shape: tuple[int, ...] | None = None) -> Pt2eIn
             # oneDNN's int8 kernels write channels-last tensors, which `x.view(n, -1)` (common after the last
             # convolution) refuses; reshape gives the same values (and views where it can)
             new.target = "reshape"
-    _integer_domain(g, dict(root.named_modules(remove_duplicate=False)))
+    new_mods = dict(root.named_modules(remove_duplicate=False))
+    _integer_domain(g, new_mods)
     for n in g.nodes:  # a sum whose first term is a dequantized temporary read once: add in place
         a = n.args[0] if n.op == "call_function" and len(n.args) == 2 and not n.kwargs else None
         if n.target in (operator.add, torch.add) and isinstance(a, torch.fx.Node) and a.target is dequantize \
                 and len(a.users) == 1 and a is not n.args[1]:
             n.target = add_into
     temps: set = set()  # float tensors the graph made for one reader: a dequantized value, a sum, an in-place ReLU
-    mods = dict(root.named_modules(remove_duplicate=False))
     for n in g.nodes:
         src = n.args[0] if n.args and isinstance(n.args[0], torch.fx.Node) else None
         if n.target in (dequantize, add_into):
             temps.add(n)
-        elif n.op == "call_module" and type(mods.get(n.target)) in (nn.ReLU, nn.ReLU6, nn.Hardtanh) \
-                and getattr(mods[n.target], "inplace", False) and src in temps and len(src.users) == 1:
+        elif n.op == "call_module" and type(new_mods.get(n.target)) in (nn.ReLU, nn.ReLU6, nn.Hardtanh) \
+                and getattr(new_mods[n.target], "inplace", False) and src in temps and len(src.users) == 1:
             temps.add(n)
         elif n.target is quantize and src in temps and len(src.users) == 1:
             n.target = quantize_into  # a quantize of such a temporary: in place
@@ -434,10 +442,10 @@ def _probe(net: Pt2eInt8, shape: tuple[int, ...]) -> None:
         out = net(torch.zeros(2, *shape))
     except Exception as exc:  # noqa: BLE001 - any failure of the network's own ops on the int8 graph
         first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
-        raise Pt2eUnsupported(f"--backend pt2e: this network's int8 graph fails on a probe input "
-                              f"({type(exc).__name__}: {first}); use --backend x86") from None
+        raise Pt2eUnsupported(f"this network's int8 graph fails on a probe input ({type(exc).__name__}: "
+                              f"{first})") from None
     if not isinstance(out, torch.Tensor):
-        raise Pt2eUnsupported("--backend pt2e: this network's int8 graph does not return a tensor; use --backend x86")
+        raise Pt2eUnsupported("this network's int8 graph does not return a tensor")
 
 
 def compiled(net: nn.Module) -> nn.Module:

@@ -120,6 +120,5 @@ def quantize(model, calib: Iterable[torch.Tensor], *, bits: int = 8, simulate: b
         # the same twin (pt2e's follows x86's configuration), now converted by torch.ao
         q["backend"] = "x86"
         if log is not None:
-            log(f"{str(exc).removeprefix('--backend pt2e: ').split('; use')[0]}: writing a torch.ao x86 int8 file "
-                "instead (deprecated runtime; docs/quantization.md)")
+            log(f"{exc.reason}: writing a torch.ao x86 int8 file instead (deprecated runtime; docs/quantization.md)")
         return assemble(model, finalize(fq, q), q)

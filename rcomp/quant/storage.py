@@ -94,8 +94,10 @@ def restore(model, tensors: dict[str, torch.Tensor], where: str = "checkpoint"):
     q = check_meta(model.meta.compression.get("quantization"), where)
     check_scales(tensors, where)
     if qc.is_real(q) and qc.runtime(q["backend"]) == qc.PT2E:
+        from rcomp.quant.pt2e import require_onednn
+
         try:
-            qc.require_pt2e()
+            require_onednn()
         except RcompError:
             raise RcompError(f"{where}: this int8 file runs on the pt2e backend (oneDNN int8 kernels), which this "
                              "torch build lacks; on such a machine re-quantize the float checkpoint with "

@@ -70,7 +70,9 @@ class Config:
             if self.simulate:
                 raise RcompError("--backend pt2e makes real int8 models only; drop --simulate, or simulate with "
                                  "--backend x86")
-            qc.require_pt2e()
+            from rcomp.quant.pt2e import require_onednn
+
+            require_onednn()
         if self.backend == qc.ONNXRUNTIME:
             from rcomp.stages.export import check_onnx_output
 
