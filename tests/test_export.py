@@ -363,6 +363,67 @@ def test_quantize_a_checkpoint_with_onnxruntime_exports_first(trained_digits, tm
     assert not (tmp_path / "c.onnx").exists()  # the fp32 export stays in memory
 
 
+def _equal_biases(path: Path) -> Path:
+    """A convnet8 whose layers all have zero biases: the legacy exporter stores them once and shares them
+    through Identity nodes (as it does for the folded BatchNorms of any untrained network)."""
+    import torch
+
+    from rcomp.models.loading import load, save
+
+    make_checkpoint(path)
+    m = load(path)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+    save(m, path, force=True)
+    return path
+
+
+def _int8_layers(path: Path) -> tuple[int, int]:
+    """(Conv/Gemm layers whose input, weight and bias all come from DequantizeLinear, all of them)."""
+    from rcomp.onnx.runtime import read_model
+
+    g = read_model(path)[1].graph
+    made = {o: n.op_type for n in g.node for o in n.output}
+    layers = [n for n in g.node if n.op_type in ("Conv", "Gemm")]
+    return sum(all(made.get(i) == "DequantizeLinear" for i in n.input) for n in layers), len(layers)
+
+
+def test_ort_int8_quantizes_layers_whose_equal_biases_the_exporter_shared(tmp_path):
+    ckpt = _equal_biases(tmp_path / "z.safetensors")
+    onnx_path = _export(ckpt, tmp_path / "z.onnx", "--data", "digits", "--parity-n", "32")
+    from rcomp.onnx.runtime import read_model
+
+    assert any(n.op_type == "Identity" for n in read_model(onnx_path)[1].graph.node)  # the case arises
+    res = run_cli("quantize", onnx_path, "--backend", "onnxruntime", "--data", "digits", "--calib-n", "32",
+                  "--eval-n", "0", "-o", tmp_path / "z.int8.onnx")
+    assert res.code == 0, res.stderr
+    assert "WARNING" not in res.stderr and "stayed float" not in res.stderr
+    done, total = _int8_layers(tmp_path / "z.int8.onnx")
+    assert done == total == 8
+    q = json.loads(_props(tmp_path / "z.int8.onnx")["rcomp.compression"])["quantization"]
+    assert q["float_layers"] == 0
+
+
+def test_ort_int8_says_which_layers_stayed_float(tmp_path, monkeypatch):
+    from rcomp.onnx import ortquant
+
+    ckpt = _equal_biases(tmp_path / "z.safetensors")
+    onnx_path = _export(ckpt, tmp_path / "z.onnx", "--data", "digits", "--parity-n", "32")
+    monkeypatch.setattr(ortquant, "unshare_initializers", lambda proto: 0)  # the quantizer as it was
+    res = run_cli("quantize", onnx_path, "--backend", "onnxruntime", "--data", "digits", "--calib-n", "32",
+                  "--eval-n", "0", "-o", tmp_path / "z.int8.onnx")
+    assert res.code == 0, res.stderr
+    done, total = _int8_layers(tmp_path / "z.int8.onnx")
+    assert done < total
+    line = next(ln for ln in res.stderr.splitlines() if "stayed float" in ln)
+    assert line.startswith(f"{total - done} of {total} Conv/Gemm/MatMul layers stayed float")
+    assert "WARNING" not in res.stderr
+    q = json.loads(_props(tmp_path / "z.int8.onnx")["rcomp.compression"])["quantization"]
+    assert q["float_layers"] == total - done
+
+
 def test_foreign_or_broken_onnx_files_are_refused_in_one_line(exported, tmp_path):
     from rcomp.onnx.export import with_metadata
 

@@ -245,7 +245,13 @@ def quantize_onnx(cfg, path: Path, log=C.stderr_log, default_output: bool = True
     log(f"ONNX Runtime int8 (QDQ, per-channel weights): activation type {activation}: {reason}")
     log(f"calibrating on {calib_n} {name} images ...")
     qraw = Q.quantize_static(data, calib, activation)
+    left, total = Q.float_layers(qraw)
+    if left:
+        log(f"{len(left)} of {total} Conv/Gemm/MatMul layers stayed float in the int8 file (onnxruntime's quantizer "
+            f"did not take them: {printable(', '.join(left[:3]))}{', ...' if len(left) > 3 else ''}); they run at "
+            "fp32 speed")
     q = Q.quant_record(activation, reason, calib_n, name)
+    q["float_layers"] = len(left)
     meta = copy.deepcopy(fp32.meta)
     meta.compression["quantization"] = q
     int8 = OnnxClassifier(qraw, copy.deepcopy(meta), {}, where="the quantized model")
