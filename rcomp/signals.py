@@ -40,3 +40,27 @@ def interrupted(exc: KeyboardInterrupt, stream=None) -> int:
     what = "terminated" if isinstance(exc, Terminated) else "interrupted"
     print(f"rcomp: {what}; no output was written", file=stream)
     return getattr(exc, "exit_code", EXIT_SIGINT)
+
+
+def interrupt_in(exc: BaseException | None) -> KeyboardInterrupt | None:
+    """The Ctrl-C or SIGTERM behind ``exc``, else None. Libraries catch it in broad ``except`` blocks and
+    raise their own error in its place (torch.export: TorchExportError <- AttributeError <- KeyboardInterrupt),
+    which rcomp would otherwise report as that library's failure, exit 2, instead of an interrupt."""
+    todo, seen = [exc], set()
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        if isinstance(e, KeyboardInterrupt):
+            return e
+        seen.add(id(e))
+        todo += [e.__cause__, e.__context__]
+    return None
+
+
+def reraise_interrupt(exc: BaseException) -> None:
+    """Raise the interrupt behind ``exc`` (see :func:`interrupt_in`), if there is one: called first in every
+    ``except Exception`` that turns a library's failure into one line."""
+    ki = interrupt_in(exc)
+    if ki is not None and ki is not exc:
+        raise ki from None

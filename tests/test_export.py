@@ -173,6 +173,47 @@ def test_export_below_agreement_exits_1_and_writes_nothing(trained_digits, tmp_p
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
+class _LibraryError(Exception):
+    pass
+
+
+def _swallowing_export(*args, **kwargs):
+    """torch.export as measured: Ctrl-C in the middle of it surfaced as TorchExportError <- AttributeError <-
+    KeyboardInterrupt (the library's broad except raised its own error in the interrupt's place)."""
+    try:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise AttributeError("'NoneType' object has no attribute 'graph'")  # noqa: B904 - as the library does
+    except AttributeError as exc:
+        raise _LibraryError("Failed to export the model with torch.export. \x1b[96mThis is step 1/3\x1b[0m") from exc
+
+
+@pytest.mark.parametrize("command", ["export", "quantize"])
+def test_ctrl_c_inside_the_exporter_is_an_interrupt_not_its_failure(trained_digits, tmp_path, monkeypatch, command):
+    import torch
+
+    monkeypatch.setattr(torch.onnx, "export", _swallowing_export)
+    out = tmp_path / "m.onnx"
+    args = ["--backend", "onnxruntime", "--data", "digits"] if command == "quantize" else ["--exporter", "legacy"]
+    res = run_cli(command, trained_digits, "-o", out, *args)
+    assert res.code == 130, res.stderr
+    assert res.stderr.strip().splitlines()[-1] == "rcomp: interrupted; no output was written"
+    assert "exporter failed" not in res.stderr and "LibraryError" not in res.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_python_api_gets_the_interrupt_itself(trained_digits, tmp_path, monkeypatch):
+    import torch
+
+    import rcomp
+
+    monkeypatch.setattr(torch.onnx, "export", _swallowing_export)
+    with pytest.raises(KeyboardInterrupt):
+        rcomp.export(trained_digits, output=tmp_path / "m.onnx", exporter="legacy")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_export_output_rules(exported, tmp_path):
     ckpt, onnx_path = exported
     assert_one_line_error(run_cli("export", ckpt, "-o", onnx_path, "--exporter", "legacy"), "already exists")

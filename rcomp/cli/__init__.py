@@ -196,11 +196,12 @@ def _exit_code(exc: BaseException, args: list[str]) -> int:
     from typer._click.exceptions import ClickException
     from typer.exceptions import Abort, Exit
 
-    from rcomp.signals import interrupted
+    from rcomp.signals import interrupt_in, interrupted
     from rcomp.text import printable
 
     if isinstance(exc, Exit):
         return exc.exit_code
+    exc = interrupt_in(exc) or exc  # a library's error raised in place of Ctrl-C is the interrupt
     if isinstance(exc, KeyboardInterrupt):  # Ctrl-C (130) or SIGTERM (143)
         return interrupted(exc)
     if isinstance(exc, Abort):

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from rcomp.errors import RcompError
+from rcomp.signals import reraise_interrupt
 from rcomp.text import printable
 
 OPSET = 18
@@ -119,6 +120,7 @@ def to_onnx(model, exporter: str = "dynamo", opset: int = OPSET) -> bytes:
     except RcompError:
         raise
     except Exception as exc:  # noqa: BLE001 - the exporter's own failure, in one line
+        reraise_interrupt(exc)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         other = "legacy" if exporter == "dynamo" else "dynamo"
         raise RcompError(f"the {exporter} exporter failed on {printable(model.meta.arch.name)} ({type(exc).__name__}: "

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from rcomp.errors import RcompError
+from rcomp.signals import reraise_interrupt
 from rcomp.text import printable
 
 ACTIVATIONS = ("u8s8-reduce-range", "u8s8", "s8s8")
@@ -96,6 +97,7 @@ def quantize_static(data: bytes, calib_batches, activation: str) -> bytes:
                              per_channel=True, reduce_range=activation == "u8s8-reduce-range", activation_type=act,
                              weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
         except Exception as exc:  # noqa: BLE001 - onnxruntime's own failure, in one line
+            reraise_interrupt(exc)
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             raise RcompError(f"onnxruntime could not quantize this model ({type(exc).__name__}: "
                              f"{printable(first, 160)})") from None

@@ -24,6 +24,7 @@ from torch import nn
 
 from rcomp.errors import RcompError
 from rcomp.io.format import CheckpointMeta
+from rcomp.signals import reraise_interrupt
 from rcomp.text import printable
 
 BLACK_BOX = "none (black-box on the exported model)"
@@ -55,6 +56,7 @@ def make_session(data: bytes, where: str = "ONNX model"):
     try:
         return ort.InferenceSession(data, sess_options=so, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - onnxruntime's own errors; one line for the user
+        reraise_interrupt(exc)
         raise RcompError(f"onnxruntime cannot run {where} ({type(exc).__name__}: "
                          f"{printable(str(exc).splitlines()[0] if str(exc) else '', 160)}); "
                          "re-export it with rcomp export") from None

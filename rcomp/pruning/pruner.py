@@ -35,6 +35,7 @@ from torch import nn
 
 from rcomp.errors import RcompError
 from rcomp.pruning.catalog import IMPORTANCES, SCOPES
+from rcomp.signals import reraise_interrupt
 
 #: The most a ratio search may remove; beyond this networks collapse to a channel or two per layer.
 MAX_SEARCH_RATIO = 0.99
@@ -115,6 +116,7 @@ def find_classifier(net: nn.Module, example: torch.Tensor) -> str:
             try:
                 out = net(example)
             except Exception as exc:  # noqa: BLE001 - any failure of a user model becomes one line
+                reraise_interrupt(exc)
                 raise RcompError(f"the network fails on a {tuple(example.shape[1:])} input at layer {tr.last!r}: "
                                  f"{_first_line(exc)}; check the checkpoint's input spec") from None
     finally:

@@ -35,6 +35,7 @@ from torch import nn
 
 from rcomp.errors import RcompError
 from rcomp.quant.catalog import BACKEND_INFO, BACKENDS, INT8, PT2E, SIMULATED, TORCH_AO, bits_of, runtime
+from rcomp.signals import reraise_interrupt
 
 SIM_BITS = bits_of(SIMULATED)
 REAL_BITS = bits_of(INT8)
@@ -153,6 +154,7 @@ def prepare(net: nn.Module, example: torch.Tensor, bits: int, backend: str, real
             fq = prepare_qat_fx(folded, QConfigMapping().set_global(_qconfig(bits, backend, real)), (example,),
                                 backend_config=_backend_config(bits, backend))
         except Exception as exc:
+            reraise_interrupt(exc)
             raise RcompError(f"torch.ao could not prepare this network for quantization ({type(exc).__name__}: "
                              f"{str(exc).splitlines()[0][:160]})") from None
     fq.apply(disable_fake_quant)

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rcomp.errors import RcompError
+from rcomp.signals import reraise_interrupt
 
 
 class Pt2eUnsupported(RcompError):
@@ -441,6 +442,7 @@ def _probe(net: Pt2eInt8, shape: tuple[int, ...]) -> None:
     try:
         out = net(torch.zeros(2, *shape))
     except Exception as exc:  # noqa: BLE001 - any failure of the network's own ops on the int8 graph
+        reraise_interrupt(exc)
         first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
         raise Pt2eUnsupported(f"this network's int8 graph fails on a probe input ({type(exc).__name__}: "
                               f"{first})") from None
