@@ -24,6 +24,7 @@ the full provenance. Logs go to stderr; pass ``log=`` to redirect them.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,8 +96,10 @@ def bench(models: list, *, log: Log = stderr_log, **options: Any) -> Result:
     ``output=`` copy. Rows are named by file name, or for a model made in memory by its architecture and last
     command (``convnet8 prune``), made unique with its position (``[2]``). Raises
     :class:`~rcomp.errors.ThresholdError` when a ``fail_under`` threshold is not met; its ``.result`` is the
-    Result all the same (``.report`` with the figures that fell short, ``.path`` the ``output=`` file)."""
-    return _run("bench", list(models), options, log, keep_model=False)
+    Result all the same (``.report`` with the figures that fell short, ``.path`` the ``output=`` file).
+    One model or path alone is one row (``rcomp.bench("m.onnx", ...)``)."""
+    one = isinstance(models, (str, os.PathLike)) or callable(models)
+    return _run("bench", [models] if one else list(models), options, log, keep_model=False)
 
 
 def export(model: Any, *, log: Log = stderr_log, **options: Any) -> Result:

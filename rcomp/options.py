@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,7 @@ class Option:
     metavar: str | None = None
     hint: str = ""                  # added to every refusal of a value, e.g. what is supported
     name: str = ""                  # filled in by :func:`options_of`
+    model_ok: bool = False          # a path option that also takes a loaded model (the Python API)
     default: Any = None
 
     @property
@@ -86,7 +88,12 @@ class Option:
                     raise self.unknown(value)
             return s
         if k == "path":
-            return Path(str(value))
+            if self.model_ok and hasattr(value, "meta") and callable(value):
+                return value
+            if isinstance(value, bool) or not isinstance(value, (str, os.PathLike, int)):  # int: a YAML name like 2024
+                what = "a path or a model loaded with rcomp.load" if self.model_ok else "a path"
+                raise RcompError(f"{self.key} takes {what}, not a {type(value).__name__}")
+            return Path(str(value)) if isinstance(value, int) else Path(value)
         if k == "repeat":  # an option given several times: --set A=1 --set B=2
             return tuple(str(v) for v in (value if isinstance(value, (list, tuple)) else [value]))
         if k == "eps":

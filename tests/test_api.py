@@ -219,3 +219,17 @@ def test_bench_below_fail_under_raises_with_the_result_readable(ckpt, tmp_path):
     res = info.value.result
     assert type(res) is rcomp.Result and res.path == out and out.exists()
     assert res.report["models"][0]["clean_acc"] < 1
+
+
+def test_bench_takes_one_path_or_model_alone(ckpt):
+    """``rcomp.bench("m.onnx")`` iterated the string's characters ("checkpoint m does not exist")."""
+    opts = dict(STAGES["bench"][0])
+    rows = [rcomp.bench(item, **QUIET, **opts).report["models"] for item in (str(ckpt), ckpt, rcomp.load(ckpt))]
+    assert [len(r) for r in rows] == [1, 1, 1]
+    assert rows[0][0]["clean_acc"] == rows[1][0]["clean_acc"] == rows[2][0]["clean_acc"]
+    assert rows[0][0]["name"] == "m.safetensors"
+
+
+def test_a_path_option_refuses_other_objects_in_one_line(ckpt):
+    with pytest.raises(rcomp.RcompError, match=r"^output takes a path, not a dict$"):
+        rcomp.prune(ckpt, ratio=0.5, output={"a": 1}, **QUIET)

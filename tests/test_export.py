@@ -356,10 +356,20 @@ def test_bench_puts_checkpoint_and_exports_side_by_side(exported, quantized):
     assert [m["name"] for m in d["models"]] == ["m.safetensors", "m.onnx", "m.int8.onnx"]
     assert a["clean_acc"] == b["clean_acc"] and a["macs"] == b["macs"] == c["macs"] > 0
     assert a["params"] == b["params"] > 0
-    assert b["gradient_source"].startswith("surrogate m.safetensors")
+    from rcomp.onnx.runtime import BLACK_BOX
+
+    assert b["gradient_source"] == c["gradient_source"] == BLACK_BOX  # Square alone: no surrogate was used
+    assert "gradient attacks run on" not in res.stderr
     assert c["quantization"]["backend"] == "onnxruntime" and abs(c["clean_acc"] - a["clean_acc"]) <= 0.05
     assert set(b["latency_ms"]) == {"1", "8"} and all(v > 0 for v in b["latency_ms"].values())
     assert "thread_policy" in d
+    res = run_cli("bench", onnx_path, quantized[0], "--data", "digits", "-n", "32", "--attack", "fgsm,square",
+                  "--eps", "0.1", "--queries", "10", "--latency-batch", "0", "--format", "json")
+    assert res.code == 0, res.stderr
+    rows = json.loads(res.stdout)["models"]
+    assert all(r["gradient_source"].startswith("surrogate m.safetensors") for r in rows)
+    said = [ln for ln in res.stderr.splitlines() if "gradient attacks run on the source checkpoint" in ln]
+    assert [ln.split(":")[0] for ln in said] == ["m.onnx", "m.int8.onnx"]  # one line per file, named
 
 
 @pytest.mark.slow
@@ -479,3 +489,83 @@ def test_foreign_or_broken_onnx_files_are_refused_in_one_line(exported, tmp_path
     for path, needle in ((foreign, "without rcomp metadata"), (garbage, "not an ONNX model"), (lying, "7 classes")):
         for cmd in (("attack", path, "--data", "digits", "--attack", "square", "--eps", "0.1"), ("info", path)):
             assert_one_line_error(run_cli(*cmd), needle)
+
+
+def _graph_with_props(exported, tmp_path, name: str, net, out_dims: dict, side: int = 8, **edits) -> Path:
+    """A plain torch graph (batch, channel, height and width all free) carrying the rcomp metadata of
+    ``exported``, edited by ``edits`` (key -> JSON value): files the static checks cannot judge."""
+    import io
+
+    import torch
+
+    from rcomp.onnx.export import with_metadata
+
+    buf = io.BytesIO()
+    torch.onnx.export(net.eval(), (torch.rand(2, 1, side, side),), buf, dynamo=False, input_names=["images"],
+                      output_names=["logits"], opset_version=18,
+                      dynamic_axes={"images": {0: "n", 1: "c", 2: "h", 3: "w"}, "logits": out_dims})
+    props = _props(exported[1])
+    props.update({k: json.dumps(v) for k, v in edits.items()})
+    path = tmp_path / f"{name}.onnx"
+    path.write_bytes(with_metadata(buf.getvalue(), props))
+    return path
+
+
+def test_onnx_files_the_graph_checks_cannot_judge_are_refused_in_one_line(exported, tmp_path):
+    """Found by trying the product as an attacker: each of these ended in an internal error (with onnxruntime's
+    coloured log lines) or was scored silently (7 logits read as 10 classes; NaN logits as 10% accuracy)."""
+    import torch
+
+    def linear(k: int, fill=None):
+        lin = torch.nn.Linear(64 if k != 49 else 49, 10 if k == 49 else k)
+        if fill is not None:
+            torch.nn.init.constant_(lin.weight, fill)
+        return torch.nn.Sequential(torch.nn.Flatten(), lin)
+
+    src = json.loads(_props(exported[1])["rcomp.onnx"])
+    cases = [
+        (_graph_with_props(exported, tmp_path, "wrong_input", linear(49), {0: "n"}, 7), "does not run on images of 1x8x8"),
+        (_graph_with_props(exported, tmp_path, "seven", linear(7), {0: "n", 1: "k"}), "logits of shape (2, 7)"),
+        (_graph_with_props(exported, tmp_path, "nan", linear(10, float("nan")), {0: "n"}), "non-finite logits"),
+        (_graph_with_props(exported, tmp_path, "src_str", linear(10), {0: "n"}, **{"rcomp.onnx": {**src, "source": "x"}}),
+         "source is not an object"),
+        (_graph_with_props(exported, tmp_path, "src_num", linear(10), {0: "n"},
+                           **{"rcomp.onnx": {**src, "source": {"path": 12345}}}), "source.path is not a string"),
+    ]
+    for path, needle in cases:
+        for cmd in (("attack", path, "--data", "digits", "--attack", "square", "--eps", "0.1", "-n", "8"),
+                    ("bench", path, "--data", "digits", "-n", "8", "--latency-batch", "0"),
+                    ("quantize", path, "--backend", "onnxruntime", "--data", "digits", "--calib-n", "16")):
+            res = run_cli(*cmd)
+            assert_one_line_error(res, needle)
+            assert "onnxruntime:" not in res.stderr
+        if needle.startswith("source"):
+            assert_one_line_error(run_cli("info", path), needle)
+            assert_one_line_error(run_cli("info", path, "--json"), needle)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p, _ in cases)  # nothing written
+
+
+def test_an_onnx_surrogate_is_refused_and_a_loaded_model_is_taken(exported, quantized, tmp_path):
+    import rcomp
+
+    res = run_cli("attack", quantized[0], "--data", "digits", "--attack", "pgd", "--eps", "0.1", "-n", "8",
+                  "--surrogate", exported[1])
+    assert_one_line_error(res, "is an ONNX file, which has no gradients either")
+    ckpt = rcomp.load(exported[0])
+    rep = rcomp.attack(quantized[0], data="digits", attack="fgsm", eps=0.1, n=16, surrogate=ckpt, log=lambda m: None)
+    by_path = rcomp.attack(quantized[0], data="digits", attack="fgsm", eps=0.1, n=16, surrogate=exported[0],
+                           log=lambda m: None)
+    assert rep.report["robust_acc"] == by_path.report["robust_acc"]
+
+
+def test_onnxruntime_errors_lose_their_machinery():
+    from rcomp.onnx.runtime import ort_reason
+
+    raw = ("[ONNXRuntimeError] : 1 : FAIL : Load model from x.onnx failed:/onnxruntime_src/onnxruntime/core/graph/"
+           "model_load_utils.h:46 void onnxruntime::model_load_utils::ValidateOpsetForDomain(const std::unordered_map"
+           "<std::basic_string<char>, int>&, const onnxruntime::logging::Logger*, bool, const string&, int) ONNX "
+           "Runtime only *guarantees* support for models stamped with official released onnx opset versions. Opset "
+           "99 is under development")
+    got = ort_reason(RuntimeError(raw))
+    assert got.startswith("Load model from x.onnx failed:ONNX Runtime only *guarantees* support") and "Opset" in got
+    assert "onnxruntime_src" not in got and "[ONNXRuntimeError]" not in got

@@ -49,7 +49,32 @@ def meta_of(props: dict[str, str], where: str) -> tuple[CheckpointMeta, dict[str
         info = None
     if not isinstance(info, dict):
         raise RcompError(f"{where} has malformed metadata field {ONNX_KEY} (not a JSON object)")
+    bad = _record_problem(info)
+    if bad:
+        raise RcompError(f"{where} has malformed metadata field {ONNX_KEY} ({bad}); re-export the checkpoint with "
+                         "rcomp export")
     return meta, info
+
+
+def _record_problem(info: dict[str, Any]) -> str | None:
+    """What is wrong with the export record's file references (``source``, ``quantized_from``), else None:
+    rcomp opens the source as a gradient surrogate and reports both."""
+    for key in ("source", "quantized_from"):
+        ref = info.get(key)
+        if ref is None:
+            continue
+        if not isinstance(ref, dict):
+            return f"{key} is not an object"
+        if not isinstance(ref.get("path", ""), str):
+            return f"{key}.path is not a string"
+        sha = ref.get("sha256")
+        if sha is not None and not (isinstance(sha, str) and len(sha) == 64
+                                    and all(c in "0123456789abcdef" for c in sha)):
+            return f"{key}.sha256 is not a sha256 hex digest"
+        size = ref.get("size_bytes")
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
+            return f"{key}.size_bytes is not a byte count"
+    return None
 
 
 def _graph_checks(proto, meta: CheckpointMeta, where: str) -> None:

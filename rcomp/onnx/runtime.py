@@ -16,6 +16,7 @@ refused before anything runs (:func:`refuse_gradient_attacks`).
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -50,16 +51,24 @@ def make_session(data: bytes, where: str = "ONNX model"):
     so = ort.SessionOptions()
     so.intra_op_num_threads = max(1, torch.get_num_threads())
     so.inter_op_num_threads = 1
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # rcomp says what went wrong in one line; no coloured [E:onnxruntime:...] lines
     if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(data, sess_options=so, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - onnxruntime's own errors; one line for the user
         reraise_interrupt(exc)
-        raise RcompError(f"onnxruntime cannot run {where} ({type(exc).__name__}: "
-                         f"{printable(str(exc).splitlines()[0] if str(exc) else '', 160)}); "
-                         "re-export it with rcomp export") from None
+        raise RcompError(f"onnxruntime cannot run {where} ({ort_reason(exc)}); re-export it with rcomp export") \
+            from None
+
+
+def ort_reason(exc: BaseException, limit: int = 200) -> str:
+    """onnxruntime's error text without its machinery: the ``[ONNXRuntimeError] : 1 : FAIL :`` prefix and the
+    C++ source location and function signature it puts before the reason."""
+    text = " ".join(str(exc).split())
+    text = re.sub(r"\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+    text = re.sub(r"/onnxruntime_src/\S+:\d+ (?:[\w:<>,*& ]+\((?:[^()]|\([^()]*\))*\)(?: const)? )?", "", text)
+    return printable(text.strip() or type(exc).__name__, limit)
 
 
 class OnnxClassifier(nn.Module):
@@ -84,6 +93,8 @@ class OnnxClassifier(nn.Module):
         self.surrogate_note: str | None = None
         #: why no surrogate was attached (said with the refusal of gradient attacks, or on stderr)
         self.no_surrogate_reason: str | None = None
+        #: which surrogate gradient attacks use, said when one runs (:func:`refuse_gradient_attacks`)
+        self.surrogate_message: str | None = None
         self.param_count = param_count
         self.macs = (meta.stats or {}).get("macs")
         self.source_path: Path | None = None
@@ -145,11 +156,32 @@ def load_onnx(path: str | Path, device: str = "cpu", *, surrogate: str | Path | 
     meta, info = meta_of(props, where)
     _graph_checks(proto, meta, where)
     model = OnnxClassifier(data, meta, info, where=where, param_count=param_count(proto))
+    probe(model, where)
     model.source_path = path
     model.source_sha256 = sha256_file(path)
     model.eval()
     attach_surrogate(model, surrogate, device, log=log, use_source=use_source)
     return model
+
+
+def probe(model: OnnxClassifier, where: str) -> None:
+    """Run the graph once on two black images of the recorded input spec: a graph that cannot take them, or
+    whose logits are not (2, classes) and finite, is refused in one line before any figure is made (a graph
+    with free dimensions passes the static checks of :func:`_graph_checks`)."""
+    c, h, w = model.meta.input.shape
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(2, c, h, w))
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's own errors; one line for the user
+        reraise_interrupt(exc)
+        raise RcompError(f"{where} does not run on images of {c}x{h}x{w}, the input its metadata records "
+                         f"({ort_reason(exc, 160)}); re-export it with rcomp export") from None
+    if tuple(out.shape) != (2, model.meta.num_classes):
+        raise RcompError(f"{where} gives logits of shape {tuple(out.shape)} for 2 images, but its metadata records "
+                         f"{model.meta.num_classes} classes; re-export it with rcomp export")
+    if not torch.isfinite(out).all():
+        raise RcompError(f"{where} gives non-finite logits (NaN or inf) on black images; the file is damaged or "
+                         "its weights are: re-export a checkpoint with finite weights")
 
 
 def _source_candidates(model: OnnxClassifier) -> list[Path]:
@@ -171,17 +203,28 @@ def attach_surrogate(model: OnnxClassifier, surrogate: str | Path | None, device
     from rcomp.io.header import sha256_file
     from rcomp.models.loading import load
 
-    say = log or (lambda _m: None)
     src = model.onnx_info.get("source") or {}
     want_sha = src.get("sha256") if isinstance(src.get("sha256"), str) else None
     if surrogate is not None:
-        sur = load(Path(surrogate), device=device)
-        _check_compatible(model, sur, Path(surrogate))
-        same = " (the source checkpoint: sha256 matches the export record)" if sur.source_sha256 == want_sha else ""
-        model.set_gradient_model(sur, f"surrogate {printable(Path(surrogate).name)} (--surrogate, sha256 "
-                                      f"{sur.source_sha256[:12]}), scored on the exported model")
-        say(f"gradient attacks run on --surrogate {printable(str(surrogate))}{same} and are scored on the "
-            "ONNX model (transfer)")
+        if isinstance(surrogate, nn.Module):  # the Python API: a loaded model
+            if not hasattr(surrogate, "meta"):
+                raise RcompError("surrogate: give a checkpoint path or a model loaded with rcomp.load")
+            sur, shown = surrogate, f"the given {printable(surrogate.meta.arch.name)} model"
+        else:
+            if is_onnx_path(surrogate):
+                raise RcompError(f"--surrogate {printable(str(surrogate))} is an ONNX file, which has no gradients "
+                                 "either; give the checkpoint (.safetensors) it was exported from")
+            sur, shown = load(Path(surrogate), device=device), printable(str(surrogate))
+        if getattr(sur, "is_onnx", False):
+            raise RcompError("surrogate: an ONNX model has no gradients; give a checkpoint")
+        _check_compatible(model, sur, shown)
+        sha = getattr(sur, "source_sha256", None)
+        same = " (the source checkpoint: sha256 matches the export record)" if sha and sha == want_sha else ""
+        label = printable(Path(surrogate).name) if not isinstance(surrogate, nn.Module) else shown
+        model.set_gradient_model(sur, f"surrogate {label} (--surrogate{', sha256 ' + sha[:12] if sha else ''}), "
+                                      "scored on the exported model")
+        model.surrogate_message = (f"gradient attacks run on --surrogate {shown}{same} and are scored on the ONNX "
+                                   "model (transfer)")
         return
     if not use_source:
         return
@@ -198,14 +241,14 @@ def attach_surrogate(model: OnnxClassifier, surrogate: str | Path | None, device
             continue
         try:
             sur = load(cand, device=device)
-            _check_compatible(model, sur, cand)
+            _check_compatible(model, sur, printable(str(cand)))
         except RcompError as exc:
             reasons.append(f"{printable(str(cand))} did not load: {exc}")
             continue
         model.set_gradient_model(sur, f"surrogate {printable(cand.name)} (source checkpoint, sha256 "
                                       f"{want_sha[:12]}), scored on the exported model")
-        say(f"gradient attacks run on the source checkpoint {printable(str(cand))} (sha256 matches the export "
-            "record) and are scored on the ONNX model (transfer)")
+        model.surrogate_message = (f"gradient attacks run on the source checkpoint {printable(str(cand))} (sha256 "
+                                   "matches the export record) and are scored on the ONNX model (transfer)")
         return
     if reasons:
         model.no_surrogate_reason = "its source checkpoint " + "; ".join(reasons)
@@ -213,9 +256,9 @@ def attach_surrogate(model: OnnxClassifier, surrogate: str | Path | None, device
         model.no_surrogate_reason = f"its source checkpoint {printable(str(src.get('path')))} is not there"
 
 
-def _check_compatible(model: OnnxClassifier, sur, path: Path) -> None:
+def _check_compatible(model: OnnxClassifier, sur, shown: str) -> None:
     if tuple(sur.meta.input.shape) != tuple(model.meta.input.shape) or sur.meta.num_classes != model.meta.num_classes:
-        raise RcompError(f"surrogate {printable(str(path))} takes {'x'.join(map(str, sur.meta.input.shape))} images "
+        raise RcompError(f"surrogate {shown} takes {'x'.join(map(str, sur.meta.input.shape))} images "
                          f"with {sur.meta.num_classes} classes but the ONNX model takes "
                          f"{'x'.join(map(str, model.meta.input.shape))} with {model.meta.num_classes}; give a "
                          "checkpoint for the same task")
@@ -223,12 +266,18 @@ def _check_compatible(model: OnnxClassifier, sur, path: Path) -> None:
 
 def refuse_gradient_attacks(model, attacks: dict[str, Any], name: str, log=None) -> None:
     """Refuse, before anything runs, gradient attacks on an ONNX model that has no surrogate."""
-    if not getattr(model, "is_onnx", False) or model.has_surrogate:
+    if not getattr(model, "is_onnx", False):
         return
     grad = []
     for key, a in attacks.items():
         stages = getattr(a, "stages", None) or {key: a}
         grad += [k for k, s in stages.items() if getattr(s, "uses_gradients", True)]
+    if model.has_surrogate:
+        if not grad:  # only black-box attacks (or none): the report says so, not the unused surrogate
+            model.set_gradient_model(None)
+        elif log is not None and model.surrogate_message:
+            log(f"{printable(name)}: {model.surrogate_message}")
+        return
     why = f" ({model.no_surrogate_reason})" if model.no_surrogate_reason else ""
     if grad:
         raise RcompError(f"{printable(name)} is an ONNX model without gradients and no surrogate{why}, so gradient "

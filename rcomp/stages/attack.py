@@ -74,7 +74,7 @@ class AttackOptions:
     cascade: bool = O.opt(False, "--cascade", kind="bool",
                         help="Run the listed attacks as a cascade: each attacks only the points still robust after "
                              "the ones before it (cheaper; per-attack figures are then not independent).")
-    surrogate: Path | None = O.opt(None, "--surrogate", kind="path",
+    surrogate: Path | None = O.opt(None, "--surrogate", kind="path", model_ok=True,
                                    help="For .onnx models (no gradients): the checkpoint gradient attacks run on, their "
                                         "examples scored on the ONNX model (default: the source checkpoint the file "
                                         "records, if it is at its recorded path with its recorded sha256).")
