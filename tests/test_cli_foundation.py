@@ -14,7 +14,7 @@ import torchvision
 import rcomp
 from rcomp.models.loading import load
 
-from conftest import assert_one_line_error
+from conftest import assert_one_line_error, make_checkpoint
 
 
 def test_version_and_help(cli):
@@ -171,3 +171,14 @@ def test_python_m_rcomp(tiny_ckpt):
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["arch"] == "convnet8"
+
+
+def test_several_piped_paths_are_rows_of_bench_and_refused_by_one_input_commands(tmp_path, cli):
+    """`printf 'a\nb\n' | rcomp bench` kept only b, silently."""
+    a = make_checkpoint(tmp_path / "a.safetensors", dataset="digits")
+    b = make_checkpoint(tmp_path / "b.safetensors", dataset="digits", seed=1)
+    res = cli("bench", "-n", "8", "--latency-batch", "0", "--format", "json", stdin=f"{a}\nnot a file\n{b}\n")
+    assert res.code == 0, res.stderr
+    assert [m["name"] for m in json.loads(res.stdout)["models"]] == ["a.safetensors", "b.safetensors"]
+    assert "1 line(s) that name no file skipped (not a file)" in res.stderr
+    assert_one_line_error(cli("info", stdin=f"{a}\n{b}\n"), "stdin names 2 files")

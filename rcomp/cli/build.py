@@ -18,6 +18,7 @@ import typer
 from rcomp.catalog import Choices
 from rcomp.errors import RcompError
 from rcomp.options import Option, make_config, option_index, options_of
+from rcomp.text import printable
 
 #: command name -> config class of every command that takes --config (filled by make_command)
 CONFIG_COMMANDS: dict[str, type] = {}
@@ -27,7 +28,7 @@ CONFIG_COMMANDS: dict[str, type] = {}
 INPUT_HELP = {
     "one": "Input checkpoint (.safetensors); read from stdin when omitted and stdin is a pipe.",
     "optional": "Input checkpoint to fine-tune; omit it (with --arch) to train from scratch.",
-    "many": "Checkpoints to compare (one row each); read from stdin when omitted and stdin is a pipe.",
+    "many": "Checkpoints to compare (one row each); read from stdin (one path a line) when omitted and stdin is a pipe.",
     "source": "A .safetensors file of plain weights, or a .pt/.pth state_dict.",
     "recipe": "Recipe file (.yaml).",
 }
@@ -152,7 +153,19 @@ def resolve_inputs(inputs: str | None, given: Any, cfg: Any) -> list[Path]:
     if inputs is None:
         return []
     if inputs == "many":
-        return [checkpoint_path(p) for p in given] if given else [checkpoint_path(None)]
+        if given:
+            return [checkpoint_path(p) for p in given]
+        if sys.stdin is None or sys.stdin.isatty():
+            return [checkpoint_path(None)]  # says: no input given
+        lines = piped_paths()
+        files = [p for p in lines if p.is_file()]
+        if not files:  # says what the last line is not (or that stdin was empty)
+            return [checkpoint_path(lines[-1] if lines else None)]
+        if len(files) < len(lines):
+            skipped = [printable(str(p), 60) for p in lines if not p.is_file()]
+            print(f"stdin: {len(files)} paths read; {len(skipped)} line(s) that name no file skipped "
+                  f"({', '.join(skipped[:3])}{', ...' if len(skipped) > 3 else ''})", file=sys.stderr)
+        return [checkpoint_path(p) for p in files]
     if inputs in ("source", "recipe"):
         return [Path(given)]
     if inputs == "optional" and given is None:
@@ -163,14 +176,26 @@ def resolve_inputs(inputs: str | None, given: Any, cfg: Any) -> list[Path]:
     return [checkpoint_path(given)]
 
 
-def piped_path() -> Path | None:
-    """A path printed by an upstream rcomp command on stdin, or None when stdin is a terminal."""
+def piped_paths() -> list[Path]:
+    """The paths on stdin, one a line (what upstream rcomp commands print); none when stdin is a terminal."""
     if sys.stdin is None or sys.stdin.isatty():
-        return None
+        return []
     from rcomp.io.bounded import read_stdin_lines
 
-    lines = [ln.strip() for ln in read_stdin_lines() if ln.strip()]
-    return Path(lines[-1]) if lines else None
+    return [Path(ln.strip()) for ln in read_stdin_lines() if ln.strip()]
+
+
+def piped_path() -> Path | None:
+    """The path an upstream rcomp command printed last on stdin (lines before it may be log lines), or None
+    when stdin is a terminal or empty. Several lines naming files are refused: a command of one input took
+    the last of them silently."""
+    lines = piped_paths()
+    files = [p for p in lines if p.is_file()]
+    if len(files) > 1:
+        shown = ", ".join(printable(str(p), 60) for p in files[:3]) + (", ..." if len(files) > 3 else "")
+        raise RcompError(f"stdin names {len(files)} files ({shown}) but this command takes one input; give it as "
+                         "an argument (rcomp bench compares several)")
+    return lines[-1] if lines else None
 
 
 def checkpoint_path(path: Path | None) -> Path:
