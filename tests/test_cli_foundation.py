@@ -182,3 +182,17 @@ def test_several_piped_paths_are_rows_of_bench_and_refused_by_one_input_commands
     assert [m["name"] for m in json.loads(res.stdout)["models"]] == ["a.safetensors", "b.safetensors"]
     assert "1 line(s) that name no file skipped (not a file)" in res.stderr
     assert_one_line_error(cli("info", stdin=f"{a}\n{b}\n"), "stdin names 2 files")
+
+
+def test_running_out_of_memory_is_one_line(tmp_path, cli, monkeypatch):
+    import rcomp.data.registry as R
+
+    def huge(*a, **k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 289910292480 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(R, "get_dataset", huge)
+    ckpt = make_checkpoint(tmp_path / "a.safetensors", dataset="digits")
+    res = cli("attack", ckpt, "--data", "digits", "--attack", "fgsm", "--eps", "0.1", "-n", "8")
+    assert_one_line_error(res, "ran out of memory; nothing was written. Lower --batch-size")
+    assert "alloc_cpu" not in res.stderr and "internal error" not in res.stderr

@@ -196,3 +196,25 @@ def test_pil_warnings_do_not_leak(tmp_path, monkeypatch, recwarn):
     for i in range(len(ds)):
         ds[i]
     assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]
+
+
+def test_a_huge_input_spec_adapts_digits_image_by_image():
+    """A file recording 3x8192x8192 made digits allocate 290 GB for the whole split before -n was applied."""
+    ds = get_dataset("digits", "test", InputSpec(1, 1024, 1024))  # 360 x 4 MB adapted: above the eager limit
+    assert ds.spec is not None and ds.images.shape[-2:] == (8, 8)
+    x, y = ds[5]
+    assert x.shape == (1, 1024, 1024) and 0 <= float(x.min()) <= float(x.max()) <= 1
+    sub = ds.subset([5, 7])
+    assert torch.equal(sub[0][0], x) and int(sub[0][1]) == int(y)
+
+
+def test_image_by_image_adaptation_equals_the_eager_one(monkeypatch):
+    import rcomp.data.sources as S
+
+    eager = get_dataset("digits", "test", InputSpec(3, 20, 20))
+    monkeypatch.setattr(S, "EAGER_BYTES", 0)
+    lazy = get_dataset("digits", "test", InputSpec(3, 20, 20))
+    assert eager.spec is None and lazy.spec is not None
+    for i in (0, 17, 359):
+        assert torch.equal(eager[i][0], lazy[i][0]) and int(eager[i][1]) == int(lazy[i][1])
+    assert torch.equal(next(iter(make_loader(lazy, 64)))[0], next(iter(make_loader(eager, 64)))[0])

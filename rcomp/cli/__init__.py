@@ -216,11 +216,22 @@ def _exit_code(exc: BaseException, args: list[str]) -> int:
                      "check the path"), 2
     elif isinstance(exc, ClickException):
         msg, code = f"{exc.format_message()} (see rcomp {_command(args)}--help)", 2
+    elif _out_of_memory(exc):
+        msg, code = ("ran out of memory; nothing was written. Lower --batch-size (and -n), or check the input size "
+                     "the model records (rcomp info)"), 2
     else:  # an unexpected failure: still one line; --debug printed the traceback
         msg, code = (f"an internal error ({type(exc).__name__}) stopped the command; nothing was written. "
                      "Rerun with --debug for a traceback and report it."), 2
     print(f"rcomp: error: {_one_line(printable(msg, limit=None))}", file=sys.stderr)
     return code
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """An allocation that failed: Python's MemoryError, torch's CPU allocator or CUDA's out-of-memory error."""
+    if isinstance(exc, MemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
 
 
 def _command(args: list[str]) -> str:

@@ -13,21 +13,37 @@ from rcomp.errors import RcompError
 _digits_cache: dict = {}
 
 
-class TensorImages(Dataset):
-    """Images already adapted to the input spec, held in memory (small datasets)."""
+#: a bundled split adapted to the model's input is held in memory up to this size; above it each image is
+#: adapted when read (a checkpoint recording 3x8192x8192 asked for 290 GB of digits at once)
+EAGER_BYTES = 256 * 1024**2
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, num_classes: int, classes=None):
+
+class TensorImages(Dataset):
+    """Small datasets held in memory, adapted to the input spec: all at once, or image by image when ``spec``
+    is given (the adapted split would exceed :data:`EAGER_BYTES`)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, num_classes: int, classes=None, spec=None):
         self.images, self.labels, self.num_classes, self.classes = images, labels, num_classes, classes
+        self.spec = spec  # None: ``images`` are adapted already
+
+    @classmethod
+    def adapted(cls, images: torch.Tensor, labels: torch.Tensor, num_classes: int, classes, spec) -> TensorImages:
+        c, h, w = spec.shape
+        if len(images) * c * h * w * 4 <= EAGER_BYTES:
+            return cls(adapt_images(images, spec), labels, num_classes, classes)
+        return cls(images, labels, num_classes, classes, spec=spec)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i):
-        return self.images[i], self.labels[i]
+        if self.spec is None:
+            return self.images[i], self.labels[i]
+        return adapt_images(self.images[i:i + 1], self.spec)[0], self.labels[i]
 
     def subset(self, idx):
         idx = torch.as_tensor(list(idx), dtype=torch.long)
-        return TensorImages(self.images[idx], self.labels[idx], self.num_classes, self.classes)
+        return TensorImages(self.images[idx], self.labels[idx], self.num_classes, self.classes, self.spec)
 
 
 def digits(train: bool, spec) -> TensorImages:
@@ -47,7 +63,7 @@ def digits(train: bool, spec) -> TensorImages:
     x, y = _digits_cache["raw"]
     n_test = 360
     x, y = (x[n_test:], y[n_test:]) if train else (x[:n_test], y[:n_test])
-    return TensorImages(adapt_images(x, spec), y.clone(), 10, tuple(str(i) for i in range(10)))
+    return TensorImages.adapted(x, y.clone(), 10, tuple(str(i) for i in range(10)), spec)
 
 
 class FakeImages(Dataset):
