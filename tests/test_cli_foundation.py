@@ -196,3 +196,37 @@ def test_running_out_of_memory_is_one_line(tmp_path, cli, monkeypatch):
     res = cli("attack", ckpt, "--data", "digits", "--attack", "fgsm", "--eps", "0.1", "-n", "8")
     assert_one_line_error(res, "ran out of memory; nothing was written. Lower --batch-size")
     assert "alloc_cpu" not in res.stderr and "internal error" not in res.stderr
+
+
+def test_bench_output_format_follows_the_suffix_unless_given(tmp_path, cli):
+    """`bench -o b.json` wrote the text table into the .json file."""
+    a = make_checkpoint(tmp_path / "a.safetensors", dataset="digits")
+    common = ("bench", a, "-n", "8", "--latency-batch", "0")
+    res = cli(*common, "-o", tmp_path / "b.json")
+    assert res.code == 0, res.stderr
+    assert json.loads((tmp_path / "b.json").read_text())["models"][0]["name"] == "a.safetensors"
+    assert "--format json (from the suffix of b.json" in res.stderr
+    res = cli(*common, "-o", tmp_path / "b.csv")
+    assert res.code == 0 and (tmp_path / "b.csv").read_text().startswith("path,")
+    res = cli(*common, "--format", "table", "-o", tmp_path / "t.json")
+    assert res.code == 0 and "from the suffix" not in res.stderr
+    with pytest.raises(json.JSONDecodeError):
+        json.loads((tmp_path / "t.json").read_text())
+
+
+@pytest.mark.parametrize("argv,ignored", [(["--version"], True), (["info", "/nonexistent.safetensors"], False)])
+def test_a_finished_run_is_not_turned_into_an_exit_by_a_late_ctrl_c(argv, ignored):
+    """SIGINT while the interpreter freed the models after `quantize` had written and printed its output: the
+    process died of SIGINT (the shell saw 130, "interrupted") although the output was there."""
+    code = ("import signal, sys\n"
+            "from rcomp.cli import main\n"
+            "real = sys.exit\n"
+            "def ex(c):\n"
+            "    print('ignored' if signal.getsignal(signal.SIGINT) is signal.SIG_IGN else 'default', file=sys.stderr)\n"
+            "    real(c)\n"
+            "sys.exit = ex\n"
+            f"sys.argv = ['rcomp', *{argv!r}]\n"
+            "main()\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.stderr.strip().splitlines()[-1] == ("ignored" if ignored else "default"), res.stderr
+    assert (res.returncode == 0) == ignored

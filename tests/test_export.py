@@ -569,3 +569,32 @@ def test_onnxruntime_errors_lose_their_machinery():
     got = ort_reason(RuntimeError(raw))
     assert got.startswith("Load model from x.onnx failed:ONNX Runtime only *guarantees* support") and "Opset" in got
     assert "onnxruntime_src" not in got and "[ONNXRuntimeError]" not in got
+
+
+def test_refusals_name_the_fix_that_applies_to_onnx_files(exported, tmp_path):
+    from rcomp.onnx.export import with_metadata
+
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    assert_one_line_error(run_cli("info", empty), "is empty (0 bytes)")
+    props = _props(exported[1])
+    del props["rcomp.input"]
+    no_input = tmp_path / "no_input.onnx"
+    no_input.write_bytes(with_metadata(exported[1].read_bytes(), props))
+    res = run_cli("info", no_input)
+    assert_one_line_error(res, "re-export the checkpoint with rcomp export")
+    assert "convert" not in res.stderr
+    res = run_cli("bench", exported[1], "--data", "digits", "-n", "8", "--compile")
+    assert_one_line_error(res, "is an ONNX file, run by onnxruntime: drop --compile")
+    assert "pt2e" not in res.stderr.split("checkpoints;")[1]
+    res = run_cli("prune", exported[1], "--ratio", "0.5")
+    assert_one_line_error(res, "is named as an ONNX file (.onnx)")
+
+
+def test_info_on_an_examples_file_says_what_it_is(exported, tmp_path):
+    out = tmp_path / "adv.safetensors"
+    res = run_cli("attack", exported[0], "--data", "digits", "--attack", "fgsm", "--eps", "0.1", "-n", "8", "-o", out)
+    assert res.code == 0, res.stderr
+    res = run_cli("info", out)
+    assert_one_line_error(res, "holds adversarial examples written by rcomp attack -o, not a model")
+    assert "convert" not in res.stderr

@@ -152,6 +152,11 @@ def main(argv: list[str] | None = None) -> None:
             code = _exit_code(exc, args)
     finally:
         sys.stdout = real_stdout
+    if code == 0 and argv is None:  # the process's own run is done and said: a late Ctrl-C (while the
+        import signal  # interpreter frees the models) must not turn a written output into an exit by SIGINT
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     sys.exit(code)
 
 

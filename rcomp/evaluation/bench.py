@@ -88,6 +88,9 @@ def _check_compilable(model, name: str) -> None:
     """``--compile`` times pt2e int8 models only (torch.ao's int8 modules and others are not compiled)."""
     from rcomp.quant import catalog as qc
 
+    if getattr(model, "is_onnx", False):
+        raise RcompError(f"--compile times pt2e int8 checkpoints; {name} is an ONNX file, run by onnxruntime: drop "
+                         "--compile")
     q = model.meta.compression.get("quantization") or {}
     if not (qc.is_real(q) and qc.runtime(q.get("backend", "")) == qc.PT2E):
         what = qc.label(q) if q else "a float model"

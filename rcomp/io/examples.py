@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from rcomp.errors import RcompError
-
-ADV_KIND = "adversarial-examples"
+from rcomp.io.format import ADV_KIND
 
 
 def save_examples(out: Path, images, adv, labels, info: dict[str, Any], inputs: tuple, force: bool,

@@ -19,6 +19,8 @@ from rcomp.text import printable
 
 FORMAT_VERSION = 1
 PREFIX = "rcomp."
+#: ``rcomp.kind`` of a file of adversarial examples (``rcomp attack -o``, :mod:`rcomp.io.examples`)
+ADV_KIND = "adversarial-examples"
 #: The history written to a file is at most this many bytes of JSON (half the header limit of
 #: :data:`rcomp.io.header.MAX_HEADER_BYTES`); see :func:`bounded_history`.
 HISTORY_MAX_BYTES = 8 * 1024 * 1024
@@ -59,6 +61,9 @@ class CheckpointMeta:
     @classmethod
     def from_metadata(cls, meta: dict[str, str], where: str = "checkpoint") -> CheckpointMeta:
         if f"{PREFIX}format" not in meta:
+            if meta.get(f"{PREFIX}kind") == ADV_KIND:
+                raise RcompError(f"{where} holds adversarial examples written by rcomp attack -o, not a model; "
+                                 "replay them with: rcomp attack CKPT --from FILE")
             raise RcompError(
                 f"{where} is a safetensors file but not an rcomp checkpoint (no rcomp metadata); "
                 "turn it into one with: rcomp convert FILE --arch NAME"

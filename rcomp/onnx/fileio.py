@@ -26,6 +26,8 @@ def read_model(path: Path):
 
     shown = printable(str(path))
     data = read_bounded(path, MAX_ONNX_BYTES, what="ONNX file")
+    if not data:
+        raise RcompError(f"{shown} is empty (0 bytes); give a file written by rcomp export")
     try:
         proto = onnx.load_from_string(data)
     except Exception:  # noqa: BLE001 - protobuf's decode errors
@@ -41,7 +43,11 @@ def meta_of(props: dict[str, str], where: str) -> tuple[CheckpointMeta, dict[str
     if f"{PREFIX}format" not in props:
         raise RcompError(f"{where} is an ONNX file without rcomp metadata (input spec, classes); export the model "
                          "with rcomp export CKPT -o model.onnx")
-    meta = CheckpointMeta.from_metadata(props, where=where)
+    try:
+        meta = CheckpointMeta.from_metadata(props, where=where)
+    except RcompError as exc:  # its fixes name rcomp convert, which does not take ONNX files
+        text = str(exc).replace("; re-create it with rcomp convert", "; re-export the checkpoint with rcomp export")
+        raise RcompError(text) from None
     raw = meta.extra.pop("onnx", None)
     try:
         info = json.loads(raw) if raw else {}

@@ -18,6 +18,8 @@ from rcomp.stages.attack import AttackOptions
 from rcomp.text import printable
 
 FORMATS = ("table", "markdown", "json", "csv")
+#: the format ``-o`` writes when --format is not given, by the output's suffix
+SUFFIX_FORMATS = {".json": "json", ".csv": "csv", ".md": "markdown"}
 
 SUMMARY = "Compare checkpoints side by side: cost, clean accuracy, robust accuracy per attack, worst case."
 DOC = """Parameters, MACs, file size, latency, clean accuracy, robust accuracy per attack and eps, and
@@ -40,7 +42,9 @@ class Config(AttackOptions):
     data: str | None = O.data_opt(help=C.RECORDED_DATA_HELP)
     split: str = O.opt("test", "--split", kind="choice", choices=("train", "test"), help="train or test.")
     n: int | None = O.n_opt()
-    format: str = O.opt("table", "--format", kind="choice", choices=FORMATS, help="table, markdown, json or csv.")
+    format: str | None = O.opt(None, "--format", kind="choice", choices=FORMATS,
+                               help="table, markdown, json or csv (default: from the suffix of -o, .json/.csv/.md, "
+                                    "else table).")
     json: bool = O.opt(False, "--json", kind="bool", help="Print results as JSON on stdout (--format json).")
     output: Path | None = O.opt(None, "-o", "--output", kind="path", help="Also write the results to this file.")
     fail_under: str | None = O.opt(None, "--fail-under",
@@ -64,9 +68,12 @@ class Config(AttackOptions):
 
     def check(self) -> None:
         if self.json:
-            if self.format not in ("table", "json"):
+            if self.format not in (None, "table", "json"):
                 raise RcompError(f"--json and --format {self.format} disagree; give one of them")
             self.format = "json"
+        if self.format is None:
+            self.format = SUFFIX_FORMATS.get(Path(self.output).suffix.lower(), "table") if self.output else "table"
+            self.format_from_suffix = self.format != "table"
         C.check_data(self.data, self.data_dir)
         if not self.attack and self.eps:
             raise RcompError("--eps needs --attack (e.g. --attack pgd)")
@@ -295,7 +302,9 @@ def _run(cfg: Config, paths: list, models: list, attacks: dict, thresholds: dict
     from rcomp.onnx.runtime import thread_policy
 
     result["thread_policy"] = thread_policy()
-    text = render(result, cfg.format)
+    text = render(result, cfg.format or "table")
+    if getattr(cfg, "format_from_suffix", False):
+        log(f"--format {cfg.format} (from the suffix of {printable(Path(cfg.output).name)}; --format sets another)")
     if cfg.output is not None:
         atomic_write_text(Path(cfg.output), text + "\n", exclusive=not cfg.force)
         log(f"wrote {cfg.output}")

@@ -172,8 +172,9 @@ def check_input(path: Path, onnx: bool = False) -> Path:
         if not onnx:
             from rcomp.text import printable
 
-            raise RcompError(f"{printable(str(path))} is an ONNX file; this command works on rcomp checkpoints "
-                             "(.safetensors): run it on the checkpoint the file was exported from, then export again")
+            raise RcompError(f"{printable(str(path))} is named as an ONNX file (.onnx); this command works on rcomp "
+                             "checkpoints (.safetensors): run it on the checkpoint the file was exported from, then "
+                             "export again")
         from rcomp.io.bounded import check_regular
 
         check_regular(Path(path), "ONNX file")
