@@ -143,11 +143,12 @@ from rcomp.onnx.fileio import (  # noqa: E402,F401 - re-exported: the adapter's 
 )
 
 
-def load_onnx(path: str | Path, device: str = "cpu", *, surrogate: str | Path | None = None, log=None,
+def load_onnx(path: str | Path, device: str = "cpu", *, surrogate: str | Path | nn.Module | None = None,
               use_source: bool = True) -> OnnxClassifier:
     """Load an ONNX file written by rcomp as an :class:`OnnxClassifier`; attach a gradient surrogate:
     ``surrogate`` (a checkpoint path the user named), else the recorded source checkpoint if it exists
-    at its recorded path (or beside the ONNX file) with the recorded sha256. ``log`` hears which."""
+    at its recorded path (or beside the ONNX file) with the recorded sha256; the graph is probed once
+    (:func:`probe`)."""
     from rcomp.io.header import sha256_file
 
     path = Path(path)
@@ -160,7 +161,7 @@ def load_onnx(path: str | Path, device: str = "cpu", *, surrogate: str | Path | 
     model.source_path = path
     model.source_sha256 = sha256_file(path)
     model.eval()
-    attach_surrogate(model, surrogate, device, log=log, use_source=use_source)
+    attach_surrogate(model, surrogate, device, use_source=use_source)
     return model
 
 
@@ -197,9 +198,10 @@ def _source_candidates(model: OnnxClassifier) -> list[Path]:
     return cands
 
 
-def attach_surrogate(model: OnnxClassifier, surrogate: str | Path | None, device: str = "cpu", *, log=None,
+def attach_surrogate(model: OnnxClassifier, surrogate: str | Path | nn.Module | None, device: str = "cpu", *,
                      use_source: bool = True) -> None:
-    """Attach the checkpoint whose gradients attacks use (see :func:`load_onnx`); say which, or why none."""
+    """Attach the checkpoint whose gradients attacks use (see :func:`load_onnx`); record which
+    (``surrogate_message``, said when a gradient attack runs) or why none (``no_surrogate_reason``)."""
     from rcomp.io.header import sha256_file
     from rcomp.models.loading import load
 

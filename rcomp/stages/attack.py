@@ -305,7 +305,7 @@ def run(cfg: Config, inputs: list, *, log=C.stderr_log, dist=None, **_: Any) -> 
     if cfg.output is not None and (dist is None or dist.is_main):
         check_output_path(Path(cfg.output), C.input_files(path, given), force=cfg.force)
     with D.process_group(dist, C.resolve_device(cfg.device)) as (dist, dev):
-        model = given if given is not None else C.as_model(path, dev, cfg.arch, cfg.trust_factory, cfg.surrogate, log)
+        model = given if given is not None else C.as_model(path, dev, cfg.arch, cfg.trust_factory, cfg.surrogate)
         C.check_gradients(model, attacks, path.name if path is not None else "the model", log)
         cfg_dev = cfg if dev == C.resolve_device(cfg.device) else _with_device(cfg, dev)
         return apply(model, cfg_dev, log, path, attacks, dist=dist if dist.enabled else None)

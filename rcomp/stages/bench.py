@@ -217,7 +217,7 @@ def _load_onnx(paths: list, attacks: dict, cfg: Config, log) -> list:
     out = []
     for p in paths:
         if is_onnx_path(p):
-            model = C.load_model(Path(p), C.resolve_device(cfg.device), surrogate=cfg.surrogate, log=log)
+            model = C.load_model(Path(p), C.resolve_device(cfg.device), surrogate=cfg.surrogate)
             C.check_gradients(model, expand(attacks), Path(p).name, log)
             p = model
         out.append(p)

@@ -245,15 +245,16 @@ def resolve_data(given: str | None, recorded: str | None, source: str, data_dir:
 
 
 def load_model(path: Path, device: str = "cpu", arch: str | None = None, trust: bool = False,
-               surrogate: Path | None = None, log: Log | None = None):
+               surrogate: Path | None = None):
     """A checkpoint as a Classifier, or an ONNX file as an :class:`~rcomp.onnx.runtime.OnnxClassifier`
-    (its gradient surrogate: ``surrogate``, or the source checkpoint it records; ``log`` hears which)."""
+    (its gradient surrogate: ``surrogate``, or the source checkpoint it records; which one is said when a
+    gradient attack runs: :func:`check_gradients`)."""
     from rcomp.models.loading import load
 
     if str(path).lower().endswith(".onnx"):
         from rcomp.onnx.runtime import load_onnx
 
-        return load_onnx(path, device, surrogate=surrogate, log=log)
+        return load_onnx(path, device, surrogate=surrogate)
     if surrogate is not None:
         raise RcompError("--surrogate is for ONNX models (they have no gradients); a checkpoint is attacked with "
                          "its own gradients, so drop --surrogate")
@@ -261,10 +262,10 @@ def load_model(path: Path, device: str = "cpu", arch: str | None = None, trust: 
 
 
 def as_model(model_or_path: Any, device: str = "cpu", arch: str | None = None, trust: bool = False,
-             surrogate: Path | None = None, log: Log | None = None):
+             surrogate: Path | None = None):
     """A loaded model, given one or a checkpoint (or ONNX file) path."""
     if isinstance(model_or_path, (str, Path)):
-        return load_model(Path(model_or_path), device, arch, trust, surrogate, log)
+        return load_model(Path(model_or_path), device, arch, trust, surrogate)
     return model_or_path
 
 
