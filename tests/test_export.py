@@ -221,7 +221,7 @@ def test_export_output_rules(exported, tmp_path):
     before = onnx_path.read_bytes()
     res = run_cli("export", ckpt, "-o", onnx_path, "--exporter", "legacy", "--force")
     assert res.code == 0 and onnx_path.read_bytes() == before  # same bytes: deterministic export
-    assert_one_line_error(run_cli("prune", onnx_path, "--ratio", "0.5"), "is an ONNX file")
+    assert_one_line_error(run_cli("prune", onnx_path, "--ratio", "0.5"), "is named as an ONNX file")
 
 
 def test_export_without_the_extra_names_it(trained_digits, tmp_path, monkeypatch):
