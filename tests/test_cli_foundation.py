@@ -230,3 +230,19 @@ def test_a_finished_run_is_not_turned_into_an_exit_by_a_late_ctrl_c(argv, ignore
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.stderr.strip().splitlines()[-1] == ("ignored" if ignored else "default"), res.stderr
     assert (res.returncode == 0) == ignored
+
+
+@pytest.mark.parametrize("compression", [{"quantization": "int8"}, {"pruning": "yes"}, {"quantization": [8]}])
+def test_a_compression_record_that_is_not_an_object_is_refused_in_one_line(tmp_path, cli, compression):
+    """`info` ended in an internal error (AttributeError) and `attack` ran as if nothing were wrong."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    src = make_checkpoint(tmp_path / "a.safetensors", dataset="digits")
+    with safe_open(str(src), "pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())
+    meta["rcomp.compression"] = json.dumps(compression)
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad), metadata=meta)
+    for args in (("info", bad), ("info", bad, "--json"), ("attack", bad, "--attack", "fgsm", "--eps", "0.1", "-n", "8")):
+        assert_one_line_error(cli(*args), "malformed metadata field rcomp.compression", "is not an object")

@@ -95,6 +95,18 @@ def test_a_network_that_needs_contiguous_activations_keeps_its_layout():
     assert _strides(net) == before
 
 
+def test_a_traced_network_refused_by_the_probe_prints_nothing(capfd):
+    """torch.fx prints a traced forward's failure to stderr itself: every load of a quantized twin of such a
+    network (a torch.fx GraphModule) showed a Python traceback although rcomp recovered."""
+    net = torch.fx.symbolic_trace(_Viewing().eval())
+    x = torch.rand(2, 1, 8, 8)
+    before = _strides(net)
+    with fast_layout(net, probe=lambda: net(x)):
+        assert _strides(net) == before
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "FX-traced" not in err
+
+
 def test_evaluate_runs_a_viewing_network(digits_loader):
     from rcomp.io.format import ArchSpec, CheckpointMeta, InputSpec
     from rcomp.models.wrapper import Classifier

@@ -103,6 +103,19 @@ def test_existing_x86_file_runs_on_pt2e(pair):
         with_backend(build_model("convnet8", 10, (1, 8, 8)), "pt2e")
 
 
+def test_a_qnnpack_file_does_not_move_to_pt2e(pair, cli):
+    """qnnpack's activations use [0, 255], pt2e's kernels (x86's twin) [0, 127]: the move wrote a file every
+    other command then refused as damaged ("zero point ... holds 147..147, outside [0, 127]")."""
+    model, _, _, _, _, d = pair
+    calib, _ = _digits(model, "train", 64)
+    src = d / "old.qnnpack.safetensors"
+    save(quantize(model, [calib], backend="qnnpack"), src)
+    out = d / "qnn2pt.safetensors"
+    assert_one_line_error(cli("quantize", src, "--backend", "pt2e", "-o", out),
+                          "made for qnnpack (activations in [0, 255]) cannot move to pt2e", "re-quantize")
+    assert not out.exists()
+
+
 def test_pt2e_gradients_come_from_the_twin_and_costs_match(pair):
     _, x86, pt2e, x, y, _ = pair
     from rcomp.evaluation.cost import count_macs, count_params

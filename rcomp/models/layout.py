@@ -12,6 +12,7 @@ arithmetic is ordered: figures may move by float rounding, as between two CPUs.
 from __future__ import annotations
 
 import contextlib
+import io
 from collections.abc import Callable, Iterator
 
 import torch
@@ -48,7 +49,8 @@ def fast_layout(*modules: nn.Module | None, device: str = "cpu", probe: Callable
                 t.data = cl
     if changed and probe is not None:
         try:
-            probe()
+            with contextlib.redirect_stderr(io.StringIO()):  # torch.fx prints a traced forward's failure itself
+                probe()
         except Exception:  # noqa: BLE001 - any failure in the new layout means: keep the old one
             _restore(changed)
             changed = []

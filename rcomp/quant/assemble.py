@@ -104,7 +104,7 @@ def with_backend(model, backend: str):
     if not qc.is_real(q):
         raise RcompError("with_backend needs a real int8 model; simulated and float models have no int8 runtime")
     qb.check_backend(backend)
-    if qc.runtime(backend) == qc.TORCH_AO and qc.BACKEND_INFO[backend][1] and not qc.BACKEND_INFO[q["backend"]][1]:
+    if qc.BACKEND_INFO[backend][1] and not qc.BACKEND_INFO[q["backend"]][1]:  # pt2e's kernels too (x86's twin)
         raise RcompError(f"an int8 model made for {q['backend']} (activations in [0, 255]) cannot move to {backend} "
                          "(activations in [0, 127] against int16 overflow); re-quantize the float checkpoint")
     q["backend"] = backend

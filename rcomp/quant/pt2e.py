@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import logging
 import operator
 
@@ -440,7 +441,8 @@ def _probe(net: Pt2eInt8, shape: tuple[int, ...]) -> None:
     """Run the int8 graph once on two zero images: a network whose float ops do not take what the int8 kernels
     give them (a layout, a dtype) is refused here, in one line, not in the middle of a user's evaluation."""
     try:
-        out = net(torch.zeros(2, *shape))
+        with contextlib.redirect_stderr(io.StringIO()):  # torch.fx prints a traced forward's failure itself
+            out = net(torch.zeros(2, *shape))
     except Exception as exc:  # noqa: BLE001 - any failure of the network's own ops on the int8 graph
         reraise_interrupt(exc)
         first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""

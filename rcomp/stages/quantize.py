@@ -120,9 +120,9 @@ def _move_to_pt2e(model, old: str, cfg: Config, log, source: str) -> C.StageResu
     and ``--eval-n``, the accuracy on both runtimes and their top-1 agreement are reported."""
     from rcomp.quant.assemble import with_backend
 
+    qmodel = with_backend(model, cfg.backend)  # refuses a move the kernels cannot take, before anything is said
     log(f"{printable(Path(source).name)} runs on torch.ao's {old} int8 engine (deprecated upstream): moving it to "
         "pt2e (oneDNN's int8 kernels) with the same integer weights and ranges; no calibration")
-    qmodel = with_backend(model, cfg.backend)
     metrics: dict[str, Any] = {}
     data_name = cfg.data or model.meta.dataset
     if cfg.eval_n and data_name:
