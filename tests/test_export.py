@@ -598,3 +598,13 @@ def test_info_on_an_examples_file_says_what_it_is(exported, tmp_path):
     res = run_cli("info", out)
     assert_one_line_error(res, "holds adversarial examples written by rcomp attack -o, not a model")
     assert "convert" not in res.stderr
+
+
+def test_quantize_onnxruntime_refuses_a_quantized_checkpoint_before_exporting(trained_digits, tmp_path):
+    """A simulated 4-bit checkpoint was exported and parity-checked (seconds) before 'already quantized'."""
+    sim = tmp_path / "sim4.safetensors"
+    assert run_cli("quantize", trained_digits, "--bits", "4", "--simulate", "--data", "digits", "--calib-n", "32",
+                   "--eval-n", "0", "-o", sim).code == 0
+    res = run_cli("quantize", sim, "--backend", "onnxruntime", "--data", "digits")
+    assert_one_line_error(res, "sim4.safetensors is already quantized (simulated int4)")
+    assert "exporting it to ONNX first" not in res.stderr and not list(tmp_path.glob("*.onnx"))

@@ -177,7 +177,21 @@ def test_pt2e_file_on_a_torch_without_onednn_is_refused_in_one_line(pair, cli, m
 
 def test_bench_compile_refuses_other_models(cli, tiny_ckpt):
     assert_one_line_error(cli("bench", tiny_ckpt, "--data", "digits", "-n", "8", "--compile"),
-                          "--compile times pt2e int8 models only", "--backend pt2e")
+                          "--compile times pt2e int8 models only", "quantize it with rcomp quantize")
+
+
+def test_bench_compile_refuses_before_evaluating_anything(pair, cli, tiny_ckpt):
+    """A float file listed after a pt2e one was refused only once the pt2e one had been evaluated and compiled;
+    a simulated model was told to `quantize --backend pt2e`, which refuses quantized files."""
+    model, _, pt2e, _, _, d = pair
+    path = d / "first.pt2e.safetensors"
+    save(pt2e, path, force=True)
+    res = cli("bench", path, tiny_ckpt, "--data", "digits", "-n", "8", "--compile")
+    assert_one_line_error(res, "tiny.safetensors is a float model")
+    sim = d / "sim4.safetensors"
+    save(quantize(model, [_digits(model, "train", 32)[0]], bits=4, simulate=True), sim, force=True)
+    assert_one_line_error(cli("bench", path, sim, "--data", "digits", "-n", "8", "--compile"),
+                          "quantize its float checkpoint with rcomp quantize")
 
 
 @pytest.mark.slow

@@ -84,7 +84,7 @@ def _quant_summary(model) -> dict[str, Any] | None:
     return {k: v for k, v in q.items() if isinstance(v, (str, int, float, bool))}
 
 
-def _check_compilable(model, name: str) -> None:
+def check_compilable(model, name: str) -> None:
     """``--compile`` times pt2e int8 models only (torch.ao's int8 modules and others are not compiled)."""
     from rcomp.quant import catalog as qc
 
@@ -94,8 +94,9 @@ def _check_compilable(model, name: str) -> None:
     q = model.meta.compression.get("quantization") or {}
     if not (qc.is_real(q) and qc.runtime(q.get("backend", "")) == qc.PT2E):
         what = qc.label(q) if q else "a float model"
-        raise RcompError(f"--compile times pt2e int8 models only; {name} is {what}: quantize it with "
-                         "rcomp quantize --backend pt2e, or drop --compile")
+        fix = ("quantize its float checkpoint with rcomp quantize (pt2e is the default)" if q else
+               "quantize it with rcomp quantize (pt2e is the default)")
+        raise RcompError(f"--compile times pt2e int8 models only; {name} is {what}: {fix}, or drop --compile")
 
 
 def _compiled(model, log, name: str):
@@ -152,7 +153,7 @@ def bench(paths_or_models: Sequence, data: str, attacks: dict[str, Any], *, spli
         model, path = _load(item, device, arch, trust_factory)
         name = names[i] if names else path.name if path is not None else f"model{i}"
         if compile_latency:
-            _check_compilable(model, name)
+            check_compilable(model, name)
         if log:
             log(f"[{i + 1}/{len(paths_or_models)}] {name}: {model.meta.arch.name}, gradient {model.gradient_source}")
             note = surrogate_note(attacks, model.gradient_source)

@@ -226,6 +226,26 @@ def _load_onnx(paths: list, attacks: dict, cfg: Config, log) -> list:
     return out
 
 
+def _check_compilable_up_front(paths: list, names: list[str]) -> None:
+    """``--compile`` refuses every model it cannot time before the first one is evaluated (a float file
+    listed third was refused after the first had been evaluated and compiled): from the headers."""
+    from types import SimpleNamespace
+
+    from rcomp.evaluation.bench import check_compilable
+    from rcomp.io.format import CheckpointMeta
+    from rcomp.io.header import read_header
+    from rcomp.onnx.runtime import is_onnx_path
+
+    for p, name in zip(paths, names, strict=True):
+        if is_onnx_path(p):
+            check_compilable(SimpleNamespace(is_onnx=True), name)
+        elif isinstance(p, Path):
+            check_compilable(SimpleNamespace(meta=CheckpointMeta.from_metadata(read_header(p).metadata,
+                                                                               where=str(p))), name)
+        else:
+            check_compilable(p, name)
+
+
 def expand(attacks: dict) -> dict:
     from rcomp.evaluation.cascade import expand_suites
 
@@ -255,6 +275,8 @@ def run(cfg: Config, inputs: list, *, log=C.stderr_log, dist=None, **_: Any) -> 
         check_output_path(Path(cfg.output), tuple(p for p in paths if isinstance(p, Path)), force=cfg.force)
     C.seed_everything(cfg.seed)
     attacks = cfg.build(cfg.seed) if cfg.attack else {}
+    if cfg.compile:
+        _check_compilable_up_front(paths, names)
     models = _load_onnx(paths, attacks, cfg, log)
     parsed = getattr(cfg, "thresholds", None)  # set by check(); a config built without it is parsed here
     if parsed is None:
