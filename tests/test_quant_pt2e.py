@@ -116,6 +116,29 @@ def test_a_qnnpack_file_does_not_move_to_pt2e(pair, cli):
     assert not out.exists()
 
 
+def test_a_quantized_file_whose_tensors_do_not_fit_names_them_in_its_own_words(pair, cli):
+    """torch's load_state_dict text leaked: a missing `.weight_q` was reported as a missing `.weight` the file never
+    had, a missing scale was named twice, messages were cut mid-word, and an extra float weight was ignored."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    _, _, pt2e, _, _, d = pair
+    src = d / "fit.pt2e.safetensors"
+    save(pt2e, src, force=True)
+    with safe_open(str(src), "pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())
+    wq = next(k for k in tensors if k.endswith(".weight_q"))
+    cases = {"no_wq": ({k: v for k, v in tensors.items() if k != wq}, f"(missing {wq})"),
+             "extra": ({**tensors, wq[:-2]: torch.zeros(3)}, f"(unexpected {wq[:-2]})"),
+             "no_std": ({k: v for k, v in tensors.items() if k != "normalize.std"}, "(missing normalize.std)")}
+    for name, (ts, needle) in cases.items():
+        bad = d / f"{name}.safetensors"
+        save_file(ts, str(bad), metadata=meta)
+        res = cli("attack", bad, "--data", "digits", "--attack", "fgsm", "--eps", "0.1", "-n", "8")
+        assert_one_line_error(res, needle, "the file is damaged or edited")
+        assert "state_dict" not in res.stderr and "Error(s)" not in res.stderr
+
+
 def test_pt2e_gradients_come_from_the_twin_and_costs_match(pair):
     _, x86, pt2e, x, y, _ = pair
     from rcomp.evaluation.cost import count_macs, count_params

@@ -113,8 +113,8 @@ class CheckpointMeta:
             raise RcompError(f"{where} has malformed metadata field {PREFIX}compression")
         bad = next((k for k, v in compression.items() if not isinstance(v, dict)), None)
         if bad is not None:  # each record (quantization, pruning, ...) is an object of fields
-            raise RcompError(f"{where} has malformed metadata field {PREFIX}compression ({printable(repr(bad), 40)} "
-                             "is not an object); the file is damaged or edited")
+            raise RcompError(f"{where}: compression.{printable(str(bad), 40)} must be an object; the file is damaged "
+                             "or edited")
         check_history(history, where)
         if not isinstance(stats, dict):
             raise RcompError(f"{where} has malformed metadata field {PREFIX}stats")

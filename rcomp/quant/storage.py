@@ -17,6 +17,8 @@ the same fake-quant twin, loads the tensors, sets weights to ``(q - zero_point) 
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from rcomp.errors import RcompError
@@ -27,6 +29,8 @@ from rcomp.quant.assemble import assemble, check_meta, twin_of
 from rcomp.text import printable
 
 SUFFIX = ".weight_q"
+#: names of a twin's quantizer state (not weights)
+_QUANTIZER_STATE = re.compile(r"(^|\.)(activation_post_process_\d+|weight_fake_quant)\.")
 
 
 def export(model) -> dict[str, torch.Tensor]:
@@ -89,6 +93,23 @@ def check_scales(tensors: dict[str, torch.Tensor], where: str) -> None:
                              "checkpoint")
 
 
+def fit_problem(expected: dict[str, torch.Size | None], found: dict[str, torch.Size]) -> str | None:
+    """What keeps the file's tensors (``found``: name -> shape) from the architecture's (``expected``; None: any
+    shape), in the file's own names: missing, unexpected, or of another shape; None when they fit."""
+    def some(keys: list[str]) -> str:
+        return printable(", ".join(sorted(keys)[:3]), 160) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    shaped = [k for k in expected if k in found and expected[k] is not None and tuple(found[k]) != tuple(expected[k])]
+    parts = [f"missing {some(missing)}" if missing else "", f"unexpected {some(unexpected)}" if unexpected else ""]
+    if shaped:
+        k = sorted(shaped)[0]
+        parts.append(f"{printable(k, 100)} has shape {tuple(found[k])}, the architecture {tuple(expected[k])}"
+                     + (f" (and {len(shaped) - 1} more of another shape)" if len(shaped) > 1 else ""))
+    return "; ".join(p for p in parts if p) or None
+
+
 def restore(model, tensors: dict[str, torch.Tensor], where: str = "checkpoint"):
     """Rebuild the quantized Classifier from the float skeleton ``model`` and the stored tensors."""
     q = check_meta(model.meta.compression.get("quantization"), where)
@@ -104,11 +125,13 @@ def restore(model, tensors: dict[str, torch.Tensor], where: str = "checkpoint"):
                              "--backend qnnpack") from None
     qb.check_backend(q["backend"])
     _resize(model.net, q.get("float_shapes", {}), where)
-    try:
-        model.normalize.load_state_dict({k[len("normalize."):]: v for k, v in tensors.items()
-                                         if k.startswith("normalize.")})
-    except RuntimeError as exc:
-        raise RcompError(f"{where}: normalize tensors do not fit: {str(exc).splitlines()[0][:160]}") from None
+    norm = {k: v for k, v in tensors.items() if k.startswith("normalize.")}
+    bad = fit_problem({f"normalize.{k}": v.shape for k, v in model.normalize.state_dict().items()},
+                      {k: v.shape for k, v in norm.items()})
+    if bad:
+        raise RcompError(f"{where}: the normalisation tensors do not fit its recorded input "
+                         f"{'x'.join(map(str, model.meta.input.shape))} ({bad}); the file is damaged or edited")
+    model.normalize.load_state_dict({k[len("normalize."):]: v for k, v in norm.items()})
     spec = model.meta.input
     fq = qb.prepare(model.net, torch.zeros(1, *spec.shape), q["bits"], q["backend"], real=qc.is_real(q))
     state, ints = {}, {}
@@ -122,11 +145,19 @@ def restore(model, tensors: dict[str, torch.Tensor], where: str = "checkpoint"):
             state[f"{name}.weight"] = torch.zeros(t.shape, dtype=torch.float32)
         else:
             state[key] = t
-    extra = set(k for k in tensors if not k.startswith(("net.", "normalize.")))
+    ref = fq.state_dict()
+    wq = set(qb.weight_quantizers(fq))
+    # quantizer state (scales, zero points, observed ranges) takes its shape from the file when torch.ao loads it;
+    # check_scales has judged those shapes
+    expected = {f"net.{k[:-len('.weight')]}{SUFFIX}" if k.endswith(".weight") and k[:-len(".weight")] in wq
+                else f"net.{k}": None if _QUANTIZER_STATE.search(k) else v.shape for k, v in ref.items()}
+    found = {k: t.shape for k, t in tensors.items() if not k.startswith("normalize.")}
+    bad = fit_problem(expected, found)
+    if bad:
+        raise RcompError(f"{where}: the quantized tensors do not fit architecture {printable(model.meta.arch.name)} "
+                         f"({bad}); the file is damaged or edited: re-quantize the float checkpoint")
     try:
-        if extra:
-            raise RuntimeError(f"unexpected tensors {sorted(extra)[:3]}")
-        fq.load_state_dict(with_versions(state, fq.state_dict()), strict=True)
+        fq.load_state_dict(with_versions(state, ref), strict=True)
     except RuntimeError as exc:
         msg = " ".join(str(exc).split())[:200]
         raise RcompError(f"{where}: the quantized tensors do not fit architecture {model.meta.arch.name}: {msg}") from None
