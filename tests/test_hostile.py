@@ -242,6 +242,9 @@ CASES = [
     ("header-len-0", raw(struct.pack("<Q", 0) + b"{}"), LOAD, "header length 0"),
     ("header-len-2^63", raw(struct.pack("<Q", 2**63) + b"{}"), LOAD, "header length"),
     ("header-len-17MiB", raw(struct.pack("<Q", 17 << 20) + b"{}"), LOAD, "header length"),
+    # a real safetensors file whose metadata (a 100k-entry history) outgrows the cap: not "check the path"
+    ("header-17MiB-real", raw(struct.pack("<Q", 17 << 20) + b"{" + b" " * ((17 << 20) - 2) + b"}"), LOAD,
+     "has a safetensors header of 17,825,792 bytes, more than the 16,777,216 rcomp reads"),
     ("header-past-end", raw(struct.pack("<Q", 4096) + b"{}"), LOAD, "truncated"),
     ("header-not-utf8", raw(pack(b"{\xff\xfe}", b"")), LOAD, "not json"),
     ("header-list", raw(pack(b"[1, 2]", b"")), LOAD, "not a safetensors file"),

@@ -423,9 +423,11 @@ def test_quantize_moves_a_torch_ao_file_to_pt2e_without_calibration(pair, cli):
     _, x86, pt2e, x, _, d = pair
     old, out = d / "old.x86.safetensors", d / "moved.safetensors"
     save(x86, old, force=True)
-    res = cli("quantize", old, "--backend", "pt2e", "--data", "digits", "--eval-n", "64", "-o", out, "--json")
+    res = cli("quantize", old, "--backend", "pt2e", "--data", "digits", "--eval-n", "64", "-o", out, "--json",
+              "--calib-n", "5")
     assert res.code == 0, res.stderr
     assert "deprecated upstream" in res.stderr and "no calibration" in res.stderr
+    assert "--calib-n 5 is not used: the move keeps the file's calibrated ranges" in res.stderr
     rep = json.loads(res.stdout)
     assert rep["quantization"]["backend"] == "pt2e" and rep["top1_agreement"] >= 0.99 and rep["eval_n"] == 64
     moved = load(out)

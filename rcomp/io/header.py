@@ -73,6 +73,10 @@ def _read_raw_header(path: Path) -> tuple[int, int, bytes]:
         if len(head) < 8:
             raise not_safetensors(path, head, f"only {size} bytes")
         (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER_BYTES and 8 + n <= size and fh.read(1) == b"{":  # safetensors, but a header too big
+            raise RcompError(f"{printable(str(path))} has a safetensors header of {n:,} bytes, more than the "
+                             f"{MAX_HEADER_BYTES:,} rcomp reads (a damaged or edited file: its metadata is far larger "
+                             "than rcomp writes)")
         if n == 0 or n > MAX_HEADER_BYTES:
             raise not_safetensors(path, head, f"header length {n} is not in 1..{MAX_HEADER_BYTES}")
         try:

@@ -121,6 +121,8 @@ def _move_to_pt2e(model, old: str, cfg: Config, log, source: str) -> C.StageResu
     from rcomp.quant.assemble import with_backend
 
     qmodel = with_backend(model, cfg.backend)  # refuses a move the kernels cannot take, before anything is said
+    if cfg.calib_n != Config.__dataclass_fields__["calib_n"].default:
+        log(f"--calib-n {cfg.calib_n} is not used: the move keeps the file's calibrated ranges")
     log(f"{printable(Path(source).name)} runs on torch.ao's {old} int8 engine (deprecated upstream): moving it to "
         "pt2e (oneDNN's int8 kernels) with the same integer weights and ranges; no calibration")
     metrics: dict[str, Any] = {}
@@ -203,7 +205,9 @@ def apply(model, cfg: Config, log=C.stderr_log, source: str = "model") -> C.Stag
     train = get_dataset(data_name, "train", model.meta.input, cfg.data_dir, seed=cfg.seed, log=log)
     check_fits(train, model.meta.num_classes, data_name)
     calib = [x for x, _ in make_loader(train, cfg.batch_size, shuffle=True, seed=cfg.seed, n=cfg.calib_n)]
-    log(f"calibrating on {sum(len(x) for x in calib)} {data_name} images ...")
+    seen = sum(len(x) for x in calib)
+    more = f" (all of its training split: --calib-n {cfg.calib_n} asked for more)" if cfg.calib_n > seen else ""
+    log(f"calibrating on {seen} {data_name} images{more} ...")
     qmodel = ptq(model, calib, bits=cfg.bits, simulate=cfg.simulate, backend=cfg.backend, folded=folded, log=log)
     metrics = _accuracy(model, qmodel, cfg, data_name, log) if cfg.eval_n else {}
     q = qmodel.meta.compression["quantization"]
