@@ -181,6 +181,8 @@ def test_several_piped_paths_are_rows_of_bench_and_refused_by_one_input_commands
     assert res.code == 0, res.stderr
     assert [m["name"] for m in json.loads(res.stdout)["models"]] == ["a.safetensors", "b.safetensors"]
     assert "1 line(s) that name no file skipped (not a file)" in res.stderr
+    res = cli("bench", "-n", "8", "--latency-batch", "0", "--format", "json", stdin=f"{'x' * 5000}\n{a}\n")
+    assert res.code == 0, res.stderr  # a name too long for the file system names no file (it raised OSError)
     assert_one_line_error(cli("info", stdin=f"{a}\n{b}\n"), "stdin names 2 files")
 
 

@@ -158,11 +158,11 @@ def resolve_inputs(inputs: str | None, given: Any, cfg: Any) -> list[Path]:
         if sys.stdin is None or sys.stdin.isatty():
             return [checkpoint_path(None)]  # says: no input given
         lines = piped_paths()
-        files = [p for p in lines if p.is_file()]
+        files = [p for p in lines if _is_file(p)]
         if not files:  # says what the last line is not (or that stdin was empty)
             return [checkpoint_path(lines[-1] if lines else None)]
         if len(files) < len(lines):
-            skipped = [printable(str(p), 60) for p in lines if not p.is_file()]
+            skipped = [printable(str(p), 60) for p in lines if not _is_file(p)]
             print(f"stdin: {len(files)} paths read; {len(skipped)} line(s) that name no file skipped "
                   f"({', '.join(skipped[:3])}{', ...' if len(skipped) > 3 else ''})", file=sys.stderr)
         return [checkpoint_path(p) for p in files]
@@ -185,12 +185,20 @@ def piped_paths() -> list[Path]:
     return [Path(ln.strip()) for ln in read_stdin_lines() if ln.strip()]
 
 
+def _is_file(p: Path) -> bool:
+    """Whether a line read from stdin names a file (a name too long or holding a NUL byte names none)."""
+    try:
+        return p.is_file()
+    except (OSError, ValueError):
+        return False
+
+
 def piped_path() -> Path | None:
     """The path an upstream rcomp command printed last on stdin (lines before it may be log lines), or None
     when stdin is a terminal or empty. Several lines naming files are refused: a command of one input took
     the last of them silently."""
     lines = piped_paths()
-    files = [p for p in lines if p.is_file()]
+    files = [p for p in lines if _is_file(p)]
     if len(files) > 1:
         shown = ", ".join(printable(str(p), 60) for p in files[:3]) + (", ..." if len(files) > 3 else "")
         raise RcompError(f"stdin names {len(files)} files ({shown}) but this command takes one input; give it as "
