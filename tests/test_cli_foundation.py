@@ -159,6 +159,15 @@ def test_info_lists_models_and_datasets(cli):
     assert "convnet8" in names["builtin"] and "resnet18" in names["torchvision"]
     res = cli("info", "--datasets")
     assert "digits" in res.stdout and "cifar10" in res.stdout
+    assert "torchvision:     NAME (e.g. --arch resnet18): " in cli("info", "--models").stdout
+
+
+def test_a_torchvision_prefix_is_answered_with_the_plain_name(cli, tmp_path):
+    """`info --models` listed 'torchvision: ... mobilenet_v2'; `--arch torchvision:mobilenet_v2` then failed with
+    'torchvision has no callable' and no way out."""
+    res = cli("finetune", "--arch", "torchvision:mobilenet_v2", "--data", "digits", "--epochs", "1", "-n", "8",
+              "-o", tmp_path / "m.safetensors")
+    assert_one_line_error(res, "torchvision's models are named without a prefix: --arch mobilenet_v2")
 
 
 def test_debug_shows_traceback(cli):

@@ -135,7 +135,7 @@ def _list_models(as_json: bool) -> None:
         where = f" (plugin from {printable(e.plugin)})" if e.plugin else ""
         print(f"{printable(e.name):16s} {printable(e.help)}"
               + (f" [default input {'x'.join(map(str, shape))}]" if shape else "") + where)
-    print("torchvision:     " + ", ".join(torchvision_names()))
+    print("torchvision:     NAME (e.g. --arch resnet18): " + ", ".join(torchvision_names()))
     version = installed_version()
     print("timm:            timm:NAME, any model timm.list_models() names, built without downloading weights "
           + (f"(timm {version})" if version else f"(needs the optional extra: {EXTRA})"))

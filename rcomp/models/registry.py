@@ -127,7 +127,9 @@ def build_user_factory(name: str, spec: InputSpec, num_classes: int, *, allow_fa
         raise RcompError(f"cannot import {mod_name} for --arch {name}: {exc}; is it on PYTHONPATH?") from None
     fn = getattr(module, fn_name, None)
     if not callable(fn):
-        raise RcompError(f"{mod_name} has no callable {fn_name!r} (from --arch {name})")
+        plain = (f"; torchvision's models are named without a prefix: --arch {fn_name}"
+                 if mod_name == "torchvision" and fn_name in torchvision_names() else "")
+        raise RcompError(f"{mod_name} has no callable {fn_name!r} (from --arch {name}){plain}")
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
