@@ -200,3 +200,24 @@ def test_recipe_bench_stages_time_with_passive_threads(tmp_path):
                               capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert json.loads((out / "b.json").read_text())["thread_policy"] == want
+
+
+@pytest.mark.parametrize("options,needle", [
+    ("{bits: 4, data: digits}", "--bits 4 is not supported without --simulate"),
+    ("{simulate: true, bits: 4, backend: pt2e, data: digits}", "--backend pt2e makes real int8 models only"),
+])
+def test_options_that_do_not_go_together_name_the_stage_line(tmp_path, cli, options, needle):
+    """Each option parsed, so the refusal came from the stage's own check without the recipe's file and line."""
+    from conftest import assert_one_line_error, make_checkpoint
+
+    ckpt = make_checkpoint(tmp_path / "m.safetensors", dataset="digits")
+    r = _recipe(tmp_path, f"""
+        stages:
+          - name: q
+            command: quantize
+            input: {ckpt}
+            options: {options}
+        """)
+    res = cli("run", r, "--out-dir", tmp_path / "out")
+    assert_one_line_error(res, f"{r} line 3: {needle}")
+    assert not (tmp_path / "out" / "q.safetensors").exists()

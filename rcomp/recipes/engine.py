@@ -334,7 +334,12 @@ def _configure(recipe: Recipe, st: Stage, out: Path, allow_factories: frozenset[
         where = f"{recipe.source} line {line}" if line else w
         make_config(cls, {}, from_file={} if key in given else {key: st.options[key]}, file_source=where,
                     command=st.command, partial=True)
-    cfg = make_config(cls, given, from_file=from_file, file_source=w, command=st.command)
+    try:  # options that each parse but do not go together (bits: 4 without simulate): the stage's line
+        cfg = make_config(cls, given, from_file=from_file, file_source=w, command=st.command)
+    except RcompError as exc:
+        if str(exc).startswith(recipe.source):
+            raise
+        raise RcompError(f"{w}: {exc}") from None
     # the stage's output is the recipe's; a replay (attack --from) writes nothing, so it gets none
     cfg = dataclasses.replace(cfg, output=None if getattr(cfg, "from_file", None) is not None else out, force=True)
     check = getattr(cfg, "check", None)
