@@ -86,12 +86,17 @@ def _quant_summary(model) -> dict[str, Any] | None:
 
 def check_compilable(model, name: str) -> None:
     """``--compile`` times pt2e int8 models only (torch.ao's int8 modules and others are not compiled)."""
+    check_compilable_record(None if getattr(model, "is_onnx", False) else model.meta.compression, name)
+
+
+def check_compilable_record(compression: dict | None, name: str) -> None:
+    """:func:`check_compilable` from a checkpoint's compression record (its header), None for an ONNX file."""
     from rcomp.quant import catalog as qc
 
-    if getattr(model, "is_onnx", False):
+    if compression is None:
         raise RcompError(f"--compile times pt2e int8 checkpoints; {name} is an ONNX file, run by onnxruntime: drop "
                          "--compile")
-    q = model.meta.compression.get("quantization") or {}
+    q = compression.get("quantization") or {}
     if not (qc.is_real(q) and qc.runtime(q.get("backend", "")) == qc.PT2E):
         what = qc.label(q) if q else "a float model"
         fix = ("quantize its float checkpoint with rcomp quantize (pt2e is the default)" if q else

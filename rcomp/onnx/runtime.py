@@ -212,17 +212,18 @@ def attach_surrogate(model: OnnxClassifier, surrogate: str | Path | nn.Module | 
             if not hasattr(surrogate, "meta"):
                 raise RcompError("surrogate: give a checkpoint path or a model loaded with rcomp.load")
             sur, shown = surrogate, f"the given {printable(surrogate.meta.arch.name)} model"
+            label = shown
         else:
             if is_onnx_path(surrogate):
                 raise RcompError(f"--surrogate {printable(str(surrogate))} is an ONNX file, which has no gradients "
                                  "either; give the checkpoint (.safetensors) it was exported from")
             sur, shown = load(Path(surrogate), device=device), printable(str(surrogate))
+            label = printable(Path(surrogate).name)
         if getattr(sur, "is_onnx", False):
             raise RcompError("surrogate: an ONNX model has no gradients; give a checkpoint")
         _check_compatible(model, sur, shown)
         sha = getattr(sur, "source_sha256", None)
         same = " (the source checkpoint: sha256 matches the export record)" if sha and sha == want_sha else ""
-        label = printable(Path(surrogate).name) if not isinstance(surrogate, nn.Module) else shown
         model.set_gradient_model(sur, f"surrogate {label} (--surrogate{', sha256 ' + sha[:12] if sha else ''}), "
                                       "scored on the exported model")
         model.surrogate_message = (f"gradient attacks run on --surrogate {shown}{same} and are scored on the ONNX "

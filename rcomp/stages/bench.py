@@ -229,19 +229,17 @@ def _load_onnx(paths: list, attacks: dict, cfg: Config, log) -> list:
 def _check_compilable_up_front(paths: list, names: list[str]) -> None:
     """``--compile`` refuses every model it cannot time before the first one is evaluated (a float file
     listed third was refused after the first had been evaluated and compiled): from the headers."""
-    from types import SimpleNamespace
-
-    from rcomp.evaluation.bench import check_compilable
+    from rcomp.evaluation.bench import check_compilable, check_compilable_record
     from rcomp.io.format import CheckpointMeta
     from rcomp.io.header import read_header
     from rcomp.onnx.runtime import is_onnx_path
 
     for p, name in zip(paths, names, strict=True):
         if is_onnx_path(p):
-            check_compilable(SimpleNamespace(is_onnx=True), name)
+            check_compilable_record(None, name)
         elif isinstance(p, Path):
-            check_compilable(SimpleNamespace(meta=CheckpointMeta.from_metadata(read_header(p).metadata,
-                                                                               where=str(p))), name)
+            check_compilable_record(CheckpointMeta.from_metadata(read_header(p).metadata, where=str(p)).compression,
+                                    name)
         else:
             check_compilable(p, name)
 

@@ -221,9 +221,6 @@ def quantize_onnx(cfg, path: Path, log=C.stderr_log, default_output: bool = True
         in_sha = fp32.source_sha256
     else:
         model = C.as_model(path, "cpu", cfg.arch, cfg.trust_factory)
-        if C.quant_text(model.meta):  # before the export (seconds) that the later check would follow
-            raise RcompError(f"{printable(path.name)} is already quantized ({C.quant_text(model.meta)}); quantize "
-                             "the float checkpoint it was made from")
         log(f"{printable(path.name)} is a checkpoint: exporting it to ONNX first (dynamo exporter, parity-checked)")
         ecfg = Config(data=cfg.data, data_dir=cfg.data_dir, seed=cfg.seed)
         data, rep = export_bytes(model, ecfg, path, log)

@@ -222,7 +222,10 @@ def run(cfg: Config, inputs: list, *, log=C.stderr_log, default_output: bool = T
     (left as it was); without ``cfg.output`` the output goes beside the input, or
     (``default_output=False``, the Python API) nothing is written."""
     path, given = C.split_input(inputs[0], onnx=True)
-    if cfg.backend == qc.ONNXRUNTIME or (path is not None and str(path).lower().endswith(".onnx")):
+    onnx_in = path is not None and str(path).lower().endswith(".onnx")
+    if path is not None and not onnx_in:
+        C.check_source(sys.modules[__name__], cfg, path)  # from the header: before loading, or exporting
+    if cfg.backend == qc.ONNXRUNTIME or onnx_in:
         if cfg.backend != qc.ONNXRUNTIME:
             raise RcompError(f"{path.name} is an ONNX file: quantize it with --backend onnxruntime")
         if path is None:
@@ -230,8 +233,6 @@ def run(cfg: Config, inputs: list, *, log=C.stderr_log, default_output: bool = T
         from rcomp.stages.export import quantize_onnx
 
         return quantize_onnx(cfg, path, log, default_output=default_output)
-    if path is not None:
-        C.check_source(sys.modules[__name__], cfg, path)
     suffix = "pt2e" if _moves(cfg, path, given) else cfg.suffix
     out = C.plan_output(cfg.output, path, suffix, cfg.force, model=given, default=default_output)
     C.seed_everything(cfg.seed)
